@@ -1,0 +1,53 @@
+"""robust-transfer: how much adversarial robustness a pretrained representation passes on
+to the linear heads put on it, measured, bounded and certified."""
+
+from .attacks import (
+    ClassifierAttackResult,
+    ClassifierLoss,
+    RepresentationAttackResult,
+    attack_classifier,
+    attack_representation,
+)
+from .bounds import (
+    CrossEntropyIncrease,
+    absolute_error_bound,
+    adversarial_cross_entropy_bound,
+    certified_accuracy,
+    certify,
+    class_weight_gap,
+    cross_entropy_increase,
+    expected_cross_entropy_bound,
+    normalized_margin,
+    squared_error_bound,
+    weight_gap,
+)
+from .features import extract_features
+from .threat import Norm, ThreatModel, parse_eps
+from .training import train_linear_probe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassifierAttackResult",
+    "ClassifierLoss",
+    "CrossEntropyIncrease",
+    "Norm",
+    "RepresentationAttackResult",
+    "ThreatModel",
+    "__version__",
+    "absolute_error_bound",
+    "adversarial_cross_entropy_bound",
+    "attack_classifier",
+    "attack_representation",
+    "certified_accuracy",
+    "certify",
+    "class_weight_gap",
+    "cross_entropy_increase",
+    "expected_cross_entropy_bound",
+    "extract_features",
+    "normalized_margin",
+    "parse_eps",
+    "squared_error_bound",
+    "train_linear_probe",
+    "weight_gap",
+]

@@ -1,0 +1,92 @@
+"""Input validation shared by the attacks, the bounds and the probes.
+
+Every public entry point validates its tensors here so that a bad input fails
+loudly, with the argument's name, before any work is done.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(value: object, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_finite(value: Tensor, name: str) -> None:
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def check_images(x: object, name: str = "x") -> Tensor:
+    """A batch of inputs: floating point, at least 2-D (batch first), finite, in [0, 1]."""
+    x = check_tensor(x, name)
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"{name} must have a batch dimension and at least one more, got shape {tuple(x.shape)}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    check_finite(x, name)
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"{name} must lie in [0, 1] (normalisation belongs inside the model), "
+            f"got values in [{lo:.4g}, {hi:.4g}]"
+        )
+    return x
+
+
+def check_features(features: object, name: str = "features") -> Tensor:
+    features = check_tensor(features, name)
+    if not features.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got {features.dtype}")
+    if features.dim() != 2:
+        raise ValueError(f"{name} must have shape (N, m), got {tuple(features.shape)}")
+    check_finite(features, name)
+    return features
+
+
+def check_labels(
+    labels: object, n: int, name: str = "labels", num_classes: int | None = None
+) -> Tensor:
+    labels = check_tensor(labels, name)
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must be an integer tensor of class indices, got {labels.dtype}")
+    if labels.shape != (n,):
+        raise ValueError(
+            f"{name} must have shape ({n},) to match the inputs, got {tuple(labels.shape)}"
+        )
+    if n and int(labels.min()) < 0:
+        raise ValueError(f"{name} must be non-negative class indices")
+    if num_classes is not None and n and int(labels.max()) >= num_classes:
+        raise ValueError(
+            f"{name} has class index {int(labels.max())} but the head has {num_classes} classes"
+        )
+    return labels.long()
+
+
+def check_per_sample(values: object, n: int, name: str) -> Tensor:
+    """A non-negative, finite per-sample quantity such as a shift or radius."""
+    values = check_tensor(values, name)
+    if values.shape != (n,):
+        raise ValueError(
+            f"{name} must have shape ({n},), one value per sample, got {tuple(values.shape)}"
+        )
+    if not values.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got {values.dtype}")
+    check_finite(values, name)
+    if n and float(values.min()) < 0.0:
+        raise ValueError(f"{name} must be non-negative")
+    return values
+
+
+def check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value

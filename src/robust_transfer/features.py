@@ -1,0 +1,56 @@
+"""Cached representations: run a frozen encoder once over a data set."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .checks import check_images, check_positive_int
+from .runtime import eval_mode, model_device
+
+
+def _first(item: object) -> object:
+    return item[0] if isinstance(item, tuple | list) else item
+
+
+def extract_features(
+    encoder: nn.Module,
+    data: Tensor | Dataset[object],
+    *,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> Tensor:
+    """``f(x)`` for every input, flattened to ``(N, m)``, on the CPU.
+
+    ``data`` is a tensor of inputs in [0, 1] or a map-style data set whose items are an
+    input or a tuple starting with one (labels are left to the caller). The encoder
+    runs in eval mode without gradients.
+    """
+    if not isinstance(encoder, nn.Module):
+        raise TypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
+    check_positive_int(batch_size, "batch_size")
+    if isinstance(data, Tensor):
+        check_images(data)
+        chunks: list[Tensor] = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
+    elif isinstance(data, Dataset):
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=_collate_inputs)
+        chunks = loader  # type: ignore[assignment]
+    else:
+        raise TypeError(f"data must be a tensor or a torch Dataset, got {type(data).__name__}")
+    device = model_device(encoder, torch.device("cpu"))
+    parts = []
+    with eval_mode(encoder, purpose="feature extraction"), torch.no_grad():
+        for chunk in tqdm(chunks, desc="features", disable=not progress, unit="batch", leave=False):
+            parts.append(encoder(check_images(chunk).to(device)).flatten(1).cpu())
+    if not parts:
+        raise ValueError("data is empty")
+    return torch.cat(parts)
+
+
+def _collate_inputs(items: list[object]) -> Tensor:
+    inputs = [_first(item) for item in items]
+    if not all(isinstance(v, Tensor) for v in inputs):
+        raise TypeError("data set items must be tensors or tuples starting with a tensor")
+    return torch.stack(inputs)  # type: ignore[arg-type]

@@ -1,0 +1,131 @@
+"""Threat models: an l_p ball of radius eps intersected with the input box [0, 1]^n."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+# Keeps a zero gradient from turning into NaN when it is normalised.
+_TINY = 1e-12
+
+
+def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+    """Shape a (N,) tensor to broadcast against a batch shaped like ``like``."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+class Norm(StrEnum):
+    LINF = "Linf"
+    L2 = "L2"
+
+    @classmethod
+    def parse(cls, value: str | Norm) -> Norm:
+        if isinstance(value, Norm):
+            return value
+        if isinstance(value, str):
+            by_name = {norm.value.lower(): norm for norm in cls}
+            norm = by_name.get(value.strip().lower())
+            if norm is not None:
+                return norm
+        valid = ", ".join(repr(n.value) for n in cls)
+        raise ValueError(f"unknown norm {value!r}: expected one of {valid}")
+
+
+def parse_eps(value: float | int | str) -> float:
+    """A positive, finite radius from a number or a string like ``"8/255"`` or ``"0.3"``.
+
+    Strings are parsed with :class:`fractions.Fraction`, never evaluated.
+    """
+    if isinstance(value, bool):
+        raise TypeError("eps must be a number or a string such as '8/255', got a bool")
+    if isinstance(value, str):
+        try:
+            eps = float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError) as err:
+            raise ValueError(
+                f"cannot parse eps {value!r}: expected a number or a fraction like '8/255'"
+            ) from err
+    elif isinstance(value, int | float):
+        eps = float(value)
+    else:
+        raise TypeError(
+            f"eps must be a number or a string such as '8/255', got {type(value).__name__}"
+        )
+    if not math.isfinite(eps) or eps <= 0.0:
+        raise ValueError(f"eps must be positive and finite, got {value!r}")
+    return eps
+
+
+@dataclass(frozen=True, init=False)
+class ThreatModel:
+    """``B(x) = {x + d : ||d||_p <= eps, x + d in [0, 1]^n}`` with ``p`` in {inf, 2}.
+
+    ``eps`` is in pixel units of inputs in [0, 1]; models carry their own normalisation.
+    """
+
+    norm: Norm
+    eps: float
+
+    def __init__(self, norm: str | Norm, eps: float | int | str) -> None:
+        object.__setattr__(self, "norm", Norm.parse(norm))
+        object.__setattr__(self, "eps", parse_eps(eps))
+
+    def __str__(self) -> str:
+        return f"{self.norm.value}(eps={self.eps:.6g})"
+
+    def with_eps(self, eps: float | int | str) -> ThreatModel:
+        return ThreatModel(self.norm, eps)
+
+    def norms(self, delta: Tensor) -> Tensor:
+        """The per-sample norm of a batch of perturbations."""
+        flat = delta.flatten(1)
+        if self.norm is Norm.LINF:
+            return flat.abs().amax(dim=1)
+        norms: Tensor = torch.linalg.vector_norm(flat, dim=1)
+        return norms
+
+    def project(self, x: Tensor, x_adv: Tensor) -> Tensor:
+        """A point of ``B(x)`` for every row of ``x_adv``.
+
+        For ``Linf`` this is the Euclidean projection. For ``L2`` it is the projection
+        onto the ball followed by clipping to the box; clipping towards a box that
+        contains ``x`` only shrinks each coordinate of the perturbation, so the result
+        stays in the ball.
+        """
+        delta = x_adv - x
+        if self.norm is Norm.LINF:
+            delta = delta.clamp(-self.eps, self.eps)
+        else:
+            norms = torch.linalg.vector_norm(delta.flatten(1), dim=1).clamp_min(_TINY)
+            factor = (self.eps / norms).clamp(max=1.0)
+            delta = delta * _per_sample(factor, delta)
+        return (x + delta).clamp(0.0, 1.0)
+
+    def random_start(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A point drawn uniformly from the eps-ball around ``x``, then put in the box."""
+        n = x[0].numel()
+        if self.norm is Norm.LINF:
+            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            delta = (2.0 * u - 1.0) * self.eps
+        else:
+            direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            direction = direction / _per_sample(
+                torch.linalg.vector_norm(direction.flatten(1), dim=1).clamp_min(_TINY), x
+            )
+            radius = torch.rand(
+                x.shape[0], generator=generator, device=x.device, dtype=x.dtype
+            ) ** (1.0 / n)
+            delta = direction * _per_sample(self.eps * radius, x)
+        return self.project(x, x + delta)
+
+    def ascent_direction(self, grad: Tensor) -> Tensor:
+        """The steepest-ascent direction of unit ``p``-norm for a gradient batch."""
+        if self.norm is Norm.LINF:
+            return grad.sign()
+        norms = torch.linalg.vector_norm(grad.flatten(1), dim=1).clamp_min(_TINY)
+        return grad / _per_sample(norms, grad)

@@ -1,0 +1,40 @@
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
+def mlp_encoder(n_in: int = 30, hidden: int = 40, out: int = 16, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, out)).eval()
+
+
+def cnn_encoder(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 12),
+    ).eval()
+
+
+def linear_encoder(matrix: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(matrix.shape[1], matrix.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(matrix)
+    return layer.eval()
+
+
+def random_head(dim: int, classes: int, seed: int = 0, scale: float = 1.0) -> nn.Linear:
+    torch.manual_seed(seed)
+    head = nn.Linear(dim, classes)
+    with torch.no_grad():
+        head.weight.mul_(scale)
+    return head.eval()
