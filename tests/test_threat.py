@@ -5,13 +5,16 @@ from robust_transfer import Norm, ThreatModel, parse_eps
 
 
 @pytest.mark.parametrize(
-    ("text", "value"), [("8/255", 8 / 255), ("0.3", 0.3), (" 1/2 ", 0.5), ("1e-3", 1e-3), (0.1, 0.1), (2, 2.0)]
+    ("text", "value"),
+    [("8/255", 8 / 255), ("0.3", 0.3), (" 1/2 ", 0.5), ("1e-3", 1e-3), (0.1, 0.1), (2, 2.0)],
 )
 def test_parse_eps(text: str | float, value: float) -> None:
     assert parse_eps(text) == pytest.approx(value)
 
 
-@pytest.mark.parametrize("bad", ["0", "-1/255", "nan", "inf", "__import__('os')", "8/0", "", "1/", 0.0, -0.1])
+@pytest.mark.parametrize(
+    "bad", ["0", "-1/255", "nan", "inf", "__import__('os')", "8/0", "", "1/", 0.0, -0.1]
+)
 def test_parse_eps_rejects(bad: object) -> None:
     with pytest.raises(ValueError, match="eps"):
         parse_eps(bad)  # type: ignore[arg-type]

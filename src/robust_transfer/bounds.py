@@ -187,10 +187,12 @@ def _regression_terms(
     targets = check_tensor(targets, "targets")
     if not targets.is_floating_point():
         raise TypeError(f"targets must be a floating point tensor, got {targets.dtype}")
-    expected = (n,) if head.out_features == 1 and targets.dim() == 1 else (n, head.out_features)
-    if targets.shape != expected:
+    k = head.out_features
+    allowed = [(n, k), (n,)] if k == 1 else [(n, k)]
+    if tuple(targets.shape) not in allowed:
+        shapes = " or ".join(str(shape) for shape in reversed(allowed))
         raise ValueError(
-            f"targets must have shape {expected} for a head with {head.out_features} output(s), "
+            f"targets must have shape {shapes} for a head with {k} output(s), "
             f"got {tuple(targets.shape)}"
         )
     shift = check_per_sample(shift, n, "shift")

@@ -20,6 +20,7 @@ from .engine import maximize
 class ClassifierLoss(StrEnum):
     CE = "ce"
     MARGIN = "margin"
+    TARGETED = "targeted"
 
 
 def _cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
@@ -33,9 +34,28 @@ def _margin(logits: Tensor, y: Tensor) -> Tensor:
     return others.amax(dim=1) - true
 
 
-_LOSSES: dict[ClassifierLoss, Callable[[Tensor, Tensor], Tensor]] = {
-    ClassifierLoss.CE: _cross_entropy,
-    ClassifierLoss.MARGIN: _margin,
+def _targeted_margin(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
+    """``z_t - z_y`` for a target class ``t``: positive when ``t`` beats the true class."""
+    return (logits.gather(1, target[:, None]) - logits.gather(1, y[:, None])).squeeze(1)
+
+
+def _runner_up_targets(logits: Tensor, y: Tensor, restart: int) -> Tensor:
+    """The class ranked ``restart + 1``-th among the wrong classes by clean logit, cycling.
+
+    The untargeted losses climb towards whichever wrong class leads now, which on a
+    piecewise-linear model can be a local maximum while another class is closer; one
+    target per restart (as APGD-T does) reaches each of them in turn.
+    """
+    others = logits.scatter(1, y[:, None], -torch.inf)
+    order = others.argsort(dim=1, descending=True)
+    wrong_classes = logits.shape[1] - 1
+    return order[:, restart % max(wrong_classes, 1)]
+
+
+_LOSSES: dict[ClassifierLoss, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    ClassifierLoss.CE: lambda logits, y, _target: _cross_entropy(logits, y),
+    ClassifierLoss.MARGIN: lambda logits, y, _target: _margin(logits, y),
+    ClassifierLoss.TARGETED: _targeted_margin,
 }
 
 
@@ -78,7 +98,13 @@ def attack_classifier(
     step_size: float | None = None,
     progress: bool = False,
 ) -> ClassifierAttackResult:
-    """Untargeted PGD with random starts; restarts only re-attack points still robust."""
+    """PGD with random starts; restarts only re-attack points still robust.
+
+    ``loss`` is cross-entropy (``"ce"``), the Carlini-Wagner margin (``"margin"``) or the
+    targeted margin ``z_t - z_y`` (``"targeted"``) whose target ``t`` is, at restart ``r``,
+    the wrong class with the ``r+1``-th highest clean logit: give it as many restarts as
+    there are wrong classes worth trying.
+    """
     model, x, threat, settings = check_attack_args(
         model, x, threat, steps=steps, restarts=restarts, batch_size=batch_size, step_size=step_size
     )
@@ -94,14 +120,24 @@ def attack_classifier(
     with eval_mode(model, purpose="the classifier attack"):
         for part in batches(x.shape[0], batch_size, progress=progress, desc=f"PGD {threat}"):
             xb, yb = x[part].to(device), y[part].to(device)
+            with torch.no_grad():
+                clean_logits = model(xb)
 
-            def objective(x_adv: Tensor, rows: Tensor, yb: Tensor = yb) -> tuple[Tensor, Tensor]:
+            def objective(
+                x_adv: Tensor,
+                rows: Tensor,
+                restart: int,
+                yb: Tensor = yb,
+                clean_logits: Tensor = clean_logits,
+            ) -> tuple[Tensor, Tensor]:
                 logits = model(x_adv)
-                return loss_fn(logits, yb[rows]), logits.detach().argmax(dim=1) != yb[rows]
+                target = _runner_up_targets(clean_logits[rows], yb[rows], restart)
+                misclassified = logits.detach().argmax(dim=1) != yb[rows]
+                return loss_fn(logits, yb[rows], target), misclassified
 
             best = maximize(objective, xb, threat, settings, generator, rerun_successful=False)
             with torch.no_grad():
-                logit_parts.append(model(xb).to(x.device))
+                logit_parts.append(clean_logits.to(x.device))
                 adv_logit_parts.append(model(best.x_adv).to(x.device))
             x_adv_parts.append(best.x_adv.to(x.device))
     x_adv = torch.cat(x_adv_parts)

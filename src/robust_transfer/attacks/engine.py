@@ -18,10 +18,11 @@ from torch import Tensor
 
 from ..threat import ThreatModel
 
-# Maps (x_adv, indices of those rows within the batch) to a differentiable per-sample
-# score to maximise and, optionally, a per-sample success flag that outranks the score
-# (a misclassified iterate beats any higher-loss correctly classified one).
-Objective = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
+# Maps (x_adv, indices of those rows within the batch, restart number) to a differentiable
+# per-sample score to maximise and, optionally, a per-sample success flag that outranks the
+# score (a misclassified iterate beats any higher-loss correctly classified one). The restart
+# number lets an objective change between restarts, e.g. the target class of a targeted attack.
+Objective = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor | None]]
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def maximize(
     best_score = torch.full((n,), -math.inf, device=x.device, dtype=x.dtype)
     best_success = torch.zeros(n, dtype=torch.bool, device=x.device)
     zero_grad_rows = 0
-    for _ in range(settings.restarts):
+    for restart in range(settings.restarts):
         rows = (
             torch.arange(n, device=x.device)
             if rerun_successful
@@ -79,7 +80,7 @@ def maximize(
             with torch.set_grad_enabled(not last):
                 if not last:
                     x_adv.requires_grad_(True)
-                score, success = objective(x_adv, rows)
+                score, success = objective(x_adv, rows, restart)
             if success is None:
                 success = torch.zeros_like(score, dtype=torch.bool)
             old_score, old_success = best_score[rows], best_success[rows]

@@ -64,7 +64,7 @@ def attack_representation(
                 clean = encoder(xb).flatten(1)
 
             def squared_shift(
-                x_adv: Tensor, rows: Tensor, clean: Tensor = clean
+                x_adv: Tensor, rows: Tensor, restart: int, clean: Tensor = clean
             ) -> tuple[Tensor, None]:
                 # The squared distance has the same ascent direction as the distance
                 # (normalised and sign steps ignore a positive per-sample factor) and,
