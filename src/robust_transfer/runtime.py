@@ -37,3 +37,8 @@ def model_device(model: nn.Module, fallback: torch.device) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return fallback
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else the CPU: where the library puts models it builds itself."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

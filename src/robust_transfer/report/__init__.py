@@ -1,0 +1,1 @@
+"""Reports of a study: findings, tables and figures, as Markdown and HTML."""

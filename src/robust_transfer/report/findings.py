@@ -1,0 +1,242 @@
+"""The paper's qualitative claims, checked against a study's records, with the numbers.
+
+A finding that does not reproduce is stated as such: the report never hides it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from statistics import median
+
+Record = dict[str, object]
+
+_ADVERSARIAL = ("adversarial", "trades", "adversarial-contrastive")
+_PROBE = "linear-probe"
+
+
+@dataclass(frozen=True)
+class Finding:
+    claim: str
+    holds: bool | None  # None: the study has no data for this claim
+    evidence: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _num(record: Record, key: str) -> float | None:
+    value = record.get(key)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _setting(record: Record) -> Key:
+    return record["task"], record["threat"], record["eps"]
+
+
+Key = tuple[object, ...]
+
+
+def _by(records: Iterable[Record], key: Callable[[Record], Key]) -> dict[Key, list[Record]]:
+    groups: dict[Key, list[Record]] = defaultdict(list)
+    for record in records:
+        groups[key(record)].append(record)
+    return groups
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (ties get mean ranks); None when undefined."""
+    if len(a) != len(b) or len(a) < 3:
+        return None
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    return None if va == 0 or vb == 0 else cov / (va * vb) ** 0.5
+
+
+def _probe_classification(records: Iterable[Record]) -> list[Record]:
+    return [r for r in records if r["adaptation"] == _PROBE and r.get("clean_acc") is not None]
+
+
+def adversarial_vs_standard(records: Sequence[Record]) -> Finding:
+    claim = (
+        "Adversarially pretrained encoders have a smaller representation shift and give "
+        "linear probes higher robust accuracy than standard pretraining."
+    )
+    comparisons = []
+    for setting, group in _by(_probe_classification(records), _setting).items():
+        standard = [r for r in group if r["pretraining"] == "standard"]
+        adversarial = [r for r in group if r["pretraining"] in _ADVERSARIAL]
+        for s in standard:
+            for a in adversarial:
+                comparisons.append((setting, s, a))
+    if not comparisons:
+        return Finding(claim, None, "no standard and adversarial encoder share a setting")
+    shift_wins = sum(
+        (_num(a, "mean_shift") or 0) < (_num(s, "mean_shift") or 0) for _, s, a in comparisons
+    )
+    acc_wins = sum(
+        (_num(a, "attacked_robust_acc") or 0) > (_num(s, "attacked_robust_acc") or 0)
+        for _, s, a in comparisons
+    )
+    n = len(comparisons)
+    lines = [
+        f"In {shift_wins}/{n} (task, threat, eps, encoder pair) comparisons the adversarial "
+        f"encoder's mean shift is smaller, in {acc_wins}/{n} its probe's attacked robust "
+        "accuracy is higher."
+    ]
+    for (task, threat, eps), s, a in comparisons[:6]:
+        lines.append(
+            f"{task} {threat} eps={eps:.4g}: {a['encoder']} shift {_num(a, 'mean_shift'):.3g} "
+            f"vs {s['encoder']} {_num(s, 'mean_shift'):.3g}; robust acc "
+            f"{_num(a, 'attacked_robust_acc'):.3f} vs {_num(s, 'attacked_robust_acc'):.3f}"
+        )
+    holds = shift_wins > n / 2 and acc_wins > n / 2
+    return Finding(claim, holds, " ".join(lines))
+
+
+def bound_orders_encoders(records: Sequence[Record]) -> Finding:
+    claim = (
+        "The loss bound orders encoders like the measured robustness (rank correlation of "
+        "the bound with the measured adversarial loss across encoders, per setting)."
+    )
+    correlations = []
+    for _, group in _by(_probe_classification(records), _setting).items():
+        bounds = [_num(r, "loss_bound") for r in group]
+        losses = [_num(r, "adv_loss") for r in group]
+        if None in bounds or None in losses:
+            continue
+        rho = spearman([b or 0.0 for b in bounds], [v or 0.0 for v in losses])
+        if rho is not None:
+            correlations.append(rho)
+    if not correlations:
+        return Finding(claim, None, "fewer than three encoders per setting")
+    mid = median(correlations)
+    positive = sum(c > 0 for c in correlations)
+    evidence = (
+        f"Spearman correlation over {len(correlations)} settings: median {mid:.2f}, "
+        f"min {min(correlations):.2f}, max {max(correlations):.2f}; positive in "
+        f"{positive}/{len(correlations)}."
+    )
+    return Finding(claim, mid > 0, evidence)
+
+
+def probing_keeps_robustness(records: Sequence[Record]) -> Finding:
+    claim = "Linear probing keeps robustness better than full fine-tuning."
+    rows = [r for r in records if r.get("clean_acc") is not None]
+    pairs = []
+    for key, group in _by(rows, lambda r: (*_setting(r), r["encoder"])).items():
+        by_adaptation = {r["adaptation"]: r for r in group}
+        if _PROBE in by_adaptation and "finetune" in by_adaptation:
+            pairs.append((key, by_adaptation[_PROBE], by_adaptation["finetune"]))
+    if not pairs:
+        return Finding(claim, None, "no setting has both a linear probe and full fine-tuning")
+    wins = sum(
+        (_num(p, "attacked_robust_acc") or 0) >= (_num(f, "attacked_robust_acc") or 0)
+        for _, p, f in pairs
+    )
+    lines = [
+        f"The probe's attacked robust accuracy is at least the fine-tuned one's in "
+        f"{wins}/{len(pairs)} settings."
+    ]
+    for (task, threat, eps, encoder), p, f in pairs[:6]:
+        lines.append(
+            f"{encoder} on {task} {threat} eps={eps:.4g}: probe "
+            f"{_num(p, 'attacked_robust_acc'):.3f} (clean {_num(p, 'clean_acc'):.3f}, shift "
+            f"{_num(p, 'mean_shift'):.3g}) vs fine-tuned {_num(f, 'attacked_robust_acc'):.3f} "
+            f"(clean {_num(f, 'clean_acc'):.3f}, shift {_num(f, 'mean_shift'):.3g})"
+        )
+    return Finding(claim, wins > len(pairs) / 2, " ".join(lines))
+
+
+def certified_transfer(records: Sequence[Record]) -> Finding:
+    claim = (
+        "Encoders with a proven Lipschitz constant give probes non-zero certified robust "
+        "accuracy under L2, and the certified probe raises it over the plain probe."
+    )
+    rows = [
+        r for r in records if r["threat"] == "L2" and _num(r, "certified_robust_acc") is not None
+    ]
+    if not rows:
+        return Finding(claim, None, "no encoder with a certified shift under L2")
+    lines = []
+    nonzero = raised = compared = 0
+    for key, group in _by(rows, lambda r: (*_setting(r), r["encoder"])).items():
+        by_adaptation = {r["adaptation"]: r for r in group}
+        probe = by_adaptation.get(_PROBE)
+        certified = by_adaptation.get("certified-probe")
+        if probe is not None and (_num(probe, "certified_robust_acc") or 0) > 0:
+            nonzero += 1
+        if probe is not None and certified is not None:
+            compared += 1
+            p = _num(probe, "certified_robust_acc") or 0.0
+            c = _num(certified, "certified_robust_acc") or 0.0
+            raised += c > p
+            task, _, eps, encoder = key
+            lines.append(
+                f"{encoder} on {task} L2 eps={eps:.4g}: certified {p:.3f} (probe) -> "
+                f"{c:.3f} (certified probe), attacked {_num(certified, 'attacked_robust_acc'):.3f}"
+            )
+    summary = (
+        f"Probe certified accuracy is non-zero in {nonzero} settings; the certified probe "
+        f"raises it in {raised}/{compared}."
+    )
+    holds = nonzero > 0 and compared > 0 and raised > compared / 2
+    return Finding(claim, holds, " ".join([summary, *lines[:6]]))
+
+
+def bound_tightness(records: Sequence[Record]) -> Finding:
+    claim = (
+        "The certified loss bound is never exceeded; the estimate with the attacked shift "
+        "is exceeded only where attacks on the head move features further than the "
+        "representation attack did."
+    )
+    certified = [r for r in records if _num(r, "certified_loss_bound_exceeded") is not None]
+    broken = sum(int(_num(r, "certified_but_broken") or 0) for r in records)
+    exceeded = [_num(r, "loss_bound_exceeded") or 0.0 for r in records]
+    ratios = [
+        (_num(r, "loss_bound") or 0.0) / (_num(r, "adv_loss") or 1.0)
+        for r in records
+        if (_num(r, "adv_loss") or 0.0) > 0
+    ]
+    violations = sum((_num(r, "certified_loss_bound_exceeded") or 0.0) > 0 for r in certified)
+    evidence = (
+        f"Certified bound exceeded in {violations}/{len(certified)} records; certified points "
+        f"broken by an attack: {broken}. The attacked-shift estimate is exceeded on "
+        f"{100 * median(exceeded):.1f}% of points (median over records, max "
+        f"{100 * max(exceeded):.1f}%). Bound / measured adversarial loss: median "
+        f"{median(ratios):.1f}x (the bound is loose, as the paper's analysis predicts)."
+        if exceeded and ratios
+        else "no records"
+    )
+    return Finding(claim, violations == 0 and broken == 0, evidence)
+
+
+def findings(records: Sequence[Record]) -> list[Finding]:
+    return [
+        check(records)
+        for check in (
+            adversarial_vs_standard,
+            bound_orders_encoders,
+            probing_keeps_robustness,
+            certified_transfer,
+            bound_tightness,
+        )
+    ]

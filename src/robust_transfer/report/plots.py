@@ -1,0 +1,229 @@
+"""The report's figures, each drawn from records or stored per-sample arrays only.
+
+Every figure carries its own title, axis labels and legend, so it reads without the text.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from torch import Tensor
+
+Record = dict[str, object]
+
+
+def _subplots(
+    rows: int, cols: int, figsize: tuple[float, float], **kwargs: Any
+) -> tuple[Figure, Any]:
+    """A figure without pyplot: no global state, no GUI backend, nothing to close."""
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(rows, cols, squeeze=False, **kwargs)
+
+
+def png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _values(rows: Sequence[Record], key: str) -> list[float]:
+    return [float(v) if isinstance(v := r.get(key), int | float) else float("nan") for r in rows]
+
+
+def _eps(rows: Sequence[Record]) -> list[float]:
+    return _values(rows, "eps")
+
+
+def _sorted(rows: Sequence[Record]) -> list[Record]:
+    return sorted(rows, key=lambda r: float(r["eps"]))  # type: ignore[arg-type]
+
+
+def _norms(rows: Sequence[Record]) -> list[str]:
+    return sorted({str(r["threat"]) for r in rows})
+
+
+def vulnerability(rows: Sequence[Record], task: str) -> Figure:
+    """Mean representation shift vs eps per encoder (task independent up to the data)."""
+    norms = _norms(rows)
+    figure, axes = _subplots(1, len(norms), (5.2 * len(norms), 3.8))
+    for ax, norm in zip(axes[0], norms, strict=True):
+        for encoder in sorted({str(r["encoder"]) for r in rows}):
+            mine = _sorted([r for r in rows if r["threat"] == norm and r["encoder"] == encoder])
+            if mine:
+                ax.plot(_eps(mine), _values(mine, "mean_shift"), marker="o", label=encoder)
+        ax.set(
+            title=f"Representation shift, {norm}",
+            xlabel="eps",
+            ylabel="mean ||f(x') - f(x)||_2 (attacked)",
+        )
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(f"Representation vulnerability on {task} evaluation points")
+    return figure
+
+
+def _small_multiples(
+    rows: Sequence[Record],
+) -> tuple[Figure, list[list[Axes]], list[str], list[str]]:
+    norms, encoders = _norms(rows), sorted({str(r["encoder"]) for r in rows})
+    figure, axes = _subplots(
+        len(norms), len(encoders), (3.2 * len(encoders), 2.9 * len(norms)), sharey="row"
+    )
+    return figure, [list(row) for row in axes], norms, encoders
+
+
+def robust_accuracy(rows: Sequence[Record], title: str) -> Figure:
+    """Attacked, predicted and certified robust accuracy vs eps, one panel per encoder."""
+    figure, axes, norms, encoders = _small_multiples(rows)
+    series = (
+        ("clean_acc", "clean", "-", "grey"),
+        ("attacked_robust_acc", "attacked (PGD + task-agnostic)", "-", "C3"),
+        ("predicted_robust_acc", "predicted (criterion, attacked shift)", "--", "C0"),
+        ("certified_robust_acc", "certified (criterion, certified shift)", ":", "C2"),
+        ("task_agnostic_robust_acc", "task-agnostic perturbations", "-.", "C1"),
+    )
+    for i, norm in enumerate(norms):
+        for j, encoder in enumerate(encoders):
+            ax = axes[i][j]
+            mine = _sorted([r for r in rows if r["threat"] == norm and r["encoder"] == encoder])
+            for key, label, style, color in series:
+                values = _values(mine, key)
+                if mine and any(v == v for v in values):
+                    ax.plot(_eps(mine), values, style, marker=".", color=color, label=label)
+            ax.set_title(f"{encoder}, {norm}", fontsize=9)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("eps")
+            ax.grid(alpha=0.3)
+        axes[i][0].set_ylabel("accuracy")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(
+        handles, labels, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.06)
+    )
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def loss_bounds(rows: Sequence[Record], title: str) -> Figure:
+    """Result 1: bounds vs the measured adversarial loss (log scale), per encoder."""
+    figure, axes, norms, encoders = _small_multiples(rows)
+    series = (
+        ("clean_loss", "clean loss", "-", "grey"),
+        ("adv_loss", "measured adversarial loss", "-", "C3"),
+        ("loss_bound", "bound, attacked shift (estimate)", "--", "C0"),
+        ("certified_loss_bound", "bound, certified shift (guarantee)", ":", "C2"),
+    )
+    for i, norm in enumerate(norms):
+        for j, encoder in enumerate(encoders):
+            ax = axes[i][j]
+            mine = _sorted([r for r in rows if r["threat"] == norm and r["encoder"] == encoder])
+            for key, label, style, color in series:
+                values = _values(mine, key)
+                if mine and any(v == v and v > 0 for v in values):
+                    ax.plot(_eps(mine), values, style, marker=".", color=color, label=label)
+            ax.set_yscale("log")
+            ax.set_title(f"{encoder}, {norm}", fontsize=9)
+            ax.set_xlabel("eps")
+            ax.grid(alpha=0.3)
+        axes[i][0].set_ylabel("loss (mean over points)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(
+        handles, labels, loc="lower center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, -0.05)
+    )
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def margin_vs_shift(panels: Sequence[tuple[str, dict[str, Tensor]]], title: str) -> Figure:
+    """Result 2's picture: each point is certified (above the diagonal) when its normalised
+    margin exceeds its shift; colour says whether an attack broke it."""
+    figure, axes = _subplots(1, len(panels), (3.4 * len(panels), 3.4))
+    for ax, (label, arrays) in zip(axes[0], panels, strict=True):
+        correct = arrays["correct"]
+        robust = arrays["robust_attacked"]
+        shift, margin = arrays["shift"].float(), arrays["margin"].float().clamp(max=1e6)
+        for mask, name, color in (
+            (robust, "robust to attacks", "C2"),
+            (correct & ~robust, "broken by an attack", "C3"),
+            (~correct, "misclassified", "grey"),
+        ):
+            ax.scatter(shift[mask], margin[mask], s=6, alpha=0.6, color=color, label=name)
+        top = float(max(shift.max(), margin[correct].max() if correct.any() else 1.0))
+        ax.plot([0, top], [0, top], "k--", linewidth=0.8, label="margin = shift")
+        if "certified_shift" in arrays:
+            ax.axvline(
+                float(arrays["certified_shift"].max()),
+                color="C2",
+                linestyle=":",
+                label="certified shift",
+            )
+        ax.set(
+            title=label, xlabel="attacked shift ||f(x')-f(x)||", ylabel="normalised margin rho(x)"
+        )
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def adaptation_comparison(rows: Sequence[Record], title: str) -> Figure:
+    """Clean vs attacked robust accuracy per adaptation protocol, one marker per encoder."""
+    settings = sorted({(str(r["threat"]), float(r["eps"])) for r in rows})  # type: ignore[arg-type]
+    figure, axes = _subplots(1, len(settings), (4.4 * len(settings), 4.0))
+    adaptations = sorted({str(r["adaptation"]) for r in rows})
+    encoders = sorted({str(r["encoder"]) for r in rows})
+    markers = "osD^v<>pP*X"
+    for ax, (norm, eps) in zip(axes[0], settings, strict=True):
+        for a, adaptation in enumerate(adaptations):
+            for e, encoder in enumerate(encoders):
+                mine = [
+                    r
+                    for r in rows
+                    if r["threat"] == norm
+                    and r["eps"] == eps
+                    and r["adaptation"] == adaptation
+                    and r["encoder"] == encoder
+                ]
+                if mine:
+                    ax.scatter(
+                        _values(mine, "clean_acc"),
+                        _values(mine, "attacked_robust_acc"),
+                        color=f"C{a}",
+                        marker=markers[e % len(markers)],
+                        s=50,
+                        label=f"{adaptation} / {encoder}",
+                    )
+        ax.set(
+            title=f"{norm} eps={eps:.4g}",
+            xlabel="clean accuracy",
+            ylabel="attacked robust accuracy",
+        )
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def regression_losses(rows: Sequence[Record], title: str) -> Figure:
+    """Regression heads: clean and adversarial loss next to their bounds."""
+    labels = [f"{r['encoder']}\n{r['threat']} {float(r['eps']):.3g}" for r in rows]  # type: ignore[arg-type]
+    figure, axes = _subplots(1, 1, (max(5.0, 1.3 * len(rows)), 3.8))
+    ax = axes[0][0]
+    keys = ("clean_loss", "adv_loss", "loss_bound", "certified_loss_bound")
+    width = 0.8 / len(keys)
+    for k, key in enumerate(keys):
+        values = _values(rows, key)
+        ax.bar([i + k * width for i in range(len(rows))], values, width, label=key)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], labels, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("loss (mean over points and targets)")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    return figure

@@ -1,0 +1,255 @@
+"""The study report: Markdown (figures beside it) and self-contained HTML (figures inline).
+
+Built from ``results.json`` and the per-sample store only, so ``robust-transfer report``
+can redraw it at any time without recomputing anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from ..study.store import Store, atomic_write_bytes, atomic_write_text
+from . import plots, tables
+
+Record = dict[str, object]
+Results = dict[str, object]
+
+_PROBE = "linear-probe"
+
+
+def _records(results: Results) -> list[Record]:
+    records = results.get("records")
+    if not isinstance(records, list):
+        raise ValueError("results have no 'records' list")
+    return records
+
+
+def _classification(records: Sequence[Record]) -> list[Record]:
+    return [r for r in records if r.get("clean_acc") is not None]
+
+
+def _tasks(records: Sequence[Record]) -> list[str]:
+    return list(dict.fromkeys(str(r["task"]) for r in records))
+
+
+def _scatter_panels(
+    records: Sequence[Record], store: Store, task: str
+) -> tuple[list[tuple[str, dict[str, Tensor]]], str] | None:
+    """Per-sample margins and shifts of each encoder's probe at one threat: the middle eps
+    of L2 (where certificates live) or else of the first threat model."""
+    rows = [r for r in records if r["task"] == task and r["adaptation"] == _PROBE]
+    if not rows:
+        return None
+    norms = sorted({str(r["threat"]) for r in rows})
+    norm = "L2" if "L2" in norms else norms[0]
+    eps_values = sorted({float(r["eps"]) for r in rows if r["threat"] == norm})  # type: ignore[arg-type]
+    eps = eps_values[len(eps_values) // 2]
+    panels = []
+    for row in rows:
+        if row["threat"] != norm or row["eps"] != eps:
+            continue
+        loaded = store.load(tuple(row["store_key"]))  # type: ignore[arg-type]
+        if loaded is not None and "margin" in loaded[0]:
+            panels.append((str(row["encoder"]), dict(loaded[0])))
+    return (panels, f"{task}, {norm} eps={eps:.4g}, linear probe") if panels else None
+
+
+class _Figures:
+    """Collects figures: PNG files for Markdown, base64 for HTML."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.items: list[tuple[str, str, bytes]] = []
+
+    def add(self, name: str, caption: str, figure: Figure) -> None:
+        payload = plots.png(figure)
+        atomic_write_bytes(self.folder / f"{name}.png", payload)
+        self.items.append((name, caption, payload))
+
+
+def _sections(
+    results: Results, store: Store, figures: _Figures
+) -> list[tuple[str, str, list[str]]]:
+    """(heading, Markdown text, figure names) for each section of the report."""
+    records = _records(results)
+    classification = _classification(records)
+    regression = [r for r in records if r.get("clean_acc") is None]
+    sections: list[tuple[str, str, list[str]]] = []
+
+    findings = results.get("findings") or []
+    lines = []
+    for finding in findings:  # type: ignore[attr-defined]
+        verdict = {True: "REPRODUCED", False: "NOT REPRODUCED", None: "NOT TESTED"}[
+            finding["holds"]
+        ]
+        lines.append(f"- **{verdict}**: {finding['claim']}  \n  {finding['evidence']}")
+    sections.append(("Findings", "\n".join(lines) or "No findings.", []))
+
+    for task in _tasks(classification):
+        probes = [r for r in classification if r["task"] == task and r["adaptation"] == _PROBE]
+        names = []
+        slug = task.replace("/", "_")
+        if probes:
+            figures.add(
+                f"vulnerability-{slug}",
+                f"Representation vulnerability ({task})",
+                plots.vulnerability(probes, task),
+            )
+            names.append(f"vulnerability-{slug}")
+            for adaptation in dict.fromkeys(
+                str(r["adaptation"]) for r in classification if r["task"] == task
+            ):
+                rows = [
+                    r for r in classification if r["task"] == task and r["adaptation"] == adaptation
+                ]
+                if len({r["eps"] for r in rows}) < 2:
+                    continue
+                figures.add(
+                    f"accuracy-{slug}-{adaptation}",
+                    f"Robust accuracy, {task}, {adaptation}",
+                    plots.robust_accuracy(rows, f"Robust accuracy of {adaptation} heads on {task}"),
+                )
+                figures.add(
+                    f"loss-{slug}-{adaptation}",
+                    f"Loss bound vs measured loss, {task}, {adaptation}",
+                    plots.loss_bounds(rows, f"Result 1 for {adaptation} heads on {task}"),
+                )
+                names += [f"accuracy-{slug}-{adaptation}", f"loss-{slug}-{adaptation}"]
+            scatter = _scatter_panels(classification, store, task)
+            if scatter is not None:
+                panels, title = scatter
+                figures.add(
+                    f"criterion-{slug}",
+                    f"Criterion: margin vs shift ({title})",
+                    plots.margin_vs_shift(
+                        panels,
+                        f"Result 2: normalised margin vs shift, {title}",
+                    ),
+                )
+                names.append(f"criterion-{slug}")
+        adaptations = {r["adaptation"] for r in classification if r["task"] == task}
+        if len(adaptations) > 1:
+            counts: dict[tuple[object, object], set[object]] = {}
+            for r in classification:
+                if r["task"] == task:
+                    counts.setdefault((r["threat"], r["eps"]), set()).add(r["adaptation"])
+            shared = [
+                r
+                for r in classification
+                if r["task"] == task and len(counts[(r["threat"], r["eps"])]) > 2
+            ]
+            if shared:
+                figures.add(
+                    f"adaptation-{slug}",
+                    f"Adaptation protocols ({task})",
+                    plots.adaptation_comparison(
+                        shared, f"Adaptation: clean vs robust accuracy on {task}"
+                    ),
+                )
+                names.append(f"adaptation-{slug}")
+        rows = [r for r in classification if r["task"] == task]
+        sections.append((f"Task {task}", tables.markdown(rows), names))
+
+    for task in _tasks(regression):
+        rows = [r for r in regression if r["task"] == task]
+        slug = task.replace("/", "_")
+        figures.add(
+            f"regression-{slug}",
+            f"Regression bounds ({task})",
+            plots.regression_losses(rows, f"Regression heads on {task}"),
+        )
+        columns = (
+            *tables.SUMMARY_COLUMNS[:6],
+            ("loss", "loss"),
+            ("clean_loss", "clean loss"),
+            ("adv_loss", "adv loss"),
+            ("loss_bound", "bound"),
+            ("certified_loss_bound", "cert. bound"),
+            ("loss_bound_exceeded", "exceeded"),
+            ("mean_shift", "shift"),
+        )
+        sections.append(
+            (f"Regression task {task}", tables.markdown(rows, columns), [f"regression-{slug}"])
+        )
+    return sections
+
+
+_INTRO = (
+    "Robustness of linear heads (and light fine-tuning) on pretrained encoders. "
+    "*attacked*: share of points no attack broke (PGD with cross-entropy and targeted "
+    "margins, plus the task-agnostic perturbations of the representation attack), an upper "
+    "bound on true robust accuracy. *predicted*: the criterion rho(x) > shift(x) with the "
+    "attacked shift (an estimate). *certified*: the criterion with a certified shift, a "
+    "guarantee (only for encoders with a proven Lipschitz constant). *bound*: Result 1, "
+    "E[CE + max_j ||w_y - w_j|| shift], with the attacked shift (estimate) or certified "
+    "shift (guarantee). Accuracies are fractions."
+)
+
+
+def write_report(results: Results, out: Path) -> tuple[Path, Path]:
+    """Write ``report.md`` (with ``figures/``) and a self-contained ``report.html``."""
+    store = Store(out / "store")
+    figures = _Figures(out / "figures")
+    sections = _sections(results, store, figures)
+    by_name = {name: (caption, payload) for name, caption, payload in figures.items}
+    title = f"robust-transfer study: {results.get('name', 'study')}"
+    versions = results.get("versions")
+    version = versions.get("robust_transfer") if isinstance(versions, dict) else None
+    meta = (
+        f"robust-transfer {version}, "
+        f"git {results.get('git_revision')}, device {results.get('device')}, "
+        f"{results.get('seconds', 0):.0f} s"
+    )
+    md = [f"# {title}", "", meta, "", _INTRO, ""]
+    page = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;"
+        "padding:2px 6px;text-align:right}img{max-width:100%}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(meta)}</p><p>{html.escape(_INTRO)}</p>",
+    ]
+    for heading, body, names in sections:
+        md += [f"## {heading}", ""]
+        page.append(f"<h2>{html.escape(heading)}</h2>")
+        for name in names:
+            caption, payload = by_name[name]
+            md += [f"![{caption}](figures/{name}.png)", ""]
+            encoded = base64.b64encode(payload).decode()
+            page.append(
+                f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{encoded}'>"
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
+        md += [body, ""]
+        page.append(_markdown_to_html(body))
+    page.append("</body></html>")
+    md_path, html_path = out / "report.md", out / "report.html"
+    atomic_write_text(md_path, "\n".join(md))
+    atomic_write_text(html_path, "\n".join(page))
+    return md_path, html_path
+
+
+def _markdown_to_html(body: str) -> str:
+    """The two Markdown forms the sections use: pipe tables and bullet lists."""
+    lines = body.splitlines()
+    if lines and lines[0].startswith("|"):
+        rows = [[html.escape(c.strip()) for c in line.strip("|").split("|")] for line in lines]
+        head = "".join(f"<th>{c}</th>" for c in rows[0])
+        body_rows = "".join(
+            "<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows[2:]
+        )
+        return f"<table><tr>{head}</tr>{body_rows}</table>"
+    items = body.split("\n- ")
+    rendered = []
+    for item in items:
+        text = html.escape(item.removeprefix("- ").replace("  \n  ", " "))
+        for marker in ("NOT REPRODUCED", "REPRODUCED", "NOT TESTED"):
+            text = text.replace(f"**{marker}**", f"<b>{marker}</b>")
+        rendered.append(f"<li>{text}</li>")
+    return "<ul>" + "".join(rendered) + "</ul>"

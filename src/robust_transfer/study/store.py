@@ -1,0 +1,89 @@
+"""The per-sample results store: one safetensors file per finished unit of work.
+
+A unit is written to a temporary file in the same folder and renamed into place, so a
+run killed at any moment leaves either the whole unit or nothing; a resumed run skips
+the units that are there. Metadata (JSON) travels inside the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` so that readers see the old file or the new one, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(payload)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+class Store:
+    """Per-sample arrays under ``root``, addressed by keys of path-like parts."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, key: tuple[str, ...]) -> Path:
+        if not key:
+            raise ValueError("a store key needs at least one part")
+        # Parts made only of dots would climb out of the root: they become underscores.
+        parts = [_UNSAFE.sub("_", part).lstrip(".") or "_" for part in key]
+        return self.root.joinpath(*parts).with_suffix(".safetensors")
+
+    def has(self, key: tuple[str, ...]) -> bool:
+        return self.load(key) is not None
+
+    def save(
+        self, key: tuple[str, ...], arrays: Mapping[str, Tensor], meta: Mapping[str, object]
+    ) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            tensors = {name: value.detach().cpu().contiguous() for name, value in arrays.items()}
+            save_file(tensors, temp, metadata={"meta": json.dumps(dict(meta), sort_keys=True)})
+            os.replace(temp, path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+
+    def load(self, key: tuple[str, ...]) -> tuple[dict[str, Tensor], dict[str, object]] | None:
+        """The unit's arrays and metadata, or None when it is missing or unreadable."""
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            arrays = load_file(path)
+            with safe_open(path, framework="pt") as file:
+                meta = json.loads((file.metadata() or {}).get("meta", "{}"))
+        except (SafetensorError, OSError, ValueError):
+            return None
+        return arrays, meta
+
+    def keys(self) -> Iterator[tuple[str, ...]]:
+        for path in sorted(self.root.rglob("*.safetensors")):
+            yield path.relative_to(self.root).with_suffix("").parts
