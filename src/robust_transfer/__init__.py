@@ -1,6 +1,7 @@
 """robust-transfer: how much adversarial robustness a pretrained representation passes on
 to the linear heads put on it, measured, bounded and certified."""
 
+from ._version import __version__
 from .attacks import (
     ClassifierAttackResult,
     ClassifierLoss,
@@ -24,8 +25,6 @@ from .bounds import (
 from .features import extract_features
 from .threat import Norm, ThreatModel, parse_eps
 from .training import train_linear_probe
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ClassifierAttackResult",

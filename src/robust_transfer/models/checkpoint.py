@@ -1,0 +1,135 @@
+"""Encoder checkpoints: safetensors weights plus a JSON sidecar that says what they are.
+
+The sidecar records the architecture and its arguments, the Lipschitz constant, a
+SHA-256 of the weights file and free metadata (protocol, data, threat model, seed,
+metrics, versions). Both files are written atomically, weights first and sidecar last,
+so a half-written checkpoint never passes for a complete one; loading re-checks the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .._version import __version__
+from .encoders import Encoder
+from .registry import build_encoder
+
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupted, half-written or of the wrong architecture."""
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _replace_atomically(path: Path, write: Callable[[str], object]) -> None:
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, encoder: Encoder, metadata: Mapping[str, object]) -> None:
+    """Write ``path`` (.safetensors) and its sidecar ``path.with_suffix('.json')``."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"a checkpoint path must end in .safetensors, got {path}")
+    if not isinstance(encoder, Encoder):
+        raise TypeError(f"only built-in encoders are checkpointed, got {type(encoder).__name__}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    _replace_atomically(path, lambda temp: save_file(state, temp))
+    sidecar = {
+        "format": FORMAT,
+        "arch": encoder.arch,
+        "config": encoder.config(),
+        "lipschitz_l2": encoder.lipschitz_l2,
+        "sha256": _sha256(path),
+        "metadata": dict(metadata),
+        "versions": {
+            "robust_transfer": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    text = json.dumps(sidecar, indent=2, sort_keys=True, default=str)
+    _replace_atomically(sidecar_path(path), lambda temp: Path(temp).write_text(text))
+
+
+def load_checkpoint(
+    path: str | Path, *, arch: str | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[Encoder, dict[str, object]]:
+    """The encoder stored at ``path`` (in eval mode) and its sidecar."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise CheckpointError(f"{path}: its sidecar {side.name} is missing (half-written?)")
+    try:
+        sidecar = json.loads(side.read_text())
+        stored_arch, config, digest = sidecar["arch"], sidecar["config"], sidecar["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: unreadable sidecar {side.name}: {err}") from err
+    if arch is not None and stored_arch != arch:
+        raise CheckpointError(f"{path}: holds a {stored_arch!r} encoder, expected {arch!r}")
+    if _sha256(path) != digest:
+        raise CheckpointError(
+            f"{path}: weights do not match the sidecar's SHA-256 (corrupted or half-written)"
+        )
+    try:
+        encoder = build_encoder(stored_arch, **config)
+        state = load_file(path, device=str(map_location))
+        encoder.load_state_dict(state)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: cannot load weights: {err}") from err
+    return encoder.eval(), sidecar
+
+
+def load_encoder(spec: str, **kwargs: object) -> nn.Module:
+    """An encoder from a checkpoint path or from ``package.module:factory(**kwargs)``."""
+    if spec.endswith(".safetensors"):
+        return load_checkpoint(spec)[0]
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name or not attribute:
+        raise ValueError(
+            f"encoder spec {spec!r}: expected a .safetensors checkpoint or 'package.module:factory'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"encoder spec {spec!r}: cannot import {module_name!r}: {err}") from err
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ValueError(f"encoder spec {spec!r}: {module_name} has no callable {attribute!r}")
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"encoder spec {spec!r}: the factory returned {type(model).__name__}")
+    return model.eval()

@@ -1,0 +1,25 @@
+"""Encoder architectures by name, so checkpoints and configs can name them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from .encoders import Encoder, ResNet18, SmallCNN
+from .lipschitz import LipschitzCNN
+
+ARCHITECTURES: Mapping[str, type[Encoder]] = MappingProxyType(
+    {cls.arch: cls for cls in (SmallCNN, LipschitzCNN, ResNet18)}
+)
+
+
+def build_encoder(arch: str, **config: object) -> Encoder:
+    """An encoder by registry name, with the keyword arguments of its ``config()``."""
+    cls = ARCHITECTURES.get(arch)
+    if cls is None:
+        valid = ", ".join(ARCHITECTURES)
+        raise ValueError(f"unknown encoder architecture {arch!r}: expected one of {valid}")
+    try:
+        return cls(**config)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise ValueError(f"bad arguments for {arch!r}: {err}") from err

@@ -1,0 +1,177 @@
+"""Encoders, the 1-Lipschitz guarantee, and checkpoints."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from robust_transfer import ThreatModel, attack_representation
+from robust_transfer.models import (
+    ARCHITECTURES,
+    AOLConv2d,
+    AOLLinear,
+    CheckpointError,
+    Classifier,
+    LipschitzCNN,
+    SmallCNN,
+    build_encoder,
+    load_checkpoint,
+    load_encoder,
+    save_checkpoint,
+)
+
+SHAPES = {"small-cnn": (1, 28, 28), "lipschitz-cnn": (1, 28, 28), "resnet18": (3, 32, 32)}
+
+
+def tiny_factory(width: int = 4) -> nn.Module:
+    """Used through the 'module:factory' spec by the tests."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, width))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_shapes_config_round_trip_and_stages(arch: str) -> None:
+    torch.manual_seed(0)
+    encoder = build_encoder(arch, image_shape=SHAPES[arch], feature_dim=16).eval()
+    x = torch.rand(3, *SHAPES[arch])
+    features = encoder(x)
+    assert features.shape == (3, 16)
+    rebuilt = build_encoder(arch, **encoder.config()).eval()
+    rebuilt.load_state_dict(encoder.state_dict())
+    assert torch.equal(rebuilt(x), features)
+    staged = {id(p) for stage in encoder.stages() for p in stage.parameters()}
+    assert staged == {id(p) for p in encoder.parameters()}
+    with pytest.raises(ValueError, match="expects inputs of shape"):
+        encoder(torch.rand(3, 2, 28, 28))
+
+
+def test_small_cnn_reads_64_pixel_images() -> None:
+    assert SmallCNN(image_shape=(1, 64, 64))(torch.rand(2, 1, 64, 64)).shape == (2, 64)
+    assert LipschitzCNN(image_shape=(1, 30, 30))(torch.rand(2, 1, 30, 30)).shape == (2, 64)
+
+
+def _operator_norm(layer: nn.Module, shape: tuple[int, ...]) -> float:
+    """The exact l2 operator norm of a (linear part of a) layer, from its explicit matrix."""
+    n = int(torch.tensor(shape).prod())
+    basis = torch.eye(n).view(n, *shape)
+    with torch.no_grad():
+        zero = layer(torch.zeros(1, *shape))
+        matrix = (layer(basis) - zero).flatten(1)
+    return float(torch.linalg.matrix_norm(matrix, ord=2))
+
+
+def test_aol_layers_have_operator_norm_at_most_one() -> None:
+    torch.manual_seed(0)
+    for _ in range(3):
+        conv = AOLConv2d(3, 5)
+        with torch.no_grad():
+            conv.weight.mul_(torch.rand_like(conv.weight) * 4)
+        assert _operator_norm(conv, (3, 6, 6)) <= 1.0 + 1e-5
+        linear = AOLLinear(20, 7)
+        assert _operator_norm(linear, (20,)) <= 1.0 + 1e-5
+    # The bound is not vacuous: the layers keep a sizeable part of their input.
+    assert _operator_norm(AOLLinear(20, 7), (20,)) > 0.3
+
+
+def _trained_lipschitz() -> LipschitzCNN:
+    torch.manual_seed(1)
+    encoder = LipschitzCNN(feature_dim=16)
+    model = Classifier(encoder, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 3, (64,))
+    for _ in range(5):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return encoder.eval()
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_lipschitz_encoder_never_exceeds_its_constant(trained: bool) -> None:
+    torch.manual_seed(2)
+    encoder = _trained_lipschitz() if trained else LipschitzCNN(feature_dim=16).eval()
+    constant = encoder.lipschitz_l2
+    x, other = torch.rand(200, 1, 28, 28), torch.rand(200, 1, 28, 28)
+    with torch.no_grad():
+        ratio = (encoder(x) - encoder(other)).norm(dim=1) / (x - other).flatten(1).norm(dim=1)
+    assert (ratio <= constant * (1 + 1e-5)).all()
+    threat = ThreatModel("L2", 0.5)
+    attacked = attack_representation(encoder, x[:32], threat, steps=30, seed=0)
+    assert (attacked.shift <= constant * threat.eps * (1 + 1e-5)).all()
+    with torch.no_grad():
+        random = (encoder(threat.random_start(x[:32])) - encoder(x[:32])).norm(dim=1)
+    # Not vacuous: the attack moves the features much further than random noise does.
+    assert attacked.shift.mean() > 2 * random.mean()
+
+
+def test_checkpoint_round_trip_and_sidecar(tmp_path: Path) -> None:
+    encoder = LipschitzCNN(feature_dim=8).eval()
+    path = tmp_path / "enc.safetensors"
+    save_checkpoint(path, encoder, {"protocol": "lipschitz", "seed": 3})
+    loaded, sidecar = load_checkpoint(path, arch="lipschitz-cnn")
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(loaded(x), encoder(x))
+    assert sidecar["lipschitz_l2"] == 1.0
+    assert sidecar["metadata"] == {"protocol": "lipschitz", "seed": 3}
+    assert set(sidecar["versions"]) >= {"torch", "robust_transfer"}  # type: ignore[arg-type]
+    assert not list(tmp_path.glob("*.tmp"))
+    assert isinstance(load_encoder(str(path)), LipschitzCNN)
+
+
+def test_damaged_checkpoints_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "enc.safetensors"
+    save_checkpoint(path, SmallCNN(feature_dim=8), {})
+    with pytest.raises(CheckpointError, match="'small-cnn' encoder, expected 'resnet18'"):
+        load_checkpoint(path, arch="resnet18")
+    payload = bytearray(path.read_bytes())
+    payload[-20] ^= 0xFF
+    path.write_bytes(bytes(payload))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(path)
+    path.write_bytes(bytes(payload[: len(payload) // 2]))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(path)
+    sidecar = path.with_suffix(".json")
+    sidecar.write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable sidecar"):
+        load_checkpoint(path)
+    sidecar.unlink()
+    with pytest.raises(CheckpointError, match="sidecar enc.json is missing"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "none.safetensors")
+
+
+def test_sidecar_config_mismatch_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "enc.safetensors"
+    save_checkpoint(path, SmallCNN(feature_dim=8), {})
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    sidecar["config"]["feature_dim"] = 9
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    with pytest.raises(CheckpointError, match="cannot load weights"):
+        load_checkpoint(path)
+
+
+def test_load_encoder_specs() -> None:
+    model = load_encoder("test_models:tiny_factory", width=5)
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 5)
+    with pytest.raises(ValueError, match="cannot import"):
+        load_encoder("no_such_module_xyz:make")
+    with pytest.raises(ValueError, match="no callable 'nonexistent'"):
+        load_encoder("os:nonexistent")
+    with pytest.raises(ValueError, match="expected a .safetensors"):
+        load_encoder("no_colon")
+    with pytest.raises(TypeError, match="returned str"):
+        load_encoder("os:getcwd")
+
+
+def test_bad_architecture_arguments() -> None:
+    with pytest.raises(ValueError, match="unknown encoder architecture 'vit'"):
+        build_encoder("vit")
+    with pytest.raises(ValueError, match="image_shape"):
+        SmallCNN(image_shape=(28, 28))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="feature_dim"):
+        SmallCNN(feature_dim=0)
+    with pytest.raises(ValueError, match="bad arguments"):
+        build_encoder("small-cnn", depth=3)
