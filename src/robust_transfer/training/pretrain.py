@@ -1,0 +1,410 @@
+"""Pretraining protocols: standard, adversarial (PGD), TRADES, SimCLR, adversarial
+contrastive, Lipschitz-margin, and the untrained floor.
+
+Every protocol is seeded (same seed, same weights on the CPU), shuffles with its own
+generator, and returns a built-in :class:`~robust_transfer.models.Encoder`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..attacks import attack_classifier
+from ..attacks.engine import AscentSettings, maximize
+from ..bounds import certify
+from ..certificates import lipschitz_shift
+from ..data.dataset import ImageDataset
+from ..models import CheckpointError, Classifier, Encoder, build_encoder, load_checkpoint
+from ..models.checkpoint import save_checkpoint
+from ..runtime import default_device
+from ..threat import ThreatModel
+from .augment import augment
+from .linear_probe import train_linear_probe
+
+
+class PretrainProtocol(StrEnum):
+    STANDARD = "standard"
+    ADVERSARIAL = "adversarial"
+    TRADES = "trades"
+    SIMCLR = "simclr"
+    ADVERSARIAL_CONTRASTIVE = "adversarial-contrastive"
+    LIPSCHITZ = "lipschitz"
+    RANDOM = "random"
+
+
+_NEEDS_THREAT = {
+    PretrainProtocol.ADVERSARIAL,
+    PretrainProtocol.TRADES,
+    PretrainProtocol.ADVERSARIAL_CONTRASTIVE,
+    PretrainProtocol.LIPSCHITZ,
+}
+
+
+def _positive(value: object, name: str, kind: type = int) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind | int) or not value > 0:  # type: ignore[operator]
+        raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """One pretraining run. ``threat`` is the adversary of the adversarial protocols and
+    the certified radius of the Lipschitz-margin loss; ``limit`` uses only the first
+    ``limit`` training images."""
+
+    protocol: PretrainProtocol
+    arch: str | None = None
+    feature_dim: int = 64
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+    threat: ThreatModel | None = None
+    attack_steps: int = 5
+    trades_beta: float = 6.0
+    temperature: float = 0.5
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "protocol", PretrainProtocol(self.protocol))
+        except ValueError as err:
+            valid = ", ".join(p.value for p in PretrainProtocol)
+            raise ValueError(
+                f"unknown protocol {self.protocol!r}: expected one of {valid}"
+            ) from err
+        for name in ("feature_dim", "epochs", "batch_size", "attack_steps"):
+            _positive(getattr(self, name), name)
+        for name in ("lr", "trades_beta", "temperature"):
+            _positive(getattr(self, name), name, float)
+        if self.limit is not None:
+            _positive(self.limit, "limit")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.threat is not None and not isinstance(self.threat, ThreatModel):
+            raise TypeError(f"threat must be a ThreatModel, got {type(self.threat).__name__}")
+        if self.protocol in _NEEDS_THREAT and self.threat is None:
+            raise ValueError(f"protocol {self.protocol.value!r} needs a threat model")
+
+    @property
+    def architecture(self) -> str:
+        if self.arch is not None:
+            return self.arch
+        return "lipschitz-cnn" if self.protocol is PretrainProtocol.LIPSCHITZ else "small-cnn"
+
+    def to_dict(self) -> dict[str, object]:
+        values = dataclasses.asdict(self)
+        values["protocol"] = self.protocol.value
+        values["arch"] = self.architecture
+        values["threat"] = (
+            None
+            if self.threat is None
+            else {"norm": self.threat.norm.value, "eps": self.threat.eps}
+        )
+        return values
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    encoder: Encoder
+    metrics: dict[str, float]
+    seconds: float
+
+
+# (model, inputs, labels, generator) -> mean loss of the batch
+BatchLoss = Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor]
+
+
+def _seed_from(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+
+def _threat(config: PretrainConfig) -> ThreatModel:
+    if config.threat is None:
+        raise ValueError(f"protocol {config.protocol.value!r} needs a threat model")
+    return config.threat
+
+
+def _adversarial_loss(config: PretrainConfig) -> BatchLoss:
+    threat = _threat(config)
+
+    def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        model.eval()
+        attacked = attack_classifier(
+            model,
+            x,
+            y,
+            threat,
+            steps=config.attack_steps,
+            step_size=2.5 * threat.eps / config.attack_steps,
+            seed=_seed_from(generator),
+            batch_size=len(x),
+        )
+        model.train()
+        return F.cross_entropy(model(attacked.x_adv), y)
+
+    return loss
+
+
+def _trades_loss(config: PretrainConfig) -> BatchLoss:
+    threat = _threat(config)
+    settings = AscentSettings(config.attack_steps, 1, 2.5 * threat.eps / config.attack_steps)
+
+    def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        model.eval()
+        with torch.no_grad():
+            clean_log_p = F.log_softmax(model(x), dim=1)
+
+        def divergence(x_adv: Tensor, rows: Tensor, restart: int) -> tuple[Tensor, None]:
+            log_q = F.log_softmax(model(x_adv), dim=1)
+            kl = F.kl_div(log_q, clean_log_p[rows], log_target=True, reduction="none")
+            return kl.sum(dim=1), None
+
+        device_generator = torch.Generator(device=x.device).manual_seed(_seed_from(generator))
+        x_adv = maximize(
+            divergence, x, threat, settings, device_generator, rerun_successful=True
+        ).x_adv
+        model.train()
+        logits = model(x)
+        kl = F.kl_div(
+            F.log_softmax(model(x_adv), dim=1),
+            F.log_softmax(logits, dim=1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        return F.cross_entropy(logits, y) + config.trades_beta * kl
+
+    return loss
+
+
+def nt_xent(anchors: Tensor, positives: Tensor, temperature: float) -> Tensor:
+    """Per-anchor NT-Xent (SimCLR) loss: each anchor's positive against all 2N - 2 others."""
+    z = F.normalize(torch.cat([anchors, positives]), dim=1)
+    n = len(anchors)
+    similarity = z @ z.T / temperature
+    similarity = similarity.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), -1e9)
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    per_view = F.cross_entropy(similarity, targets, reduction="none")
+    return (per_view[:n] + per_view[n:]) / 2
+
+
+class _Contrastive(nn.Module):
+    """Encoder plus the projection head SimCLR trains through and then throws away."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        dim = encoder.feature_dim
+        self.projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.projection(self.encoder(x))
+        return out
+
+
+def _simclr_loss(config: PretrainConfig) -> BatchLoss:
+    def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        first, second = augment(x, generator), augment(x, generator)
+        return nt_xent(model(first), model(second), config.temperature).mean()
+
+    return loss
+
+
+def _adversarial_contrastive_loss(config: PretrainConfig) -> BatchLoss:
+    """RoCL-style: an instance-wise attack turns one view into the view that is hardest to
+    match with the other; the adversarial view joins as an extra positive."""
+    threat = _threat(config)
+    settings = AscentSettings(config.attack_steps, 1, 2.5 * threat.eps / config.attack_steps)
+
+    def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        first, second = augment(x, generator), augment(x, generator)
+        model.eval()
+        with torch.no_grad():
+            target = F.normalize(model(second), dim=1)
+
+        def mismatch(x_adv: Tensor, rows: Tensor, restart: int) -> tuple[Tensor, None]:
+            z = F.normalize(model(x_adv), dim=1)
+            logits = z @ target.T / config.temperature
+            return F.cross_entropy(logits, rows, reduction="none"), None
+
+        device_generator = torch.Generator(device=x.device).manual_seed(_seed_from(generator))
+        adversarial = maximize(
+            mismatch, first, threat, settings, device_generator, rerun_successful=True
+        ).x_adv
+        model.train()
+        z_first, z_second, z_adv = model(first), model(second), model(adversarial)
+        clean = nt_xent(z_first, z_second, config.temperature)
+        robust = nt_xent(z_adv, z_second, config.temperature)
+        return (clean + robust).mean() / 2
+
+    return loss
+
+
+def _lipschitz_margin_loss(radius: float) -> BatchLoss:
+    """Cross-entropy on the worst-case logits of theory.md's certified probe, with the
+    feature radius the encoder's Lipschitz constant guarantees for the threat model."""
+
+    def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        if not isinstance(model, Classifier):
+            raise TypeError("the Lipschitz-margin loss trains a Classifier")
+        weight = model.head.weight
+        # The tiny constant keeps the gradient of ||w_y - w_y|| = 0 finite.
+        gaps = (weight[y][:, None, :] - weight[None, :, :]).pow(2).sum(dim=2).add(1e-12).sqrt()
+        return F.cross_entropy(model(x) + radius * gaps, y)
+
+    return loss
+
+
+def _train(
+    model: nn.Module, data: ImageDataset, config: PretrainConfig, loss: BatchLoss, progress: bool
+) -> float:
+    generator = torch.Generator().manual_seed(config.seed)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    steps = config.epochs * -(-len(data) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps)
+    last = float("nan")
+    bar = tqdm(
+        total=steps, desc=f"pretrain {config.protocol.value}", disable=not progress, leave=False
+    )
+    model.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(len(data), generator=generator)
+        for start in range(0, len(data), config.batch_size):
+            index = order[start : start + config.batch_size]
+            x, y = data.x[index].to(device), data.y[index].to(device)
+            value = loss(model, x, y, generator)
+            optimizer.zero_grad()
+            value.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            schedule.step()
+            last = float(value.detach())
+            bar.update()
+            bar.set_postfix(loss=f"{last:.3f}")
+    bar.close()
+    model.eval()
+    return last
+
+
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(dim=1) == y).float().mean())
+
+
+def pretrain(
+    config: PretrainConfig, data: ImageDataset, *, progress: bool = False
+) -> PretrainResult:
+    """Train an encoder on ``data`` (its training part) with ``config.protocol``."""
+    if not isinstance(data, ImageDataset):
+        raise TypeError(f"data must be an ImageDataset, got {type(data).__name__}")
+    if config.limit is not None:
+        data = data.subset(torch.arange(min(config.limit, len(data))))
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    device = default_device()
+    encoder = build_encoder(
+        config.architecture, image_shape=data.image_shape, feature_dim=config.feature_dim
+    )
+    image_numel = data.x[0].numel()
+    radius = (
+        lipschitz_shift(float(encoder.lipschitz_l2), _threat(config), image_numel)
+        if config.protocol is PretrainProtocol.LIPSCHITZ and encoder.lipschitz_l2 is not None
+        else 0.0
+    )
+    supervised: dict[PretrainProtocol, Callable[[], BatchLoss]] = {
+        PretrainProtocol.STANDARD: lambda: lambda m, x, y, g: F.cross_entropy(m(x), y),
+        PretrainProtocol.ADVERSARIAL: lambda: _adversarial_loss(config),
+        PretrainProtocol.TRADES: lambda: _trades_loss(config),
+        PretrainProtocol.LIPSCHITZ: lambda: _lipschitz_margin_loss(radius),
+    }
+    contrastive: dict[PretrainProtocol, Callable[[], BatchLoss]] = {
+        PretrainProtocol.SIMCLR: lambda: _simclr_loss(config),
+        PretrainProtocol.ADVERSARIAL_CONTRASTIVE: lambda: _adversarial_contrastive_loss(config),
+    }
+    metrics: dict[str, float] = {}
+    probe_x, probe_y = data.x[:1000].to(device), data.y[:1000].to(device)
+    if config.protocol in supervised:
+        model = Classifier(encoder, data.num_classes).to(device)
+        metrics["final_loss"] = _train(model, data, config, supervised[config.protocol](), progress)
+        metrics["train_acc"] = _accuracy(model, probe_x, probe_y)
+        if config.protocol is PretrainProtocol.LIPSCHITZ:
+            with torch.no_grad():
+                features = encoder(probe_x)
+                correct = model.head(features).argmax(dim=1) == probe_y
+                shift = torch.full((len(features),), radius, device=device)
+                certified = correct & certify(model.head, features, shift)
+            metrics["train_certified_acc"] = float(certified.float().mean())
+    elif config.protocol in contrastive:
+        wrapper = _Contrastive(encoder).to(device)
+        metrics["final_loss"] = _train(
+            wrapper, data, config, contrastive[config.protocol](), progress
+        )
+    encoder = encoder.to(device).eval()
+    with torch.no_grad():
+        features = encoder(probe_x)
+    probe = train_linear_probe(features, probe_y, num_classes=data.num_classes)
+    with torch.no_grad():
+        metrics["probe_train_acc"] = float(
+            (probe(features).argmax(dim=1) == probe_y).float().mean()
+        )
+    return PretrainResult(encoder, metrics, time.perf_counter() - start)
+
+
+def _data_digest(data: ImageDataset) -> str:
+    digest = hashlib.sha256()
+    digest.update(data.name.encode())
+    digest.update(data.x.contiguous().numpy().tobytes())
+    digest.update(data.y.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_path(config: PretrainConfig, data: ImageDataset, cache_dir: str | Path) -> Path:
+    key = json.dumps({"config": config.to_dict(), "data": _data_digest(data)}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"{config.protocol.value}-{digest}.safetensors"
+
+
+def cached_pretrain(
+    config: PretrainConfig, data: ImageDataset, cache_dir: str | Path, *, progress: bool = False
+) -> PretrainResult:
+    """:func:`pretrain`, or the checkpoint an identical earlier run left in ``cache_dir``.
+
+    A damaged checkpoint is reported, retrained and overwritten.
+    """
+    path = cache_path(config, data, cache_dir)
+    if path.is_file():
+        try:
+            encoder, sidecar = load_checkpoint(path, arch=config.architecture)
+            metadata = sidecar.get("metadata")
+            if isinstance(metadata, dict):
+                return PretrainResult(
+                    encoder.to(default_device()),
+                    dict(metadata.get("metrics", {})),
+                    float(metadata.get("seconds", 0.0)),
+                )
+        except CheckpointError as err:
+            warnings.warn(f"retraining: {err}", stacklevel=2)
+    result = pretrain(config, data, progress=progress)
+    save_checkpoint(
+        path,
+        result.encoder,
+        {
+            "pretrain": config.to_dict(),
+            "data": {"name": data.name, "size": len(data), "sha256": _data_digest(data)},
+            "metrics": result.metrics,
+            "seconds": result.seconds,
+        },
+    )
+    return result
