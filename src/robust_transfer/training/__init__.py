@@ -1,5 +1,35 @@
-"""Adaptation protocols that put a head on a pretrained representation."""
+"""Pretraining protocols that make encoders, and adaptation protocols that put heads on them."""
 
+from .adapt import (
+    AdaptConfig,
+    Adapted,
+    AdaptProtocol,
+    adapt,
+    certified_probe_objective,
+    train_certified_probe,
+    train_regression_probe,
+)
 from .linear_probe import train_linear_probe
+from .pretrain import (
+    PretrainConfig,
+    PretrainProtocol,
+    PretrainResult,
+    cached_pretrain,
+    pretrain,
+)
 
-__all__ = ["train_linear_probe"]
+__all__ = [
+    "AdaptConfig",
+    "AdaptProtocol",
+    "Adapted",
+    "PretrainConfig",
+    "PretrainProtocol",
+    "PretrainResult",
+    "adapt",
+    "cached_pretrain",
+    "certified_probe_objective",
+    "pretrain",
+    "train_certified_probe",
+    "train_linear_probe",
+    "train_regression_probe",
+]
