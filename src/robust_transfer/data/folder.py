@@ -1,0 +1,53 @@
+"""ImageFolder trees (one folder per class, e.g. Intel Image Classification's seg_train)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ._images import Size, as_hw, unit_float
+from .dataset import ImageDataset
+
+_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def load_image_folder(
+    root: str | Path,
+    *,
+    size: Size,
+    grayscale: bool = False,
+    limit_per_class: int | None = None,
+) -> ImageDataset:
+    """``root/<class>/<image>`` as a data set, classes sorted by name like torchvision's
+    ImageFolder, images resized to ``size`` (bilinear, via PIL)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{root} has no class folders (expected root/<class>/<image>)")
+    height, width = as_hw(size)
+    mode = "L" if grayscale else "RGB"
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in _SUFFIXES)
+        for path in files[:limit_per_class]:
+            try:
+                with Image.open(path) as image:
+                    picture = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+            except (UnidentifiedImageError, OSError) as err:
+                raise ValueError(f"cannot read image {path}: {err}") from err
+            array = np.asarray(picture, dtype=np.uint8)
+            images.append(array[None] if grayscale else array.transpose(2, 0, 1))
+            labels.append(label)
+    if not images:
+        raise ValueError(f"{root} has class folders but no images")
+    return ImageDataset(
+        x=unit_float(np.stack(images)),
+        y=torch.tensor(labels, dtype=torch.int64),
+        name=root.name,
+        classes=tuple(classes),
+    )

@@ -1,0 +1,91 @@
+"""torchvision's data sets as :class:`ImageDataset`, for users' machines (they download).
+
+Raw arrays are converted in one vectorised step, with no PIL image per item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import datasets
+
+from ._images import resize, unit_float
+from .dataset import ImageDataset
+
+
+def _nchw(pixels: object, layout: str) -> np.ndarray:
+    array = np.asarray(pixels, dtype=np.uint8)
+    if layout == "NHW":
+        return array[:, None]
+    if layout == "NHWC":
+        return array.transpose(0, 3, 1, 2)
+    return array
+
+
+# name -> (constructor taking (root, train, download), pixel layout, label attribute)
+_Builder = Callable[[Path, bool, bool], object]
+_SETS: dict[str, tuple[_Builder, str, str]] = {
+    "cifar10": (lambda r, t, d: datasets.CIFAR10(r, train=t, download=d), "NHWC", "targets"),
+    "cifar100": (lambda r, t, d: datasets.CIFAR100(r, train=t, download=d), "NHWC", "targets"),
+    "fashion-mnist": (
+        lambda r, t, d: datasets.FashionMNIST(r, train=t, download=d),
+        "NHW",
+        "targets",
+    ),
+    "svhn": (
+        lambda r, t, d: datasets.SVHN(r, split="train" if t else "test", download=d),
+        "NCHW",
+        "labels",
+    ),
+    "stl10": (
+        lambda r, t, d: datasets.STL10(r, split="train" if t else "test", download=d),
+        "NCHW",
+        "labels",
+    ),
+}
+
+
+def torchvision_names() -> tuple[str, ...]:
+    return tuple(_SETS)
+
+
+def load_torchvision(
+    name: str,
+    root: str | Path,
+    *,
+    train: bool,
+    download: bool = False,
+    size: int | None = None,
+    limit: int | None = None,
+) -> ImageDataset:
+    """A torchvision data set (train or test part), optionally resized and cut to ``limit``."""
+    entry = _SETS.get(name)
+    if entry is None:
+        raise ValueError(
+            f"unknown torchvision data set {name!r}: expected one of {', '.join(_SETS)}"
+        )
+    build, layout, label_attribute = entry
+    try:
+        source = build(Path(root), train, download)
+    except RuntimeError as err:
+        raise FileNotFoundError(
+            f"{name} not found under {root} ({err}); pass download=True on a machine with "
+            "internet access"
+        ) from err
+    pixels = _nchw(source.data, layout)  # type: ignore[attr-defined]
+    labels = np.asarray(getattr(source, label_attribute), dtype=np.int64)
+    if limit is not None:
+        pixels, labels = pixels[:limit], labels[:limit]
+    x = unit_float(np.ascontiguousarray(pixels))
+    if size is not None:
+        x = resize(x, size)
+    classes = getattr(source, "classes", None) or [str(k) for k in range(int(labels.max()) + 1)]
+    return ImageDataset(
+        x=x,
+        y=torch.from_numpy(labels),
+        name=f"{name}/{'train' if train else 'test'}",
+        classes=tuple(str(c) for c in classes),
+    )
