@@ -137,7 +137,7 @@ def test_damaged_checkpoints_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="unreadable sidecar"):
         load_checkpoint(path)
     sidecar.unlink()
-    with pytest.raises(CheckpointError, match="sidecar enc.json is missing"):
+    with pytest.raises(CheckpointError, match=r"sidecar enc\.json is missing"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "none.safetensors")
@@ -160,7 +160,7 @@ def test_load_encoder_specs() -> None:
         load_encoder("no_such_module_xyz:make")
     with pytest.raises(ValueError, match="no callable 'nonexistent'"):
         load_encoder("os:nonexistent")
-    with pytest.raises(ValueError, match="expected a .safetensors"):
+    with pytest.raises(ValueError, match=r"expected a \.safetensors"):
         load_encoder("no_colon")
     with pytest.raises(TypeError, match="returned str"):
         load_encoder("os:getcwd")

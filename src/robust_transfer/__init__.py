@@ -9,6 +9,7 @@ from .attacks import (
     attack_classifier,
     attack_representation,
 )
+from .attacks.regression import RegressionAttackResult, attack_regression
 from .bounds import (
     CrossEntropyIncrease,
     absolute_error_bound,
@@ -22,7 +23,9 @@ from .bounds import (
     squared_error_bound,
     weight_gap,
 )
+from .certificates import certified_shift, lipschitz_shift
 from .features import extract_features
+from .losses import RegressionLoss
 from .threat import Norm, ThreatModel, parse_eps
 from .training import train_linear_probe
 
@@ -31,19 +34,24 @@ __all__ = [
     "ClassifierLoss",
     "CrossEntropyIncrease",
     "Norm",
+    "RegressionAttackResult",
+    "RegressionLoss",
     "RepresentationAttackResult",
     "ThreatModel",
     "__version__",
     "absolute_error_bound",
     "adversarial_cross_entropy_bound",
     "attack_classifier",
+    "attack_regression",
     "attack_representation",
     "certified_accuracy",
+    "certified_shift",
     "certify",
     "class_weight_gap",
     "cross_entropy_increase",
     "expected_cross_entropy_bound",
     "extract_features",
+    "lipschitz_shift",
     "normalized_margin",
     "parse_eps",
     "squared_error_bound",

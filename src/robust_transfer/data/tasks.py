@@ -69,8 +69,9 @@ def stratified_split(
 ) -> Split:
     """Hold out ``test_fraction`` of every class, chosen with ``seed``.
 
-    Both parts keep the items in their original order, so "the first N test points"
-    means the same points on every machine.
+    Both parts come in one seeded, shuffled order: sources are often sorted by class,
+    and "the first N test points" must be a fair sample of all classes, the same on
+    every machine.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
@@ -85,9 +86,10 @@ def stratified_split(
             f"{data.name}: {len(data)} items are too few to split with "
             f"test_fraction={test_fraction}"
         )
+    order = torch.randperm(len(data), generator=generator)
     return Split(
-        train=data.subset(~is_test, name=f"{data.name}/train"),
-        test=data.subset(is_test, name=f"{data.name}/test"),
+        train=data.subset(order[~is_test[order]], name=f"{data.name}/train"),
+        test=data.subset(order[is_test[order]], name=f"{data.name}/test"),
     )
 
 

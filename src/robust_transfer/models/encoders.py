@@ -79,9 +79,9 @@ class SmallCNN(Encoder):
         channels, height, width = self.image_shape
         self.normalize = _Normalize((0.5,) * channels, (0.5,) * channels)
         first = 2 if min(height, width) >= 48 else 1
-        self.conv1 = nn.Sequential(nn.Conv2d(channels, 32, 3, stride=first, padding=1), nn.ReLU())
-        self.conv2 = nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU())
-        self.conv3 = nn.Sequential(nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU())
+        self.conv1 = nn.Sequential(nn.Conv2d(channels, 16, 3, stride=first, padding=1), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
+        self.conv3 = nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU())
         side_h, side_w = height, width
         for stride in (first, 2, 2):
             side_h, side_w = (side_h - 1) // stride + 1, (side_w - 1) // stride + 1

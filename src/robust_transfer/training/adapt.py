@@ -160,7 +160,7 @@ def _ridge(design: Tensor, targets: Tensor, weight_decay: float, weights: Tensor
     penalty = torch.full((design.shape[1],), weight_decay * len(design), dtype=design.dtype)
     penalty[-1] = 0.0
     gram = design.T @ (weights[:, None] * design) + torch.diag(penalty)
-    solution: Tensor = torch.linalg.solve(gram, design.T @ (weights[:, None] * targets))
+    solution: Tensor = torch.linalg.solve(gram, design.T @ (weights * targets))
     return solution
 
 

@@ -1,0 +1,147 @@
+"""Pretraining protocols learn, show their defining property, repeat for a seed, and cache."""
+
+import warnings
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from robust_transfer import ThreatModel, attack_representation, train_linear_probe
+from robust_transfer.data import ImageDataset, get_task
+from robust_transfer.features import extract_features
+from robust_transfer.training import (
+    PretrainConfig,
+    PretrainProtocol,
+    cached_pretrain,
+    pretrain,
+)
+from robust_transfer.training.pretrain import cache_path
+
+LINF = ThreatModel("Linf", 0.1)
+L2 = ThreatModel("L2", 1.0)
+THREATS = {
+    PretrainProtocol.ADVERSARIAL: LINF,
+    PretrainProtocol.TRADES: LINF,
+    PretrainProtocol.ADVERSARIAL_CONTRASTIVE: LINF,
+    PretrainProtocol.LIPSCHITZ: L2,
+}
+
+
+@cache
+def _data() -> tuple[ImageDataset, ImageDataset]:
+    split = get_task("mnist-5-9").pretrain
+    assert split is not None
+    return split.train.subset(torch.arange(600)), split.test.subset(torch.arange(300))
+
+
+def _config(protocol: PretrainProtocol, **overrides: object) -> PretrainConfig:
+    values: dict[str, object] = {"epochs": 2, "feature_dim": 32, "threat": THREATS.get(protocol)}
+    return PretrainConfig(protocol, **(values | overrides))  # type: ignore[arg-type]
+
+
+@cache
+def _trained(protocol: PretrainProtocol) -> torch.nn.Module:
+    return pretrain(_config(protocol), _data()[0]).encoder
+
+
+def _probe_test_accuracy(encoder: torch.nn.Module) -> float:
+    train, test = _data()
+    head = train_linear_probe(extract_features(encoder, train.x), train.y, num_classes=5)
+    predictions = head(extract_features(encoder, test.x)).argmax(dim=1)
+    return float((predictions == test.y).float().mean())
+
+
+@pytest.mark.parametrize("protocol", list(PretrainProtocol))
+def test_every_protocol_gives_a_useful_encoder(protocol: PretrainProtocol) -> None:
+    # Five classes: chance is 0.2. Random conv features already carry a lot of MNIST.
+    assert _probe_test_accuracy(_trained(protocol)) > 0.7
+
+
+def test_training_beats_the_random_floor() -> None:
+    trained = _probe_test_accuracy(_trained(PretrainProtocol.STANDARD))
+    assert trained > _probe_test_accuracy(_trained(PretrainProtocol.RANDOM))
+
+
+def test_adversarial_training_lowers_the_representation_shift() -> None:
+    x = _data()[1].x[:100]
+    shifts = {
+        protocol: attack_representation(_trained(protocol), x, LINF, steps=10).shift.mean()
+        for protocol in (
+            PretrainProtocol.STANDARD,
+            PretrainProtocol.ADVERSARIAL,
+            PretrainProtocol.TRADES,
+        )
+    }
+    assert shifts[PretrainProtocol.ADVERSARIAL] < shifts[PretrainProtocol.STANDARD]
+    assert shifts[PretrainProtocol.TRADES] < shifts[PretrainProtocol.STANDARD]
+
+
+def test_adversarial_contrastive_lowers_the_shift_against_simclr() -> None:
+    x = _data()[1].x[:100]
+    simclr = attack_representation(_trained(PretrainProtocol.SIMCLR), x, LINF, steps=10)
+    robust = attack_representation(
+        _trained(PretrainProtocol.ADVERSARIAL_CONTRASTIVE), x, LINF, steps=10
+    )
+    # Compare shifts relative to the feature scale, which contrastive losses leave free.
+    relative = [r.shift.mean() / r.features.norm(dim=1).mean() for r in (simclr, robust)]
+    assert relative[1] < relative[0]
+
+
+def test_lipschitz_encoder_respects_its_constant_and_certifies_points() -> None:
+    result = pretrain(_config(PretrainProtocol.LIPSCHITZ), _data()[0])
+    encoder = result.encoder
+    assert encoder.lipschitz_l2 == 1.0
+    attacked = attack_representation(encoder, _data()[1].x[:100], L2, steps=20)
+    assert (attacked.shift <= encoder.lipschitz_l2 * L2.eps * (1 + 1e-5)).all()
+    assert result.metrics["train_certified_acc"] > 0.05
+
+
+def test_same_seed_same_weights_other_seed_other_weights() -> None:
+    data = _data()[0].subset(torch.arange(200))
+    for protocol in (PretrainProtocol.ADVERSARIAL, PretrainProtocol.SIMCLR):
+        config = _config(protocol, epochs=1)
+        first = pretrain(config, data).encoder.state_dict()
+        second = pretrain(config, data).encoder.state_dict()
+        other = pretrain(_config(protocol, epochs=1, seed=1), data).encoder.state_dict()
+        assert all(torch.equal(first[k], second[k]) for k in first)
+        assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_cache_reuses_and_recovers_from_corruption(tmp_path: Path) -> None:
+    data = _data()[0].subset(torch.arange(100))
+    config = _config(PretrainProtocol.STANDARD, epochs=1)
+    first = cached_pretrain(config, data, tmp_path)
+    path = cache_path(config, data, tmp_path)
+    assert path.is_file()
+    second = cached_pretrain(config, data, tmp_path)
+    assert second.metrics == first.metrics
+    x = data.x[:4]
+    assert torch.equal(first.encoder(x), second.encoder(x))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="retraining"):
+        third = cached_pretrain(config, data, tmp_path)
+    assert torch.equal(third.encoder(x), first.encoder(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cached_pretrain(config, data, tmp_path)  # repaired: no warning any more
+    # Another seed is another cache entry.
+    assert cache_path(_config(PretrainProtocol.STANDARD, seed=5), data, tmp_path) != path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"protocol": "magic"}, "unknown protocol 'magic'"),
+        ({"protocol": "adversarial", "threat": None}, "needs a threat model"),
+        ({"epochs": 0}, "epochs must be positive"),
+        ({"lr": -1.0}, "lr must be positive"),
+        ({"threat": "Linf"}, "ThreatModel"),
+    ],
+)
+def test_bad_configs(overrides: dict[str, object], match: str) -> None:
+    values: dict[str, object] = {"protocol": "standard"} | overrides
+    with pytest.raises((ValueError, TypeError), match=match):
+        PretrainConfig(**values)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="eps must be positive"):
+        ThreatModel("Linf", 0)

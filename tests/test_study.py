@@ -1,0 +1,228 @@
+"""A small study end to end: records, invariants, report, resume after a kill, and the CLI."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from robust_transfer import cli
+from robust_transfer.study import runner
+from robust_transfer.study.config import parse_config
+from robust_transfer.study.results import run_study
+
+SMALL: dict[str, Any] = {
+    "name": "small",
+    "eval_points": 40,
+    "radius_points": 40,
+    "attack": {
+        "steps": 3,
+        "targeted_restarts": 1,
+        "representation_steps": 4,
+        "batch_size": 40,
+    },
+    "threats": {"Linf": ["1/10"], "L2": [0.5, 1.0]},
+    "encoders": {
+        "std": {"protocol": "standard", "pretrain_task": "mnist-5-9", "epochs": 1, "limit": 300},
+        "adv": {
+            "protocol": "adversarial",
+            "pretrain_task": "mnist-5-9",
+            "epochs": 1,
+            "limit": 300,
+            "attack_steps": 2,
+            "threat": {"norm": "Linf", "eps": 0.1},
+        },
+        "lip": {
+            "protocol": "lipschitz",
+            "pretrain_task": "mnist-5-9",
+            "epochs": 1,
+            "limit": 300,
+            "threat": {"norm": "L2", "eps": 1.0},
+        },
+        "shapes": {
+            "protocol": "standard",
+            "pretrain_task": "dsprites-latents",
+            "epochs": 1,
+            "limit": 200,
+        },
+    },
+    "adaptations": {
+        "linear-probe": {"protocol": "linear-probe"},
+        "certified-probe": {"protocol": "certified-probe"},
+        "finetune": {"protocol": "finetune", "epochs": 1},
+    },
+    "tasks": [
+        {
+            "name": "mnist-5-9",
+            "encoders": ["std", "adv", "lip"],
+            "adaptations": ["linear-probe", "certified-probe"],
+        },
+        {
+            "name": "mnist-5-9",
+            "encoders": ["std"],
+            "adaptations": ["finetune"],
+            "threats": {"L2": [1.0]},
+        },
+        {
+            "name": "dsprites-latents",
+            "kind": "regression",
+            "encoders": ["shapes"],
+            "adaptations": ["linear-probe"],
+            "threats": {"L2": [0.5]},
+        },
+    ],
+}
+
+KEYS = ("encoder", "pretraining", "task", "adaptation", "threat", "eps")
+METRICS = (
+    "clean_acc",
+    "pgd_robust_acc",
+    "predicted_robust_acc",
+    "certified_robust_acc",
+    "task_agnostic_robust_acc",
+    "clean_loss",
+    "adv_loss",
+    "loss_bound",
+    "mean_shift",
+    "weight_gap",
+)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("study")
+    config = parse_config(SMALL)
+    results = run_study(config, root / "out", cache_dir=root / "cache", progress=False)
+    return root, results
+
+
+def _without_timing(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_records_have_the_promised_keys_and_invariants(study: tuple[Path, dict[str, Any]]) -> None:
+    _, results = study
+    records = results["records"]
+    assert len(records) == 3 * 2 * 3 + 2 + 1
+    for record in records:
+        assert all(key in record for key in (*KEYS, *METRICS))
+        assert record["threat"] in ("Linf", "L2")
+        if record["kind"] == "regression":
+            assert record["clean_acc"] is None
+            assert record["loss"] == "absolute"
+            assert record["adv_loss"] >= record["clean_loss"]
+            continue
+        assert 0.0 <= record["attacked_robust_acc"] <= record["pgd_robust_acc"]
+        assert record["pgd_robust_acc"] <= record["clean_acc"]
+        if record["certified_robust_acc"] is not None:
+            assert record["certified_robust_acc"] <= record["attacked_robust_acc"]
+            assert record["certified_but_broken"] == 0
+            assert record["certified_loss_bound_exceeded"] == 0.0
+            assert record["adv_loss"] <= record["certified_loss_bound"] + 1e-6
+        else:
+            assert record["encoder"] != "lip"
+    lipschitz = [r for r in records if r["encoder"] == "lip"]
+    assert all(r["certified_robust_acc"] is not None for r in lipschitz)
+    assert {"versions", "git_revision", "config", "seed", "findings"} <= set(results)
+    assert results["encoders"]["lip"]["lipschitz_l2"] == 1.0
+
+
+def test_reports_are_written(study: tuple[Path, dict[str, Any]]) -> None:
+    root, results = study
+    out = root / "out"
+    assert json.loads((out / "results.json").read_text())["records"] == json.loads(
+        json.dumps(results["records"])
+    )
+    markdown = (out / "report.md").read_text()
+    assert "## Findings" in markdown
+    assert "## Task mnist-5-9" in markdown
+    assert "## Regression task dsprites-latents" in markdown
+    for image in [line.split("(")[1].rstrip(")") for line in markdown.splitlines() if "![" in line]:
+        assert (out / image).stat().st_size > 1000
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 4
+    assert "<table>" in page
+
+
+def test_killed_run_resumes_to_the_same_results(
+    study: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    root, results = study
+    config = parse_config(SMALL)
+    original = runner.StudyRun._evaluate
+    calls = {"n": 0}
+
+    def dying(self: runner.StudyRun, *args: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        original(self, *args)
+
+    monkeypatch.setattr(runner.StudyRun, "_evaluate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config, tmp_path / "out", cache_dir=root / "cache", progress=False)
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+    monkeypatch.setattr(runner.StudyRun, "_evaluate", original)
+    resumed = run_study(config, tmp_path / "out", cache_dir=root / "cache", progress=False)
+    assert _without_timing(resumed["records"]) == _without_timing(results["records"])
+
+
+def _write_cli_inputs(root: Path) -> tuple[str, str, str]:
+    checkpoint = next((root / "cache").glob("lipschitz-*.safetensors"))
+    head = root / "head.safetensors"
+    save_file({"weight": torch.randn(5, 64), "bias": torch.zeros(5)}, head)
+    data = root / "points.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.random((12, 1, 28, 28)).astype(np.float32), y=np.arange(12) % 5)
+    return str(checkpoint), str(head), str(data)
+
+
+def test_cli_single_steps(
+    study: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _ = study
+    encoder, head, data = _write_cli_inputs(root)
+    common = [
+        "--encoder",
+        encoder,
+        "--data",
+        data,
+        "--threat",
+        "L2",
+        "--eps",
+        "0.5",
+        "1",
+        "--steps",
+        "3",
+    ]
+    out = tmp_path / "v.json"
+    assert cli.main(["vulnerability", *common, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [row["eps"] for row in rows] == [0.5, 1.0]
+    assert all(row["max_shift"] <= row["certified_shift"] + 1e-5 for row in rows)
+    assert cli.main(["bound", *common, "--head", head]) == 0
+    assert "certified_robust_acc" in capsys.readouterr().out
+    assert cli.main(["attack", *common, "--head", head, "--loss", "targeted"]) == 0
+    assert "pgd_robust_acc" in capsys.readouterr().out
+    assert cli.main(["report", str(root / "out")]) == 0
+
+
+def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[encoders.a]\nprotocol = "standard"\npretrain_task = "mnist-5-9"\nepochs = -1\n'
+        '[adaptations.lp]\nprotocol = "linear-probe"\n[[tasks]]\nname = "mnist-5-9"\n'
+        "[threats]\nLinf = [0.1]\n"
+    )
+    assert cli.main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "encoders.a" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert cli.main(["vulnerability", "--encoder", "missing.safetensors", "--data", "mnist"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert cli.main(["demo", "--print-config"]) == 0
+    assert 'name = "demo"' in capsys.readouterr().out

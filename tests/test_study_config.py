@@ -1,0 +1,124 @@
+"""Study configurations: the embedded default parses, bad ones fail with the key and reason."""
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from robust_transfer.study.config import (
+    ConfigError,
+    TaskKind,
+    default_config,
+    default_config_text,
+    load_config,
+    parse_config,
+)
+
+
+def _minimal() -> dict[str, Any]:
+    return {
+        "threats": {"Linf": ["1/10"]},
+        "encoders": {"std": {"protocol": "standard", "pretrain_task": "mnist-5-9"}},
+        "adaptations": {"lp": {"protocol": "linear-probe"}},
+        "tasks": [{"name": "mnist-5-9"}],
+    }
+
+
+def test_default_config_covers_what_the_demo_promises() -> None:
+    config = default_config()
+    protocols = {spec.pretraining for spec in config.encoders.values()}
+    assert {
+        "standard",
+        "adversarial",
+        "trades",
+        "simclr",
+        "adversarial-contrastive",
+        "lipschitz",
+        "random",
+    } <= protocols
+    adaptations = {spec.config.protocol.value for spec in config.adaptations.values()}
+    assert {"linear-probe", "lp-ft", "anchored-finetune", "finetune", "certified-probe"} <= (
+        adaptations
+    )
+    probe_task = config.tasks[0]
+    for norm in ("Linf", "L2"):
+        assert len({t.eps for t in probe_task.threats if t.norm.value == norm}) >= 3
+    assert any(task.kind is TaskKind.REGRESSION for task in config.tasks)
+    assert {task.name for task in config.tasks} >= {"mnist-5-9", "digits8x8-5-9"}
+    assert tomllib.loads(default_config_text())["name"] == "demo"
+
+
+def test_minimal_config_and_defaults() -> None:
+    config = parse_config(_minimal())
+    assert config.tasks[0].encoders == ("std",)
+    assert config.tasks[0].adaptations == ("lp",)
+    assert config.eval_points == 500
+    assert config.encoders["std"].pretrain is not None
+    assert config.encoders["std"].pretrain.seed == config.seed
+
+
+def _broken(path: list[str | int], value: object) -> dict[str, Any]:
+    source = _minimal()
+    target: Any = source
+    for part in path[:-1]:
+        target = target[part]
+    if value is KeyError:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return source
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    [
+        (["colour"], "red", "at colour: unknown key"),
+        (["seed"], "zero", "at seed: expected an integer"),
+        (["eval_points"], 0, "at eval_points: expected a positive integer"),
+        (["threats", "Linf"], ["-1/10"], r"threats\.Linf\[0\]: eps must be positive"),
+        (["threats", "Linf"], ["8/0"], r"threats\.Linf\[0\]: cannot parse eps"),
+        (["threats", "L3"], [1.0], r"threats\.L3: unknown norm"),
+        (["encoders", "std", "protocol"], "magic", r"encoders\.std\.protocol: unknown protocol"),
+        (["encoders", "std", "pretrain_task"], "imagenet", "unknown task 'imagenet'"),
+        (["encoders", "std", "epochz"], 3, r"encoders\.std\.epochz: unknown key"),
+        (["encoders", "std", "checkpoint"], "x.safetensors", "exactly one of"),
+        (["adaptations", "lp", "protocol"], "prompt-tuning", r"adaptations\.lp\.protocol"),
+        (["adaptations", "lp", "radius_quantile"], 2.0, "must lie in"),
+        (["tasks", 0, "name"], "cifar-1000", "unknown task 'cifar-1000'"),
+        (["tasks", 0, "encoders"], ["nope"], r"tasks\[0\]\.encoders: 'nope' is not defined"),
+        (["tasks", 0, "kind"], "ranking", r"tasks\[0\]\.kind"),
+        (["tasks", 0, "loss"], "absolute", "only regression tasks take a loss"),
+        (["tasks", 0, "data"], "missing.npz", "no such file"),
+        (["attack", "steps"], 0, r"attack\.steps: expected a positive integer"),
+        (["tasks"], [], "no task given"),
+    ],
+)
+def test_bad_configs_name_the_key(path: list[str | int], value: object, match: str) -> None:
+    if path == ["attack", "steps"]:
+        source = _minimal() | {"attack": {"steps": value}}
+    else:
+        source = _broken(path, value)
+    with pytest.raises(ConfigError, match=match):
+        parse_config(source, base=Path("/nonexistent"))
+
+
+def test_duplicate_units_and_regression_adaptations_are_refused() -> None:
+    source = _minimal()
+    source["tasks"] = [{"name": "mnist-5-9"}, {"name": "mnist-5-9"}]
+    with pytest.raises(ConfigError, match="appears twice"):
+        parse_config(source)
+    source = _minimal()
+    source["adaptations"]["ft"] = {"protocol": "finetune"}
+    source["tasks"] = [{"name": "dsprites-latents", "kind": "regression", "adaptations": ["ft"]}]
+    with pytest.raises(ConfigError, match="linear probes only"):
+        parse_config(source)
+
+
+def test_load_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
