@@ -89,12 +89,14 @@ def test_adversarial_contrastive_lowers_the_shift_against_simclr() -> None:
 
 
 def test_lipschitz_encoder_respects_its_constant_and_certifies_points() -> None:
-    result = pretrain(_config(PretrainProtocol.LIPSCHITZ), _data()[0])
+    half = ThreatModel("L2", 0.5)
+    config = _config(PretrainProtocol.LIPSCHITZ, epochs=8, lr=5e-3, threat=half)
+    result = pretrain(config, _data()[0])
     encoder = result.encoder
     assert encoder.lipschitz_l2 == 1.0
     attacked = attack_representation(encoder, _data()[1].x[:100], L2, steps=20)
     assert (attacked.shift <= encoder.lipschitz_l2 * L2.eps * (1 + 1e-5)).all()
-    assert result.metrics["train_certified_acc"] > 0.05
+    assert result.metrics["train_certified_acc"] > 0.2
 
 
 def test_same_seed_same_weights_other_seed_other_weights() -> None:

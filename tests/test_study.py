@@ -1,6 +1,7 @@
 """A small study end to end: records, invariants, report, resume after a kill, and the CLI."""
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 
 from robust_transfer import cli
 from robust_transfer.study import runner
-from robust_transfer.study.config import parse_config
+from robust_transfer.study.config import ConfigError, parse_config
 from robust_transfer.study.results import run_study
 
 SMALL: dict[str, Any] = {
@@ -106,7 +107,7 @@ def _without_timing(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_records_have_the_promised_keys_and_invariants(study: tuple[Path, dict[str, Any]]) -> None:
     _, results = study
     records = results["records"]
-    assert len(records) == 3 * 2 * 3 + 2 + 1
+    assert len(records) == 3 * 2 * 3 + 1 + 1
     for record in records:
         assert all(key in record for key in (*KEYS, *METRICS))
         assert record["threat"] in ("Linf", "L2")
@@ -140,7 +141,9 @@ def test_reports_are_written(study: tuple[Path, dict[str, Any]]) -> None:
     assert "## Findings" in markdown
     assert "## Task mnist-5-9" in markdown
     assert "## Regression task dsprites-latents" in markdown
-    for image in [line.split("(")[1].rstrip(")") for line in markdown.splitlines() if "![" in line]:
+    images = re.findall(r"\]\((figures/[^)]+\.png)\)", markdown)
+    assert len(images) >= 4
+    for image in images:
         assert (out / image).stat().st_size > 1000
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 4
@@ -226,3 +229,10 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert cli.main(["report", str(tmp_path)]) == 2
     assert cli.main(["demo", "--print-config"]) == 0
     assert 'name = "demo"' in capsys.readouterr().out
+
+
+def test_output_folder_of_another_study_is_refused(study: tuple[Path, dict[str, Any]]) -> None:
+    root, _ = study
+    other = parse_config(SMALL | {"seed": 1})
+    with pytest.raises(ConfigError, match="different study configuration"):
+        run_study(other, root / "out", cache_dir=root / "cache", progress=False)

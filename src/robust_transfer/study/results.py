@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import subprocess
@@ -16,7 +17,7 @@ from .._version import __version__
 from ..report.findings import findings
 from ..report.render import write_report
 from ..report.tables import text
-from .config import StudyConfig
+from .config import ConfigError, StudyConfig
 from .records import aggregate
 from .runner import StudyRun
 from .store import atomic_write_text
@@ -56,7 +57,7 @@ def run_study(
 ) -> dict[str, object]:
     """Run (or resume) ``config`` into ``out``: store, ``results.json`` and the reports."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out, config)
     started = time.perf_counter()
     run = StudyRun(config, out, cache_dir, progress=progress, log=print if progress else _quiet)
     units = run.run()
@@ -101,6 +102,25 @@ def run_study(
             print(f"[{verdict[finding['holds']]}] {finding['claim']}")
         print(f"results: {out / 'results.json'}\nreport: {out / 'report.html'}")
     return results
+
+
+def _claim(out: Path, config: StudyConfig) -> None:
+    """Mark ``out`` as this study's folder; refuse one that holds another study's units,
+    whose stored results would otherwise be resumed as if they were this study's."""
+    fingerprint = hashlib.sha256(
+        json.dumps(config.source, sort_keys=True, default=str).encode()
+    ).hexdigest()
+    marker = out / "study.json"
+    if marker.is_file():
+        stored = json.loads(marker.read_text()).get("fingerprint")
+        if stored != fingerprint:
+            raise ConfigError(
+                f"{out} holds the results of a different study configuration; "
+                "choose another --out folder or delete this one"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "name": config.name}))
 
 
 def _quiet(_: str) -> None:
