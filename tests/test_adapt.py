@@ -117,13 +117,23 @@ def test_certified_probe_raises_the_certified_share() -> None:
         return float((correct & certify(head, features, shift)).float().mean())
 
     assert share(certified) > share(plain)
+    # Far beyond what the features separate, the pure worst-case head degrades towards
+    # the constant predictor; the mixed objective keeps it useful.
+    large = 8 * radius
+
+    def accuracy(head: nn.Linear) -> float:
+        return float((head(features).argmax(1) == labels).float().mean())
+
+    pure = train_certified_probe(features, labels, large, num_classes=5, robust_weight=1.0)
+    mixed = train_certified_probe(features, labels, large, num_classes=5)
+    assert accuracy(mixed) > accuracy(pure) + 0.1
 
 
 def test_certified_probe_objective_bounds_the_worst_case_loss() -> None:
     """PGD in feature space within the radius never exceeds CE(ztilde, y)."""
     features, labels = _features()
     radius = 0.5
-    head = train_certified_probe(features, labels, radius, num_classes=5)
+    head = train_certified_probe(features, labels, radius, num_classes=5, robust_weight=1.0)
     bound = certified_probe_objective(head, features, labels, radius)
     delta = torch.zeros_like(features, requires_grad=True)
     worst = torch.zeros(len(features))
@@ -175,6 +185,7 @@ def test_absolute_probe_resists_outliers_better_than_squared() -> None:
         ({"protocol": "anchored-finetune", "anchor_weight": -0.1}, "anchor_weight"),
         ({"protocol": "prompt-tuning"}, "unknown protocol"),
         ({"protocol": "finetune", "epochs": 0}, "epochs"),
+        ({"protocol": "certified-probe", "radius": 1.0, "robust_weight": 0.0}, "robust_weight"),
     ],
 )
 def test_bad_configs(values: dict[str, object], match: str) -> None:

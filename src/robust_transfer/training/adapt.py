@@ -58,6 +58,7 @@ class AdaptConfig:
     anchor_weight: float = 1.0
     trainable_stages: int = 1
     radius: float | None = None
+    robust_weight: float = 0.5
 
     def __post_init__(self) -> None:
         try:
@@ -74,6 +75,8 @@ class AdaptConfig:
         for name in ("weight_decay", "anchor_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
+        if not 0.0 < self.robust_weight <= 1.0:
+            raise ValueError(f"robust_weight must lie in (0, 1], got {self.robust_weight!r}")
         if self.protocol is AdaptProtocol.CERTIFIED_PROBE:
             if self.radius is None:
                 raise ValueError("the certified probe needs a radius")
@@ -105,15 +108,21 @@ def train_certified_probe(
     radius: float | Tensor,
     *,
     num_classes: int | None = None,
+    robust_weight: float = 0.5,
     weight_decay: float = 1e-4,
     max_iter: int = 200,
 ) -> nn.Linear:
-    """Minimise ``mean CE(ztilde, y) + weight_decay / 2 ||W||^2`` with
-    ``ztilde_j = z_j + r ||w_j - w_y||_2`` for ``j != y`` and ``ztilde_y = z_y``.
+    """Minimise ``mean[(1 - k) CE(z, y) + k CE(ztilde, y)] + weight_decay / 2 ||W||^2``
+    with ``ztilde_j = z_j + r ||w_j - w_y||_2`` for ``j != y``, ``ztilde_y = z_y`` and
+    ``k = robust_weight``.
 
     ``CE(ztilde, y)`` upper-bounds the cross-entropy at every representation within
-    ``r`` of ``f(x)``, and is convex in ``(W, b)``: the head that is best in the worst case
-    for that radius. Full-batch L-BFGS from the plain probe's solution; deterministic.
+    ``r`` of ``f(x)`` and is convex in ``(W, b)``, so the mixture is convex too. With
+    ``k = 1`` it is the head that is best in the worst case; when ``r`` exceeds what the
+    features can separate, that head is ``W = 0`` (a constant, trivially robust
+    predictor), and the clean term (as in IBP training's mixed loss) keeps the head
+    useful while the robust term widens its normalised margins. Full-batch L-BFGS from
+    the plain probe's solution; deterministic.
     """
     features = check_features(features)
     n = features.shape[0]
@@ -126,6 +135,8 @@ def train_certified_probe(
     )
     if not bool((radii >= 0).all()) or not bool(torch.isfinite(radii).all()):
         raise ValueError(f"radius must be finite and non-negative, got {radius!r}")
+    if not 0.0 < robust_weight <= 1.0:
+        raise ValueError(f"robust_weight must lie in (0, 1], got {robust_weight!r}")
     head = train_linear_probe(
         features, labels, num_classes=classes, weight_decay=weight_decay, max_iter=max_iter
     )
@@ -136,8 +147,12 @@ def train_certified_probe(
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        worst = head(features) + radii[:, None] * _pairwise_gaps(head.weight, labels)
-        loss = F.cross_entropy(worst, labels) + 0.5 * weight_decay * head.weight.pow(2).sum()
+        logits = head(features)
+        worst = logits + radii[:, None] * _pairwise_gaps(head.weight, labels)
+        mixed = (1.0 - robust_weight) * F.cross_entropy(logits, labels) + (
+            robust_weight * F.cross_entropy(worst, labels)
+        )
+        loss = mixed + 0.5 * weight_decay * head.weight.pow(2).sum()
         loss.backward()  # type: ignore[no-untyped-call]
         return loss
 
@@ -299,6 +314,7 @@ def adapt(
             data.y,
             float(config.radius or 0.0),
             num_classes=data.num_classes,
+            robust_weight=config.robust_weight,
             weight_decay=config.weight_decay,
         ),
     }
