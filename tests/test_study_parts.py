@@ -150,6 +150,18 @@ def test_store_round_trip_atomic_and_resumable(tmp_path: Path) -> None:
     assert not store.has(key)
 
 
+def test_store_keys_that_differ_after_a_dot_do_not_collide(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    keys = [("units", "Linf", eps) for eps in ("0.025", "0.05", "0.1", "1")]
+    for index, key in enumerate(keys):
+        store.save(key, {"x": torch.tensor([float(index)])}, {})
+    for index, key in enumerate(keys):
+        loaded = store.load(key)
+        assert loaded is not None
+        assert float(loaded[0]["x"]) == index
+    assert sorted(store.keys()) == sorted(keys)
+
+
 def test_store_keys_cannot_escape_the_root(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     store.save(("..", "a/b"), {"x": torch.zeros(1)}, {})

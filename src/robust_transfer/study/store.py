@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+_SUFFIX = ".safetensors"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 
@@ -51,7 +52,8 @@ class Store:
             raise ValueError("a store key needs at least one part")
         # Parts made only of dots would climb out of the root: they become underscores.
         parts = [_UNSAFE.sub("_", part).lstrip(".") or "_" for part in key]
-        return self.root.joinpath(*parts).with_suffix(".safetensors")
+        # Appended, not with_suffix: a last part like "0.05" would lose its ".05".
+        return self.root.joinpath(*parts[:-1], parts[-1] + _SUFFIX)
 
     def has(self, key: tuple[str, ...]) -> bool:
         return self.load(key) is not None
@@ -85,5 +87,6 @@ class Store:
         return arrays, meta
 
     def keys(self) -> Iterator[tuple[str, ...]]:
-        for path in sorted(self.root.rglob("*.safetensors")):
-            yield path.relative_to(self.root).with_suffix("").parts
+        for path in sorted(self.root.rglob(f"*{_SUFFIX}")):
+            *folders, name = path.relative_to(self.root).parts
+            yield (*folders, name.removesuffix(_SUFFIX))

@@ -96,10 +96,15 @@ class Adapted:
     metrics: dict[str, float]
 
 
-def _pairwise_gaps(weight: Tensor, labels: Tensor) -> Tensor:
-    """``||w_y - w_j||_2`` for every sample and class; the tiny constant keeps the gradient
-    finite where the distance is zero (``j = y``)."""
-    return (weight[labels][:, None, :] - weight[None, :, :]).pow(2).sum(dim=2).add(1e-12).sqrt()
+def class_gaps(weight: Tensor, labels: Tensor) -> Tensor:
+    """``||w_y - w_j||_2`` for every sample and class, differentiable in ``weight``.
+
+    The tiny constant keeps the gradient finite where the distance is zero (``j = y``).
+    Rows are picked by a one-hot product rather than by indexing, whose backward pass
+    accumulates in a thread-dependent order: training stays bit-for-bit repeatable.
+    """
+    distances = (weight[:, None, :] - weight[None, :, :]).pow(2).sum(dim=2).add(1e-12).sqrt()
+    return F.one_hot(labels, weight.shape[0]).to(weight.dtype) @ distances
 
 
 def train_certified_probe(
@@ -148,7 +153,7 @@ def train_certified_probe(
     def closure() -> Tensor:
         optimizer.zero_grad()
         logits = head(features)
-        worst = logits + radii[:, None] * _pairwise_gaps(head.weight, labels)
+        worst = logits + radii[:, None] * class_gaps(head.weight, labels)
         mixed = (1.0 - robust_weight) * F.cross_entropy(logits, labels) + (
             robust_weight * F.cross_entropy(worst, labels)
         )
@@ -166,7 +171,7 @@ def certified_probe_objective(
     """Per-sample ``CE(ztilde, y)``: an upper bound on the cross-entropy at any
     representation within ``radius`` of ``features``."""
     with torch.no_grad():
-        worst = head(features) + radius * _pairwise_gaps(head.weight, labels)
+        worst = head(features) + radius * class_gaps(head.weight, labels)
         return F.cross_entropy(worst, labels, reduction="none")
 
 

@@ -31,6 +31,7 @@ from ..models import CheckpointError, Classifier, Encoder, build_encoder, load_c
 from ..models.checkpoint import save_checkpoint
 from ..runtime import default_device
 from ..threat import ThreatModel
+from .adapt import class_gaps
 from .augment import augment
 from .linear_probe import train_linear_probe
 
@@ -259,10 +260,7 @@ def _lipschitz_margin_loss(radius: float) -> BatchLoss:
     def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         if not isinstance(model, Classifier):
             raise TypeError("the Lipschitz-margin loss trains a Classifier")
-        weight = model.head.weight
-        # The tiny constant keeps the gradient of ||w_y - w_y|| = 0 finite.
-        gaps = (weight[y][:, None, :] - weight[None, :, :]).pow(2).sum(dim=2).add(1e-12).sqrt()
-        return F.cross_entropy(model(x) + radius * gaps, y)
+        return F.cross_entropy(model(x) + radius * class_gaps(model.head.weight, y), y)
 
     return loss
 
