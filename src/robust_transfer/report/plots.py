@@ -42,6 +42,16 @@ def _sorted(rows: Sequence[Record]) -> list[Record]:
     return sorted(rows, key=lambda r: float(r["eps"]))  # type: ignore[arg-type]
 
 
+def _legend_entries(axes: list[list[Axes]]) -> tuple[list[Any], list[str]]:
+    """Every series of any panel once: the first panel may lack one (no certificate)."""
+    entries: dict[str, Any] = {}
+    for row in axes:
+        for ax in row:
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                entries.setdefault(label, handle)
+    return list(entries.values()), list(entries)
+
+
 def _norms(rows: Sequence[Record]) -> list[str]:
     return sorted({str(r["threat"]) for r in rows})
 
@@ -99,7 +109,7 @@ def robust_accuracy(rows: Sequence[Record], title: str) -> Figure:
             ax.set_xlabel("eps")
             ax.grid(alpha=0.3)
         axes[i][0].set_ylabel("accuracy")
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles, labels = _legend_entries(axes)
     figure.legend(
         handles, labels, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.06)
     )
@@ -130,7 +140,7 @@ def loss_bounds(rows: Sequence[Record], title: str) -> Figure:
             ax.set_xlabel("eps")
             ax.grid(alpha=0.3)
         axes[i][0].set_ylabel("loss (mean over points)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles, labels = _legend_entries(axes)
     figure.legend(
         handles, labels, loc="lower center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, -0.05)
     )
