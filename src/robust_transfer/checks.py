@@ -6,8 +6,13 @@ loudly, with the argument's name, before any work is done.
 
 from __future__ import annotations
 
+from enum import StrEnum
+from typing import TypeVar
+
 import torch
 from torch import Tensor
+
+Choice = TypeVar("Choice", bound=StrEnum)
 
 
 def check_tensor(value: object, name: str) -> Tensor:
@@ -90,3 +95,14 @@ def check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def parse_choice(kind: type[Choice], value: object, what: str) -> Choice:
+    """``value`` as a member of the string enum ``kind``, or an error listing the choices."""
+    valid = ", ".join(repr(member.value) for member in kind)
+    if not isinstance(value, str):
+        raise ValueError(f"unknown {what} {value!r}: expected one of {valid}")
+    try:
+        return kind(value)
+    except ValueError as err:
+        raise ValueError(f"unknown {what} {value!r}: expected one of {valid}") from err

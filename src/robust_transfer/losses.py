@@ -7,6 +7,8 @@ from enum import StrEnum
 
 from torch import Tensor
 
+from .checks import parse_choice
+
 
 class RegressionLoss(StrEnum):
     ABSOLUTE = "absolute"
@@ -14,11 +16,7 @@ class RegressionLoss(StrEnum):
 
     @classmethod
     def parse(cls, value: str | RegressionLoss) -> RegressionLoss:
-        try:
-            return cls(value)
-        except ValueError as err:
-            valid = ", ".join(repr(v.value) for v in cls)
-            raise ValueError(f"unknown regression loss {value!r}: expected one of {valid}") from err
+        return parse_choice(cls, value, "regression loss")
 
 
 def _absolute(predictions: Tensor, targets: Tensor) -> Tensor:

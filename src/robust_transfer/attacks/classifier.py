@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_labels
+from ..checks import check_labels, parse_choice
 from ..runtime import eval_mode, model_device
 from ..threat import ThreatModel
 from .common import batches, check_attack_args, seeded_generator
@@ -109,11 +109,7 @@ def attack_classifier(
         model, x, threat, steps=steps, restarts=restarts, batch_size=batch_size, step_size=step_size
     )
     y = check_labels(y, x.shape[0], "y")
-    try:
-        loss_fn = _LOSSES[ClassifierLoss(loss)]
-    except ValueError as err:
-        valid = ", ".join(repr(v.value) for v in ClassifierLoss)
-        raise ValueError(f"unknown loss {loss!r}: expected one of {valid}") from err
+    loss_fn = _LOSSES[parse_choice(ClassifierLoss, loss, "loss")]
     device = model_device(model, x.device)
     generator = seeded_generator(seed, device)
     x_adv_parts, logit_parts, adv_logit_parts = [], [], []

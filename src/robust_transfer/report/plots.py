@@ -76,39 +76,50 @@ def vulnerability(rows: Sequence[Record], task: str) -> Figure:
     return figure
 
 
+# (record key, legend label, line style, colour)
+Series = tuple[tuple[str, str, str, str], ...]
+
+_ACCURACY_SERIES: Series = (
+    ("clean_acc", "clean", "-", "grey"),
+    ("attacked_robust_acc", "attacked (PGD + task-agnostic)", "-", "C3"),
+    ("predicted_robust_acc", "predicted (criterion, attacked shift)", "--", "C0"),
+    ("certified_robust_acc", "certified (criterion, certified shift)", ":", "C2"),
+    ("task_agnostic_robust_acc", "task-agnostic perturbations", "-.", "C1"),
+)
+_LOSS_SERIES: Series = (
+    ("clean_loss", "clean loss", "-", "grey"),
+    ("adv_loss", "measured adversarial loss", "-", "C3"),
+    ("loss_bound", "bound, attacked shift (estimate)", "--", "C0"),
+    ("certified_loss_bound", "bound, certified shift (guarantee)", ":", "C2"),
+)
+
+
 def _small_multiples(
-    rows: Sequence[Record],
-) -> tuple[Figure, list[list[Axes]], list[str], list[str]]:
+    rows: Sequence[Record], series: Series, title: str, ylabel: str, *, log: bool
+) -> Figure:
+    """One panel per (threat model, encoder), each series against eps."""
     norms, encoders = _norms(rows), sorted({str(r["encoder"]) for r in rows})
-    figure, axes = _subplots(
+    figure, grid = _subplots(
         len(norms), len(encoders), (3.2 * len(encoders), 2.9 * len(norms)), sharey="row"
     )
-    return figure, [list(row) for row in axes], norms, encoders
-
-
-def robust_accuracy(rows: Sequence[Record], title: str) -> Figure:
-    """Attacked, predicted and certified robust accuracy vs eps, one panel per encoder."""
-    figure, axes, norms, encoders = _small_multiples(rows)
-    series = (
-        ("clean_acc", "clean", "-", "grey"),
-        ("attacked_robust_acc", "attacked (PGD + task-agnostic)", "-", "C3"),
-        ("predicted_robust_acc", "predicted (criterion, attacked shift)", "--", "C0"),
-        ("certified_robust_acc", "certified (criterion, certified shift)", ":", "C2"),
-        ("task_agnostic_robust_acc", "task-agnostic perturbations", "-.", "C1"),
-    )
+    axes: list[list[Axes]] = [list(row) for row in grid]
     for i, norm in enumerate(norms):
         for j, encoder in enumerate(encoders):
             ax = axes[i][j]
             mine = _sorted([r for r in rows if r["threat"] == norm and r["encoder"] == encoder])
             for key, label, style, color in series:
                 values = _values(mine, key)
-                if mine and any(v == v for v in values):
+                # NaN marks "not computed"; a log axis cannot show zero either.
+                if any(v == v and (v > 0 or not log) for v in values):
                     ax.plot(_eps(mine), values, style, marker=".", color=color, label=label)
+            if log:
+                ax.set_yscale("log")
+            else:
+                ax.set_ylim(-0.02, 1.02)
             ax.set_title(f"{encoder}, {norm}", fontsize=9)
-            ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel("eps")
             ax.grid(alpha=0.3)
-        axes[i][0].set_ylabel("accuracy")
+        axes[i][0].set_ylabel(ylabel)
     handles, labels = _legend_entries(axes)
     figure.legend(
         handles, labels, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.06)
@@ -118,35 +129,14 @@ def robust_accuracy(rows: Sequence[Record], title: str) -> Figure:
     return figure
 
 
+def robust_accuracy(rows: Sequence[Record], title: str) -> Figure:
+    """Attacked, predicted and certified robust accuracy vs eps, one panel per encoder."""
+    return _small_multiples(rows, _ACCURACY_SERIES, title, "accuracy", log=False)
+
+
 def loss_bounds(rows: Sequence[Record], title: str) -> Figure:
     """Result 1: bounds vs the measured adversarial loss (log scale), per encoder."""
-    figure, axes, norms, encoders = _small_multiples(rows)
-    series = (
-        ("clean_loss", "clean loss", "-", "grey"),
-        ("adv_loss", "measured adversarial loss", "-", "C3"),
-        ("loss_bound", "bound, attacked shift (estimate)", "--", "C0"),
-        ("certified_loss_bound", "bound, certified shift (guarantee)", ":", "C2"),
-    )
-    for i, norm in enumerate(norms):
-        for j, encoder in enumerate(encoders):
-            ax = axes[i][j]
-            mine = _sorted([r for r in rows if r["threat"] == norm and r["encoder"] == encoder])
-            for key, label, style, color in series:
-                values = _values(mine, key)
-                if mine and any(v == v and v > 0 for v in values):
-                    ax.plot(_eps(mine), values, style, marker=".", color=color, label=label)
-            ax.set_yscale("log")
-            ax.set_title(f"{encoder}, {norm}", fontsize=9)
-            ax.set_xlabel("eps")
-            ax.grid(alpha=0.3)
-        axes[i][0].set_ylabel("loss (mean over points)")
-    handles, labels = _legend_entries(axes)
-    figure.legend(
-        handles, labels, loc="lower center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, -0.05)
-    )
-    figure.suptitle(title)
-    figure.tight_layout()
-    return figure
+    return _small_multiples(rows, _LOSS_SERIES, title, "loss (mean over points)", log=True)
 
 
 def margin_vs_shift(panels: Sequence[tuple[str, dict[str, Tensor]]], title: str) -> Figure:

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..checks import Choice, parse_choice
 from ..data.tasks import task_names
 from ..losses import RegressionLoss
 from ..threat import Norm, ThreatModel, parse_eps
@@ -112,6 +113,13 @@ def _expect(value: object, kind: type | tuple[type, ...], where: str, what: str)
     return value
 
 
+def _choice(kind: type[Choice], value: object, where: str) -> Choice:
+    try:
+        return parse_choice(kind, value, "protocol")
+    except ValueError as err:
+        raise _fail(where, str(err)) from err
+
+
 def _positive_int(value: object, where: str) -> int:
     number: int = _expect(value, int, where, "a positive integer")
     if number < 1:
@@ -200,11 +208,7 @@ def _encoder(name: str, value: object, base: Path, seed: int) -> EncoderSpec:
             f"unknown task {task!r} (built in: {', '.join(task_names())})",
         )
     table.setdefault("seed", seed)
-    try:
-        table["protocol"] = PretrainProtocol(table["protocol"])
-    except ValueError as err:
-        valid = ", ".join(p.value for p in PretrainProtocol)
-        raise _fail(f"{where}.protocol", f"unknown protocol (expected one of {valid})") from err
+    table["protocol"] = _choice(PretrainProtocol, table["protocol"], f"{where}.protocol")
     pretrain = _dataclass_from(
         PretrainConfig, _field_names(PretrainConfig), _converted(table, where), where
     )
@@ -220,11 +224,7 @@ def _adaptation(name: str, value: object, seed: int) -> AdaptationSpec:
         if not 0.0 <= quantile <= 1.0:
             raise _fail(f"{where}.radius_quantile", f"must lie in [0, 1], got {quantile}")
     table.setdefault("seed", seed)
-    try:
-        table["protocol"] = AdaptProtocol(table.get("protocol", ""))
-    except ValueError as err:
-        valid = ", ".join(p.value for p in AdaptProtocol)
-        raise _fail(f"{where}.protocol", f"unknown protocol (expected one of {valid})") from err
+    table["protocol"] = _choice(AdaptProtocol, table.get("protocol", ""), f"{where}.protocol")
     certified = table["protocol"] is AdaptProtocol.CERTIFIED_PROBE
     if certified and quantile is None and table.get("radius") is None:
         # The radius follows the threat model: the encoder's certified shift where it has

@@ -26,6 +26,7 @@ from ..attacks import attack_classifier
 from ..attacks.engine import AscentSettings, maximize
 from ..bounds import certify
 from ..certificates import lipschitz_shift
+from ..checks import parse_choice
 from ..data.dataset import ImageDataset
 from ..models import CheckpointError, Classifier, Encoder, build_encoder, load_checkpoint
 from ..models.checkpoint import save_checkpoint
@@ -79,13 +80,8 @@ class PretrainConfig:
     limit: int | None = None
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "protocol", PretrainProtocol(self.protocol))
-        except ValueError as err:
-            valid = ", ".join(p.value for p in PretrainProtocol)
-            raise ValueError(
-                f"unknown protocol {self.protocol!r}: expected one of {valid}"
-            ) from err
+        protocol = parse_choice(PretrainProtocol, self.protocol, "protocol")
+        object.__setattr__(self, "protocol", protocol)
         for name in ("feature_dim", "epochs", "batch_size", "attack_steps"):
             _positive(getattr(self, name), name)
         for name in ("lr", "trades_beta", "temperature"):
