@@ -61,13 +61,8 @@ class AdaptConfig:
     robust_weight: float = 0.5
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "protocol", AdaptProtocol(self.protocol))
-        except ValueError as err:
-            valid = ", ".join(p.value for p in AdaptProtocol)
-            raise ValueError(
-                f"unknown protocol {self.protocol!r}: expected one of {valid}"
-            ) from err
+        protocol = parse_choice(AdaptProtocol, self.protocol, "protocol")
+        object.__setattr__(self, "protocol", protocol)
         for name in ("epochs", "batch_size", "trainable_stages"):
             check_positive_int(getattr(self, name), name)
         if not self.lr > 0:
