@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checks import check_features, check_labels, check_per_sample, check_positive_int
+from ..checks import (
+    check_features,
+    check_labels,
+    check_per_sample,
+    check_positive_int,
+    parse_choice,
+)
 from ..data.dataset import ImageDataset
 from ..features import extract_features
 from ..losses import RegressionLoss
