@@ -225,7 +225,7 @@ def test_cli_single_steps(
     assert cli.main(["bound", *common, "--head", head]) == 0
     assert "certified_robust_acc" in capsys.readouterr().out
     assert cli.main(["attack", *common, "--head", head, "--loss", "targeted"]) == 0
-    assert "pgd_robust_acc" in capsys.readouterr().out
+    assert "pgd-targeted" in capsys.readouterr().out
     assert cli.main(["report", str(root / "out")]) == 0
 
 

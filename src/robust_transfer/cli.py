@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .attacks import attack_classifier
+from .attacks.reference import attack_autoattack
 from .bounds import adversarial_cross_entropy_bound, certify, normalized_margin, weight_gap
 from .data.dataset import ImageDataset
 from .data.sources import load_dataset
@@ -168,27 +169,32 @@ def _cmd_bound(args: argparse.Namespace) -> int:
 def _cmd_attack(args: argparse.Namespace) -> int:
     encoder, head, x, y = _labelled(args)
     model = nn.Sequential(encoder, head).eval()
-    rows = []
+    rows: list[dict[str, object]] = []
     for threat in _threats(args):
-        result = attack_classifier(
-            model,
-            x,
-            y,
-            threat,
-            steps=args.steps,
-            restarts=args.restarts,
-            loss=args.loss,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            progress=True,
-        )
+        if args.autoattack:
+            result = attack_autoattack(
+                model, x, y, threat, seed=args.seed, batch_size=args.batch_size
+            )
+        else:
+            result = attack_classifier(
+                model,
+                x,
+                y,
+                threat,
+                steps=args.steps,
+                restarts=args.restarts,
+                loss=args.loss,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                progress=True,
+            )
         rows.append(
             {
                 "threat": threat.norm.value,
                 "eps": threat.eps,
-                "loss": args.loss,
+                "attack": "autoattack" if args.autoattack else f"pgd-{args.loss}",
                 "clean_acc": result.clean_accuracy,
-                "pgd_robust_acc": result.robust_accuracy,
+                "robust_acc": result.robust_accuracy,
             }
         )
     return _emit(rows, args)
@@ -255,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     attack = commands.add_parser("attack", help="PGD robust accuracy of encoder + head")
     _single_step_options(attack, head=True)
     attack.add_argument("--loss", default="ce", help="ce, margin or targeted")
+    attack.add_argument(
+        "--autoattack", action="store_true", help="AutoAttack 'standard' instead of PGD"
+    )
     report = commands.add_parser("report", help="redraw report.html / report.md of a study")
     report.add_argument("dir", help="the study's output folder")
     return parser

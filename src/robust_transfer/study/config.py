@@ -320,7 +320,10 @@ def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> Stud
     radius_points = _positive_int(source.get("radius_points", 200), "radius_points")
     attack_table = _expect(source.get("attack", {}), dict, "attack", "a table")
     for key, value in attack_table.items():
-        _positive_int(value, f"attack.{key}")
+        if key == "autoattack":
+            _expect(value, bool, "attack.autoattack", "true or false")
+        else:
+            _positive_int(value, f"attack.{key}")
     attack = _dataclass_from(AttackSettings, _field_names(AttackSettings), attack_table, "attack")
     threats = _threat_grid(source["threats"], "threats") if "threats" in source else None
     encoder_tables = _expect(source.get("encoders"), dict, "encoders", "a table of encoders")

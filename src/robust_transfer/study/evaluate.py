@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attacks import attack_classifier, attack_representation
+from ..attacks.reference import attack_autoattack
 from ..attacks.regression import attack_regression
 from ..bounds import (
     absolute_error_bound,
@@ -37,6 +38,8 @@ class AttackSettings:
     representation_steps: int = 30
     representation_restarts: int = 1
     batch_size: int = 250
+    # AutoAttack "standard" on every head too: the reference, far slower than PGD.
+    autoattack: bool = False
 
 
 def measure_shift(
@@ -118,14 +121,21 @@ def evaluate_classification(
         )
         for loss, restarts in (("ce", settings.restarts), ("targeted", settings.targeted_restarts))
     )
+    attacks = [ce, targeted]
+    if settings.autoattack:
+        attacks.append(
+            attack_autoattack(model, x, y, threat, seed=seed, batch_size=settings.batch_size)
+        )
     losses = [
         F.cross_entropy(logits, y, reduction="none"),
-        F.cross_entropy(ce.logits_adv, y, reduction="none"),
-        F.cross_entropy(targeted.logits_adv, y, reduction="none"),
+        *(F.cross_entropy(attack.logits_adv, y, reduction="none") for attack in attacks),
         _ce(head, features_adv, y),
     ]
     robust_task_agnostic = correct & (logits_task_agnostic.argmax(dim=1) == y)
     robust_pgd = ce.robust & targeted.robust
+    robust_attacked = robust_task_agnostic
+    for attack in attacks:
+        robust_attacked = robust_attacked & attack.robust
     margin = normalized_margin(head, features)
     arrays = {
         "label": y,
@@ -138,9 +148,11 @@ def evaluate_classification(
         "loss_bound": adversarial_cross_entropy_bound(head, features, y, shift["shift"]),
         "robust_pgd": robust_pgd,
         "robust_task_agnostic": robust_task_agnostic,
-        "robust_attacked": robust_pgd & robust_task_agnostic,
+        "robust_attacked": robust_attacked,
         "predicted_robust": correct & (margin > shift["shift"]),
     }
+    if settings.autoattack:
+        arrays["robust_autoattack"] = attacks[-1].robust
     if "certified_shift" in shift:
         certified = shift["certified_shift"]
         arrays["certified_shift"] = certified

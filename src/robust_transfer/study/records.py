@@ -37,6 +37,7 @@ def aggregate(arrays: Arrays) -> Record:
         "clean_acc": _mean(arrays, "correct"),
         "pgd_robust_acc": _mean(arrays, "robust_pgd"),
         "attacked_robust_acc": _mean(arrays, "robust_attacked"),
+        "autoattack_robust_acc": _mean(arrays, "robust_autoattack"),
         "task_agnostic_robust_acc": _mean(arrays, "robust_task_agnostic"),
         "predicted_robust_acc": _mean(arrays, "predicted_robust"),
         "certified_robust_acc": _mean(arrays, "certified_robust"),
