@@ -75,6 +75,28 @@ class ClassifierAttackResult:
     logits_adv: Tensor
     threat: ThreatModel
 
+    @classmethod
+    def of(
+        cls,
+        x: Tensor,
+        x_adv: Tensor,
+        y: Tensor,
+        logits: Tensor,
+        logits_adv: Tensor,
+        threat: ThreatModel,
+    ) -> ClassifierAttackResult:
+        """The result for clean and attacked inputs and the model's logits on both."""
+        clean_correct = logits.argmax(dim=1) == y
+        return cls(
+            x_adv=x_adv,
+            delta=x_adv - x,
+            robust=clean_correct & (logits_adv.argmax(dim=1) == y),
+            clean_correct=clean_correct,
+            logits=logits,
+            logits_adv=logits_adv,
+            threat=threat,
+        )
+
     @property
     def robust_accuracy(self) -> float:
         return float(self.robust.float().mean())
@@ -138,13 +160,4 @@ def attack_classifier(
             x_adv_parts.append(best.x_adv.to(x.device))
     x_adv = torch.cat(x_adv_parts)
     logits, logits_adv = torch.cat(logit_parts), torch.cat(adv_logit_parts)
-    clean_correct = logits.argmax(dim=1) == y
-    return ClassifierAttackResult(
-        x_adv=x_adv,
-        delta=x_adv - x,
-        robust=clean_correct & (logits_adv.argmax(dim=1) == y),
-        clean_correct=clean_correct,
-        logits=logits,
-        logits_adv=logits_adv,
-        threat=threat,
-    )
+    return ClassifierAttackResult.of(x, x_adv, y, logits, logits_adv, threat)

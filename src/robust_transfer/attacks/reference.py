@@ -62,13 +62,4 @@ def attack_autoattack(
         x_adv = threat.project(x, found[0].to(x.device))
         with torch.no_grad():
             logits_adv = model(x_adv.to(device)).to(x.device)
-    clean_correct = logits.argmax(dim=1) == y
-    return ClassifierAttackResult(
-        x_adv=x_adv,
-        delta=x_adv - x,
-        robust=clean_correct & (logits_adv.argmax(dim=1) == y),
-        clean_correct=clean_correct,
-        logits=logits,
-        logits_adv=logits_adv,
-        threat=threat,
-    )
+    return ClassifierAttackResult.of(x, x_adv, y, logits, logits_adv, threat)
