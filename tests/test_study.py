@@ -251,3 +251,18 @@ def test_output_folder_of_another_study_is_refused(study: tuple[Path, dict[str, 
     other = parse_config(SMALL | {"seed": 1})
     with pytest.raises(ConfigError, match="different study configuration"):
         run_study(other, root / "out", cache_dir=root / "cache", progress=False)
+
+
+def test_stored_fine_tuned_encoder_is_reused(study: tuple[Path, dict[str, Any]]) -> None:
+    """A unit lost after its fine-tuned encoder was stored is recomputed from that encoder."""
+    root, results = study
+    out = root / "out"
+    unit = next(out.glob("store/units/mnist-5-9/std/finetune/L2/*.safetensors"))
+    unit.unlink()
+    (out / "results.json").unlink()
+    again = run_study(parse_config(SMALL), out, cache_dir=root / "cache", progress=False)
+    old = next(r for r in results["records"] if r["adaptation"] == "finetune")
+    new = next(r for r in again["records"] if r["adaptation"] == "finetune")
+    assert new["clean_acc"] == old["clean_acc"]
+    assert new["mean_shift"] == pytest.approx(old["mean_shift"], rel=1e-5)
+    assert new["pgd_robust_acc"] == old["pgd_robust_acc"]
