@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_transfer import certify
+from robust_transfer.bounds import certified_probe_objective
 from robust_transfer.data import ImageDataset, get_task
 from robust_transfer.features import extract_features
 from robust_transfer.models import SmallCNN
@@ -15,7 +16,6 @@ from robust_transfer.training import (
     AdaptConfig,
     AdaptProtocol,
     adapt,
-    certified_probe_objective,
     train_certified_probe,
     train_linear_probe,
     train_regression_probe,

@@ -50,8 +50,8 @@ def test_autoattack_rejects_what_it_cannot_attack() -> None:
 
 
 def test_study_evaluation_folds_autoattack_into_the_attacked_accuracy() -> None:
+    from robust_transfer.attacks.settings import AttackSettings
     from robust_transfer.study.evaluate import (
-        AttackSettings,
         evaluate_classification,
         measure_shift,
     )

@@ -11,17 +11,17 @@ from torch import nn
 
 from robust_transfer import ThreatModel
 from robust_transfer.attacks.regression import attack_regression
+from robust_transfer.attacks.settings import AttackSettings
 from robust_transfer.certificates import certified_shift, lipschitz_shift
 from robust_transfer.losses import RegressionLoss
 from robust_transfer.report import findings, tables
+from robust_transfer.store import Store
 from robust_transfer.study.evaluate import (
-    AttackSettings,
     evaluate_classification,
     evaluate_regression,
     measure_shift,
 )
 from robust_transfer.study.records import aggregate
-from robust_transfer.study.store import Store
 
 FAST = AttackSettings(steps=10, restarts=1, targeted_restarts=1, representation_steps=10)
 

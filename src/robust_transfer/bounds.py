@@ -63,6 +63,38 @@ def class_weight_gap(head: nn.Linear, labels: Tensor) -> Tensor:
     return distances.amax(dim=1)[labels]
 
 
+def class_gaps(weight: Tensor, labels: Tensor) -> Tensor:
+    """``||w_y - w_j||_2`` for every sample and class, differentiable in ``weight``.
+
+    The training-side twin of :func:`class_weight_gap`: the tiny constant keeps the
+    gradient finite where the distance is zero (``j = y``), and rows are picked by a
+    one-hot product rather than by indexing, whose backward pass accumulates in a
+    thread-dependent order, so that training stays bit-for-bit repeatable.
+    """
+    distances = (weight[:, None, :] - weight[None, :, :]).pow(2).sum(dim=2).add(1e-12).sqrt()
+    return F.one_hot(labels, weight.shape[0]).to(weight.dtype) @ distances
+
+
+def worst_case_logits(
+    logits: Tensor, weight: Tensor, labels: Tensor, radius: float | Tensor
+) -> Tensor:
+    """``ztilde_j = z_j + r ||w_j - w_y||_2`` (``ztilde_y = z_y``): cross-entropy at these
+    logits upper-bounds the cross-entropy at every representation within ``r`` of the
+    clean one, and is convex in the head. ``radius`` is a scalar or per-sample tensor."""
+    radii = radius[:, None] if isinstance(radius, Tensor) and radius.dim() == 1 else radius
+    return logits + radii * class_gaps(weight, labels)
+
+
+def certified_probe_objective(
+    head: nn.Linear, features: Tensor, labels: Tensor, radius: float
+) -> Tensor:
+    """Per-sample ``CE(ztilde, y)``: an upper bound on the cross-entropy at any
+    representation within ``radius`` of ``features``."""
+    with torch.no_grad():
+        worst = worst_case_logits(head(features), head.weight, labels, radius)
+        return F.cross_entropy(worst, labels, reduction="none")
+
+
 @dataclass(frozen=True)
 class CrossEntropyIncrease:
     """For a pair ``x, x'`` the increase of cross-entropy and Result 1's chain of bounds on it.

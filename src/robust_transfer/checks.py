@@ -12,35 +12,37 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from .errors import InputError, InputTypeError
+
 Choice = TypeVar("Choice", bound=StrEnum)
 
 
 def check_tensor(value: object, name: str) -> Tensor:
     if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value
 
 
 def check_finite(value: Tensor, name: str) -> None:
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise InputError(f"{name} contains NaN or infinite values")
 
 
 def check_images(x: object, name: str = "x") -> Tensor:
     """A batch of inputs: floating point, at least 2-D (batch first), finite, in [0, 1]."""
     x = check_tensor(x, name)
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
+        raise InputTypeError(f"{name} must be a floating point tensor, got {x.dtype}")
     if x.dim() < 2:
-        raise ValueError(
+        raise InputError(
             f"{name} must have a batch dimension and at least one more, got shape {tuple(x.shape)}"
         )
     if x.shape[0] == 0:
-        raise ValueError(f"{name} is empty")
+        raise InputError(f"{name} is empty")
     check_finite(x, name)
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
-        raise ValueError(
+        raise InputError(
             f"{name} must lie in [0, 1] (normalisation belongs inside the model), "
             f"got values in [{lo:.4g}, {hi:.4g}]"
         )
@@ -50,9 +52,9 @@ def check_images(x: object, name: str = "x") -> Tensor:
 def check_features(features: object, name: str = "features") -> Tensor:
     features = check_tensor(features, name)
     if not features.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor, got {features.dtype}")
+        raise InputTypeError(f"{name} must be a floating point tensor, got {features.dtype}")
     if features.dim() != 2:
-        raise ValueError(f"{name} must have shape (N, m), got {tuple(features.shape)}")
+        raise InputError(f"{name} must have shape (N, m), got {tuple(features.shape)}")
     check_finite(features, name)
     return features
 
@@ -62,15 +64,17 @@ def check_labels(
 ) -> Tensor:
     labels = check_tensor(labels, name)
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"{name} must be an integer tensor of class indices, got {labels.dtype}")
+        raise InputTypeError(
+            f"{name} must be an integer tensor of class indices, got {labels.dtype}"
+        )
     if labels.shape != (n,):
-        raise ValueError(
+        raise InputError(
             f"{name} must have shape ({n},) to match the inputs, got {tuple(labels.shape)}"
         )
     if n and int(labels.min()) < 0:
-        raise ValueError(f"{name} must be non-negative class indices")
+        raise InputError(f"{name} must be non-negative class indices")
     if num_classes is not None and n and int(labels.max()) >= num_classes:
-        raise ValueError(
+        raise InputError(
             f"{name} has class index {int(labels.max())} but the head has {num_classes} classes"
         )
     return labels.long()
@@ -80,20 +84,20 @@ def check_per_sample(values: object, n: int, name: str) -> Tensor:
     """A non-negative, finite per-sample quantity such as a shift or radius."""
     values = check_tensor(values, name)
     if values.shape != (n,):
-        raise ValueError(
+        raise InputError(
             f"{name} must have shape ({n},), one value per sample, got {tuple(values.shape)}"
         )
     if not values.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor, got {values.dtype}")
+        raise InputTypeError(f"{name} must be a floating point tensor, got {values.dtype}")
     check_finite(values, name)
     if n and float(values.min()) < 0.0:
-        raise ValueError(f"{name} must be non-negative")
+        raise InputError(f"{name} must be non-negative")
     return values
 
 
 def check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 
@@ -101,8 +105,30 @@ def parse_choice(kind: type[Choice], value: object, what: str) -> Choice:
     """``value`` as a member of the string enum ``kind``, or an error listing the choices."""
     valid = ", ".join(repr(member.value) for member in kind)
     if not isinstance(value, str):
-        raise ValueError(f"unknown {what} {value!r}: expected one of {valid}")
+        raise InputError(f"unknown {what} {value!r}: expected one of {valid}")
     try:
         return kind(value)
     except ValueError as err:
-        raise ValueError(f"unknown {what} {value!r}: expected one of {valid}") from err
+        raise InputError(f"unknown {what} {value!r}: expected one of {valid}") from err
+
+
+def check_seed(value: object, name: str = "seed") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def check_sample_ids(values: object, n: int, name: str = "sample_ids") -> Tensor:
+    """One non-negative integer id per sample, no id twice."""
+    ids = check_tensor(values, name)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype is torch.bool:
+        raise InputTypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if ids.shape != (n,):
+        raise InputError(
+            f"{name} must have shape ({n},), one id per sample, got {tuple(ids.shape)}"
+        )
+    if n and int(ids.min()) < 0:
+        raise InputError(f"{name} must be non-negative")
+    if len(torch.unique(ids)) != n:
+        raise InputError(f"{name} must not repeat an id")
+    return ids.long()

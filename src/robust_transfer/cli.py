@@ -14,8 +14,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .atomic import atomic_write_text
 from .attacks import attack_classifier
 from .attacks.reference import attack_autoattack
+from .attacks.settings import AttackSettings
 from .bounds import adversarial_cross_entropy_bound, certify, normalized_margin, weight_gap
 from .data.dataset import ImageDataset
 from .data.sources import load_dataset
@@ -24,9 +26,8 @@ from .report.render import write_report
 from .report.tables import text
 from .runtime import default_device
 from .study.config import ConfigError, default_config, default_config_text, load_config
-from .study.evaluate import AttackSettings, measure_shift
+from .study.evaluate import measure_shift
 from .study.results import run_study
-from .study.store import atomic_write_text
 from .threat import ThreatModel
 
 

@@ -10,6 +10,9 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
+from .errors import InputError, InputTypeError
+from .noise import SampleNoise
+
 # Keeps a zero gradient from turning into NaN when it is normalised.
 _TINY = 1e-12
 
@@ -17,6 +20,26 @@ _TINY = 1e-12
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     """Shape a (N,) tensor to broadcast against a batch shaped like ``like``."""
     return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _draw(
+    source: torch.Generator | SampleNoise | None,
+    shape: torch.Size | tuple[int, ...],
+    stream: int,
+    like: Tensor,
+    *,
+    normal: bool,
+) -> Tensor:
+    """Uniform or normal numbers of ``shape`` (batch first) from a generator or per sample."""
+    if isinstance(source, SampleNoise):
+        if len(source.ids) != shape[0]:
+            raise InputError(f"{len(source.ids)} sample ids for a batch of {shape[0]}")
+        tail = tuple(shape[1:])
+        if normal:
+            return source.normal(tail, stream=stream, like=like)
+        return source.uniform(tail, stream=stream, like=like).reshape(shape)
+    draw = torch.randn if normal else torch.rand
+    return draw(shape, generator=source, device=like.device, dtype=like.dtype)
 
 
 class Norm(StrEnum):
@@ -33,7 +56,7 @@ class Norm(StrEnum):
             if norm is not None:
                 return norm
         valid = ", ".join(repr(n.value) for n in cls)
-        raise ValueError(f"unknown norm {value!r}: expected one of {valid}")
+        raise InputError(f"unknown norm {value!r}: expected one of {valid}")
 
 
 def parse_eps(value: float | int | str) -> float:
@@ -42,22 +65,22 @@ def parse_eps(value: float | int | str) -> float:
     Strings are parsed with :class:`fractions.Fraction`, never evaluated.
     """
     if isinstance(value, bool):
-        raise TypeError("eps must be a number or a string such as '8/255', got a bool")
+        raise InputTypeError("eps must be a number or a string such as '8/255', got a bool")
     if isinstance(value, str):
         try:
             eps = float(Fraction(value.strip()))
         except (ValueError, ZeroDivisionError) as err:
-            raise ValueError(
+            raise InputError(
                 f"cannot parse eps {value!r}: expected a number or a fraction like '8/255'"
             ) from err
     elif isinstance(value, int | float):
         eps = float(value)
     else:
-        raise TypeError(
+        raise InputTypeError(
             f"eps must be a number or a string such as '8/255', got {type(value).__name__}"
         )
     if not math.isfinite(eps) or eps <= 0.0:
-        raise ValueError(f"eps must be positive and finite, got {value!r}")
+        raise InputError(f"eps must be positive and finite, got {value!r}")
     return eps
 
 
@@ -106,20 +129,25 @@ class ThreatModel:
             delta = delta * _per_sample(factor, delta)
         return (x + delta).clamp(0.0, 1.0)
 
-    def random_start(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """A point drawn uniformly from the eps-ball around ``x``, then put in the box."""
+    def random_start(
+        self, x: Tensor, source: torch.Generator | SampleNoise | None = None, *, stream: int = 0
+    ) -> Tensor:
+        """A point drawn uniformly from the eps-ball around ``x``, then put in the box.
+
+        With :class:`~robust_transfer.noise.SampleNoise` each row's point depends only on
+        the seed, its sample id and ``stream`` (e.g. the restart), not on the batch.
+        """
         n = x[0].numel()
+        rows = x.shape[0]
         if self.norm is Norm.LINF:
-            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            u = _draw(source, x.shape, 2 * stream, x, normal=False)
             delta = (2.0 * u - 1.0) * self.eps
         else:
-            direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            direction = _draw(source, x.shape, 2 * stream, x, normal=True)
             direction = direction / _per_sample(
                 torch.linalg.vector_norm(direction.flatten(1), dim=1).clamp_min(_TINY), x
             )
-            radius = torch.rand(
-                x.shape[0], generator=generator, device=x.device, dtype=x.dtype
-            ) ** (1.0 / n)
+            radius = _draw(source, (rows,), 2 * stream + 1, x, normal=False) ** (1.0 / n)
             delta = direction * _per_sample(self.eps * radius, x)
         return self.project(x, x + delta)
 

@@ -2,8 +2,10 @@
 
 from .classifier import ClassifierAttackResult, ClassifierLoss, attack_classifier
 from .representation import RepresentationAttackResult, attack_representation
+from .settings import AttackSettings
 
 __all__ = [
+    "AttackSettings",
     "ClassifierAttackResult",
     "ClassifierLoss",
     "RepresentationAttackResult",

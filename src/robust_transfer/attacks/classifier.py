@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_labels, parse_choice
-from ..runtime import eval_mode, model_device
 from ..threat import ThreatModel
-from .common import batches, check_attack_args, seeded_generator
-from .engine import maximize
+from .common import ascend_in_batches, check_attack_args
+from .engine import Objective
 
 
 class ClassifierLoss(StrEnum):
@@ -119,6 +118,7 @@ def attack_classifier(
     loss: str | ClassifierLoss = ClassifierLoss.CE,
     step_size: float | None = None,
     progress: bool = False,
+    sample_ids: Tensor | None = None,
 ) -> ClassifierAttackResult:
     """PGD with random starts; restarts only re-attack points still robust.
 
@@ -127,37 +127,42 @@ def attack_classifier(
     the wrong class with the ``r+1``-th highest clean logit: give it as many restarts as
     there are wrong classes worth trying.
     """
-    model, x, threat, settings = check_attack_args(
-        model, x, threat, steps=steps, restarts=restarts, batch_size=batch_size, step_size=step_size
+    args = check_attack_args(
+        model,
+        x,
+        threat,
+        steps=steps,
+        restarts=restarts,
+        batch_size=batch_size,
+        step_size=step_size,
+        seed=seed,
+        sample_ids=sample_ids,
     )
-    y = check_labels(y, x.shape[0], "y")
+    y = check_labels(y, args.x.shape[0], "y")
     loss_fn = _LOSSES[parse_choice(ClassifierLoss, loss, "loss")]
-    device = model_device(model, x.device)
-    generator = seeded_generator(seed, device)
-    x_adv_parts, logit_parts, adv_logit_parts = [], [], []
-    with eval_mode(model, purpose="the classifier attack"):
-        for part in batches(x.shape[0], batch_size, progress=progress, desc=f"PGD {threat}"):
-            xb, yb = x[part].to(device), y[part].to(device)
-            with torch.no_grad():
-                clean_logits = model(xb)
+    net = args.model
 
-            def objective(
-                x_adv: Tensor,
-                rows: Tensor,
-                restart: int,
-                yb: Tensor = yb,
-                clean_logits: Tensor = clean_logits,
-            ) -> tuple[Tensor, Tensor]:
-                logits = model(x_adv)
-                target = _runner_up_targets(clean_logits[rows], yb[rows], restart)
-                misclassified = logits.detach().argmax(dim=1) != yb[rows]
-                return loss_fn(logits, yb[rows], target), misclassified
+    def make_objective(clean_logits: Tensor, extras: tuple[Tensor, ...]) -> Objective:
+        (yb,) = extras
 
-            best = maximize(objective, xb, threat, settings, generator, rerun_successful=False)
-            with torch.no_grad():
-                logit_parts.append(clean_logits.to(x.device))
-                adv_logit_parts.append(model(best.x_adv).to(x.device))
-            x_adv_parts.append(best.x_adv.to(x.device))
-    x_adv = torch.cat(x_adv_parts)
-    logits, logits_adv = torch.cat(logit_parts), torch.cat(adv_logit_parts)
-    return ClassifierAttackResult.of(x, x_adv, y, logits, logits_adv, threat)
+        def objective(x_adv: Tensor, rows: Tensor, restart: int) -> tuple[Tensor, Tensor]:
+            logits = net(x_adv)
+            target = _runner_up_targets(clean_logits[rows], yb[rows], restart)
+            misclassified = logits.detach().argmax(dim=1) != yb[rows]
+            return loss_fn(logits, yb[rows], target), misclassified
+
+        return objective
+
+    best = ascend_in_batches(
+        args,
+        (y,),
+        make_objective,
+        batch_size=batch_size,
+        rerun_successful=False,
+        progress=progress,
+        desc=f"PGD {args.threat}",
+        purpose="the classifier attack",
+    )
+    return ClassifierAttackResult.of(
+        args.x, best.x_adv, y, best.outputs, best.outputs_adv, args.threat
+    )

@@ -1,16 +1,30 @@
-"""What the attacks share: validating their arguments and walking the data in batches."""
+"""What the attacks share: validating their arguments and one batching skeleton that
+runs the ascent engine over the data batch by batch."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checks import check_images, check_positive_int
+from ..checks import check_images, check_positive_int, check_sample_ids, check_seed
+from ..errors import InputError, InputTypeError
+from ..noise import SampleNoise
+from ..runtime import eval_mode, model_device
 from ..threat import ThreatModel
-from .engine import AscentSettings
+from .engine import AscentSettings, Objective, maximize
+
+
+@dataclass(frozen=True)
+class AttackArgs:
+    model: nn.Module
+    x: Tensor
+    threat: ThreatModel
+    settings: AscentSettings
+    noise: SampleNoise
 
 
 def check_attack_args(
@@ -22,18 +36,25 @@ def check_attack_args(
     restarts: int,
     batch_size: int,
     step_size: float | None,
-) -> tuple[nn.Module, Tensor, ThreatModel, AscentSettings]:
+    seed: int,
+    sample_ids: Tensor | None,
+) -> AttackArgs:
+    """Validated arguments. ``sample_ids`` (default ``0 .. N-1``) name the rows of ``x``:
+    a sample's random starts depend on the seed and its id only, so attacking a data set
+    in parts with their ids gives the same result as attacking it whole."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(threat, ThreatModel):
-        raise TypeError(f"threat must be a ThreatModel, got {type(threat).__name__}")
+        raise InputTypeError(f"threat must be a ThreatModel, got {type(threat).__name__}")
     x = check_images(x)
     check_positive_int(steps, "steps")
     check_positive_int(restarts, "restarts")
     check_positive_int(batch_size, "batch_size")
     if step_size is not None and not step_size > 0:
-        raise ValueError(f"step_size must be positive, got {step_size!r}")
-    return model, x, threat, AscentSettings(steps, restarts, step_size)
+        raise InputError(f"step_size must be positive, got {step_size!r}")
+    ids = torch.arange(x.shape[0]) if sample_ids is None else check_sample_ids(sample_ids, len(x))
+    noise = SampleNoise(check_seed(seed), ids.cpu())
+    return AttackArgs(model, x, threat, AscentSettings(steps, restarts, step_size), noise)
 
 
 def batches(n: int, batch_size: int, *, progress: bool, desc: str) -> Iterator[slice]:
@@ -42,5 +63,56 @@ def batches(n: int, batch_size: int, *, progress: bool, desc: str) -> Iterator[s
         yield slice(start, min(start + batch_size, n))
 
 
-def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+# (clean outputs of the batch, the batch's rows of each extra tensor) -> the objective
+ObjectiveFactory = Callable[[Tensor, tuple[Tensor, ...]], Objective]
+
+
+@dataclass(frozen=True)
+class BatchedAscent:
+    """Per sample: the best point found, and the model's outputs on the clean and that point."""
+
+    x_adv: Tensor
+    outputs: Tensor
+    outputs_adv: Tensor
+
+
+def ascend_in_batches(
+    args: AttackArgs,
+    extras: tuple[Tensor, ...],
+    make_objective: ObjectiveFactory,
+    *,
+    batch_size: int,
+    rerun_successful: bool,
+    progress: bool,
+    desc: str,
+    purpose: str,
+) -> BatchedAscent:
+    """Run :func:`~.engine.maximize` over ``args.x`` in batches on the model's device, in
+    eval mode; ``extras`` (labels, targets) are cut into the same batches. Results come
+    back on ``x``'s device."""
+    model, x = args.model, args.x
+    device = model_device(model, x.device)
+    x_adv_parts, output_parts, adv_output_parts = [], [], []
+    with eval_mode(model, purpose=purpose):
+        for part in batches(x.shape[0], batch_size, progress=progress, desc=desc):
+            xb = x[part].to(device)
+            extra = tuple(tensor[part].to(device) for tensor in extras)
+            with torch.no_grad():
+                clean = model(xb)
+            rows = torch.arange(part.start, part.stop)
+            best = maximize(
+                make_objective(clean, extra),
+                xb,
+                args.threat,
+                args.settings,
+                args.noise.subset(rows),
+                rerun_successful=rerun_successful,
+            )
+            with torch.no_grad():
+                adv = model(best.x_adv)
+            x_adv_parts.append(best.x_adv.to(x.device))
+            output_parts.append(clean.to(x.device))
+            adv_output_parts.append(adv.to(x.device))
+    return BatchedAscent(
+        torch.cat(x_adv_parts), torch.cat(output_parts), torch.cat(adv_output_parts)
+    )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..noise import SampleNoise
 from ..threat import ThreatModel
 
 # Maps (x_adv, indices of those rows within the batch, restart number) to a differentiable
@@ -52,13 +53,15 @@ def maximize(
     x: Tensor,
     threat: ThreatModel,
     settings: AscentSettings,
-    generator: torch.Generator,
+    noise: SampleNoise,
     *,
     rerun_successful: bool,
 ) -> AscentResult:
     """Best iterate per row of ``x`` over ``settings.restarts`` random starts.
 
-    With ``rerun_successful=False`` a restart only attacks rows not yet successful.
+    Row ``i``'s start at restart ``r`` is drawn from ``noise`` (one id per row) and
+    stream ``r``, so it is the same whatever else is in the batch. With
+    ``rerun_successful=False`` a restart only attacks rows not yet successful.
     """
     n = x.shape[0]
     best_x = x.clone()
@@ -74,7 +77,7 @@ def maximize(
         if rows.numel() == 0:
             break
         x0 = x[rows]
-        x_adv = threat.random_start(x0, generator)
+        x_adv = threat.random_start(x0, noise.subset(rows), stream=restart)
         for t in range(settings.steps + 1):
             last = t == settings.steps
             with torch.set_grad_enabled(not last):

@@ -35,9 +35,18 @@ def attack_autoattack(
 ) -> ClassifierAttackResult:
     """AutoAttack's robust accuracy; every returned point is projected onto ``B(x)`` again
     (the package works in float arithmetic of its own) and re-classified here."""
-    model, x, threat, _ = check_attack_args(
-        model, x, threat, steps=1, restarts=1, batch_size=batch_size, step_size=None
+    args = check_attack_args(
+        model,
+        x,
+        threat,
+        steps=1,
+        restarts=1,
+        batch_size=batch_size,
+        step_size=None,
+        seed=seed,
+        sample_ids=None,
     )
+    model, x, threat = args.model, args.x, args.threat
     y = check_labels(y, x.shape[0], "y")
     if x.dim() != 4:
         raise ValueError(

@@ -9,10 +9,9 @@ from torch import Tensor, nn
 
 from ..checks import check_tensor
 from ..losses import RegressionLoss, regression_loss
-from ..runtime import eval_mode, model_device
 from ..threat import ThreatModel
-from .common import batches, check_attack_args, seeded_generator
-from .engine import maximize
+from .common import ascend_in_batches, check_attack_args
+from .engine import Objective
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,7 @@ def attack_regression(
     batch_size: int = 256,
     step_size: float | None = None,
     progress: bool = False,
+    sample_ids: Tensor | None = None,
 ) -> RegressionAttackResult:
     """Maximise the per-sample loss (mean over outputs) with the shared PGD engine.
 
@@ -59,47 +59,56 @@ def attack_regression(
     residual, odd restarts on the other side: for an affine model under ``L2`` the first
     restart alone reaches the exact worst case ``|r| + eps ||w||``.
     """
-    model, x, threat, settings = check_attack_args(
-        model, x, threat, steps=steps, restarts=restarts, batch_size=batch_size, step_size=step_size
+    args = check_attack_args(
+        model,
+        x,
+        threat,
+        steps=steps,
+        restarts=restarts,
+        batch_size=batch_size,
+        step_size=step_size,
+        seed=seed,
+        sample_ids=sample_ids,
     )
-    targets = _check_targets(targets, x.shape[0])
+    targets = _check_targets(targets, args.x.shape[0])
     kind = RegressionLoss.parse(loss)
-    device = model_device(model, x.device)
-    generator = seeded_generator(seed, device)
-    x_adv_parts, clean_parts, adv_parts = [], [], []
-    with eval_mode(model, purpose="the regression attack"):
-        for part in batches(x.shape[0], batch_size, progress=progress, desc=f"PGD {threat}"):
-            xb, tb = x[part].to(device), targets[part].to(device)
+    net = args.model
 
-            with torch.no_grad():
-                side = torch.where(model(xb).reshape(tb.shape) >= tb, 1.0, -1.0)
+    def make_objective(clean: Tensor, extras: tuple[Tensor, ...]) -> Objective:
+        (tb,) = extras
+        side = torch.where(clean.reshape(tb.shape) >= tb, 1.0, -1.0)
 
-            def objective(
-                x_adv: Tensor, rows: Tensor, restart: int, tb: Tensor = tb, side: Tensor = side
-            ) -> tuple[Tensor, None]:
-                predictions = model(x_adv).reshape(tb[rows].shape)
-                loss_value = regression_loss(predictions, tb[rows], kind)
-                # The loss of a prediction near its target has two local maxima, one on
-                # each side; a random start may climb the wrong one. Ascend instead along
-                # the signed residual, away from the target on the clean point's side
-                # (the other side on odd restarts), while ranking iterates by the loss.
-                direction = side[rows] * (1.0 if restart % 2 == 0 else -1.0)
-                surrogate = (direction * (predictions - tb[rows])).reshape(len(rows), -1).sum(1)
-                return loss_value.detach() + surrogate - surrogate.detach(), None
+        def objective(x_adv: Tensor, rows: Tensor, restart: int) -> tuple[Tensor, None]:
+            predictions = net(x_adv).reshape(tb[rows].shape)
+            loss_value = regression_loss(predictions, tb[rows], kind)
+            # The loss of a prediction near its target has two local maxima, one on
+            # each side; a random start may climb the wrong one. Ascend instead along
+            # the signed residual, away from the target on the clean point's side
+            # (the other side on odd restarts), while ranking iterates by the loss.
+            direction = side[rows] * (1.0 if restart % 2 == 0 else -1.0)
+            surrogate = (direction * (predictions - tb[rows])).reshape(len(rows), -1).sum(1)
+            return loss_value.detach() + surrogate - surrogate.detach(), None
 
-            best = maximize(objective, xb, threat, settings, generator, rerun_successful=True)
-            with torch.no_grad():
-                clean_parts.append(model(xb).reshape(tb.shape).to(x.device))
-                adv_parts.append(model(best.x_adv).reshape(tb.shape).to(x.device))
-            x_adv_parts.append(best.x_adv.to(x.device))
-    x_adv = torch.cat(x_adv_parts)
-    predictions, predictions_adv = torch.cat(clean_parts), torch.cat(adv_parts)
+        return objective
+
+    best = ascend_in_batches(
+        args,
+        (targets,),
+        make_objective,
+        batch_size=batch_size,
+        rerun_successful=True,
+        progress=progress,
+        desc=f"PGD {args.threat}",
+        purpose="the regression attack",
+    )
+    predictions = best.outputs.reshape(targets.shape)
+    predictions_adv = best.outputs_adv.reshape(targets.shape)
     return RegressionAttackResult(
-        x_adv=x_adv,
-        delta=x_adv - x,
+        x_adv=best.x_adv,
+        delta=best.x_adv - args.x,
         loss=regression_loss(predictions, targets, kind),
         loss_adv=regression_loss(predictions_adv, targets, kind),
         predictions=predictions,
         predictions_adv=predictions_adv,
-        threat=threat,
+        threat=args.threat,
     )

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..runtime import eval_mode, model_device
 from ..threat import ThreatModel
-from .common import batches, check_attack_args, seeded_generator
-from .engine import maximize
+from .common import ascend_in_batches, check_attack_args
+from .engine import Objective
 
 
 @dataclass(frozen=True)
@@ -36,14 +35,16 @@ def attack_representation(
     batch_size: int = 256,
     step_size: float | None = None,
     progress: bool = False,
+    sample_ids: Tensor | None = None,
 ) -> RepresentationAttackResult:
     """Find, for every input, the point of ``B(x)`` whose representation moves furthest.
 
     ``encoder`` maps a batch of inputs in [0, 1] to representations (flattened per
     sample). No labels and no head are involved: the result is reused by every
     downstream head. The encoder runs in eval mode; its parameters are not touched.
+    ``sample_ids`` name the rows for their random starts (see :func:`check_attack_args`).
     """
-    encoder, x, threat, settings = check_attack_args(
+    args = check_attack_args(
         encoder,
         x,
         threat,
@@ -51,40 +52,38 @@ def attack_representation(
         restarts=restarts,
         batch_size=batch_size,
         step_size=step_size,
+        seed=seed,
+        sample_ids=sample_ids,
     )
-    device = model_device(encoder, x.device)
-    generator = seeded_generator(seed, device)
-    x_adv_parts, feature_parts, adv_feature_parts = [], [], []
-    with eval_mode(encoder, purpose="the representation attack"):
-        for part in batches(
-            x.shape[0], batch_size, progress=progress, desc=f"representation attack {threat}"
-        ):
-            xb = x[part].to(device)
-            with torch.no_grad():
-                clean = encoder(xb).flatten(1)
+    model = args.model
 
-            def squared_shift(
-                x_adv: Tensor, rows: Tensor, restart: int, clean: Tensor = clean
-            ) -> tuple[Tensor, None]:
-                # The squared distance has the same ascent direction as the distance
-                # (normalised and sign steps ignore a positive per-sample factor) and,
-                # unlike it, a gradient at zero.
-                return (encoder(x_adv).flatten(1) - clean[rows]).pow(2).sum(dim=1), None
+    def squared_shift(clean: Tensor, _: tuple[Tensor, ...]) -> Objective:
+        clean = clean.flatten(1)
 
-            best = maximize(squared_shift, xb, threat, settings, generator, rerun_successful=True)
-            with torch.no_grad():
-                adv = encoder(best.x_adv).flatten(1)
-            x_adv_parts.append(best.x_adv.to(x.device))
-            feature_parts.append(clean.to(x.device))
-            adv_feature_parts.append(adv.to(x.device))
-    x_adv = torch.cat(x_adv_parts)
-    features = torch.cat(feature_parts)
-    features_adv = torch.cat(adv_feature_parts)
+        def objective(x_adv: Tensor, rows: Tensor, restart: int) -> tuple[Tensor, None]:
+            # The squared distance has the same ascent direction as the distance
+            # (normalised and sign steps ignore a positive per-sample factor) and,
+            # unlike it, a gradient at zero.
+            return (model(x_adv).flatten(1) - clean[rows]).pow(2).sum(dim=1), None
+
+        return objective
+
+    best = ascend_in_batches(
+        args,
+        (),
+        squared_shift,
+        batch_size=batch_size,
+        rerun_successful=True,
+        progress=progress,
+        desc=f"representation attack {args.threat}",
+        purpose="the representation attack",
+    )
+    features, features_adv = best.outputs.flatten(1), best.outputs_adv.flatten(1)
     return RepresentationAttackResult(
-        x_adv=x_adv,
-        delta=x_adv - x,
+        x_adv=best.x_adv,
+        delta=best.x_adv - args.x,
         shift=torch.linalg.vector_norm(features_adv - features, dim=1),
         features=features,
         features_adv=features_adv,
-        threat=threat,
+        threat=args.threat,
     )

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor
 
+from ..errors import DataError, InputTypeError
+
 Size = int | tuple[int, int]
 
 
@@ -15,14 +17,14 @@ def unit_float(images: NDArray[np.uint8] | Tensor) -> Tensor:
     """uint8 images (N, C, H, W) as float32 in [0, 1]."""
     pixels = torch.as_tensor(images)
     if pixels.dtype != torch.uint8:
-        raise TypeError(f"expected uint8 pixels, got {pixels.dtype}")
+        raise InputTypeError(f"expected uint8 pixels, got {pixels.dtype}")
     return pixels.to(torch.float32).div_(255.0)
 
 
 def as_hw(size: Size) -> tuple[int, int]:
     height, width = (size, size) if isinstance(size, int) else size
     if height <= 0 or width <= 0:
-        raise ValueError(f"size must be positive, got {size!r}")
+        raise DataError(f"size must be positive, got {size!r}")
     return height, width
 
 

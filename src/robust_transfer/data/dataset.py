@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import DataError, InputTypeError
+
 
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
@@ -32,7 +34,7 @@ class ImageDataset:
     def __post_init__(self) -> None:
         for field, names in (("classes", self.classes), ("target_names", self.target_names)):
             if not isinstance(names, tuple) or not all(isinstance(n, str) for n in names):
-                raise TypeError(f"{self.name}: {field} must be a tuple of str, got {names!r}")
+                raise InputTypeError(f"{self.name}: {field} must be a tuple of str, got {names!r}")
         _check_images(self.x, self.name)
         _check_labels(self.y, len(self.x), len(self.classes), self.name)
         _check_targets(self.targets, self.target_names, len(self.x), self.name)
@@ -70,12 +72,12 @@ class ImageDataset:
         """
         wanted = list(labels)
         if not wanted:
-            raise ValueError("labels must name at least one class")
+            raise DataError("labels must name at least one class")
         if len(set(wanted)) != len(wanted):
-            raise ValueError(f"labels must not repeat, got {wanted}")
+            raise DataError(f"labels must not repeat, got {wanted}")
         unknown = [label for label in wanted if not 0 <= label < self.num_classes]
         if unknown:
-            raise ValueError(
+            raise DataError(
                 f"labels {unknown} are not classes of {self.name!r} "
                 f"(valid: 0..{self.num_classes - 1})"
             )
@@ -98,16 +100,16 @@ def _positions(index: Tensor | Sequence[int], length: int) -> Tensor:
     positions = torch.as_tensor(index)
     if positions.dtype == torch.bool:
         if positions.shape != (length,):
-            raise ValueError(
+            raise DataError(
                 f"a boolean mask must have shape ({length},), got {tuple(positions.shape)}"
             )
         return positions.nonzero().squeeze(1)
     if positions.numel() == 0:
         return torch.zeros(0, dtype=torch.int64)
     if positions.dtype.is_floating_point or positions.dtype.is_complex:
-        raise TypeError(f"index must hold integers or booleans, got {positions.dtype}")
+        raise InputTypeError(f"index must hold integers or booleans, got {positions.dtype}")
     if positions.dim() != 1:
-        raise ValueError(f"index must be 1-D, got shape {tuple(positions.shape)}")
+        raise DataError(f"index must be 1-D, got shape {tuple(positions.shape)}")
     if positions.min() < -length or positions.max() >= length:
         raise IndexError(f"index out of range for a data set of {length} items")
     return positions.to(torch.int64)
@@ -115,37 +117,37 @@ def _positions(index: Tensor | Sequence[int], length: int) -> Tensor:
 
 def _check_images(x: object, name: str) -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
+        raise InputTypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype != torch.float32:
-        raise TypeError(
+        raise InputTypeError(
             f"{name}: x must be float32 with values in [0, 1], got {x.dtype} "
             "(scale uint8 images with x.float() / 255)"
         )
     if x.dim() != 4:
-        raise ValueError(
+        raise DataError(
             f"{name}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)} "
             "(add a channel axis to grey-level images with x.unsqueeze(1))"
         )
     if x.numel() == 0:
         return
     if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name}: x contains NaN or infinite values")
+        raise DataError(f"{name}: x contains NaN or infinite values")
     low, high = float(x.min()), float(x.max())
     if low < 0.0 or high > 1.0:
-        raise ValueError(f"{name}: x must lie in [0, 1], got values in [{low:g}, {high:g}]")
+        raise DataError(f"{name}: x must lie in [0, 1], got values in [{low:g}, {high:g}]")
 
 
 def _check_labels(y: object, n: int, num_classes: int, name: str) -> None:
     if not isinstance(y, Tensor):
-        raise TypeError(f"{name}: y must be a torch.Tensor, got {type(y).__name__}")
+        raise InputTypeError(f"{name}: y must be a torch.Tensor, got {type(y).__name__}")
     if y.dtype != torch.int64:
-        raise TypeError(f"{name}: y must be int64 class indices, got {y.dtype}")
+        raise InputTypeError(f"{name}: y must be int64 class indices, got {y.dtype}")
     if y.dim() != 1 or len(y) != n:
-        raise ValueError(f"{name}: y must have shape ({n},) to match x, got {tuple(y.shape)}")
+        raise DataError(f"{name}: y must have shape ({n},) to match x, got {tuple(y.shape)}")
     if num_classes == 0:
-        raise ValueError(f"{name}: classes must name at least one class")
+        raise DataError(f"{name}: classes must name at least one class")
     if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(
+        raise DataError(
             f"{name}: labels must lie in 0..{num_classes - 1} (one per class name), "
             f"got values in [{int(y.min())}, {int(y.max())}]"
         )
@@ -154,15 +156,15 @@ def _check_labels(y: object, n: int, num_classes: int, name: str) -> None:
 def _check_targets(targets: Tensor | None, names: tuple[str, ...], n: int, name: str) -> None:
     if targets is None:
         if names:
-            raise ValueError(f"{name}: target_names given without targets")
+            raise DataError(f"{name}: target_names given without targets")
         return
     if not isinstance(targets, Tensor) or not targets.dtype.is_floating_point:
-        raise TypeError(f"{name}: targets must be a floating point tensor")
+        raise InputTypeError(f"{name}: targets must be a floating point tensor")
     if targets.dim() != 2 or len(targets) != n:
-        raise ValueError(
+        raise DataError(
             f"{name}: targets must have shape ({n}, K) to match x, got {tuple(targets.shape)}"
         )
     if len(names) != targets.shape[1]:
-        raise ValueError(f"{name}: {targets.shape[1]} target columns but {len(names)} target_names")
+        raise DataError(f"{name}: {targets.shape[1]} target columns but {len(names)} target_names")
     if not bool(torch.isfinite(targets).all()):
-        raise ValueError(f"{name}: targets contain NaN or infinite values")
+        raise DataError(f"{name}: targets contain NaN or infinite values")

@@ -15,6 +15,8 @@ from torch import Tensor
 
 from robust_transfer.data.dataset import ImageDataset
 
+from ..errors import DataError
+
 SHAPES = ("square", "ellipse", "heart")
 LATENT_NAMES = ("scale", "orientation", "position_x", "position_y")
 
@@ -59,9 +61,9 @@ def render_dsprites(n: int, *, seed: int, size: int = 64) -> ImageDataset:
     be read from the picture modulo that symmetry, as in dSprites.
     """
     if n < 1:
-        raise ValueError(f"n must be positive, got {n}")
+        raise DataError(f"n must be positive, got {n}")
     if size < 8:
-        raise ValueError(f"size must be at least 8 pixels, got {size}")
+        raise DataError(f"size must be at least 8 pixels, got {size}")
     generator = torch.Generator().manual_seed(seed)
     # A shuffled 0,1,2,0,1,2,... gives each shape n/3 images, up to one.
     shapes = torch.randperm(n, generator=generator) % len(SHAPES)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import DataError, InputTypeError, MissingFileError
 from .dataset import ImageDataset
 
 
@@ -18,16 +19,16 @@ def _npz(path: Path) -> dict[str, object]:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
-        raise ValueError(f"cannot read {path} as .npz: {err}") from err
+        raise DataError(f"cannot read {path} as .npz: {err}") from err
 
 
 def _pt(path: Path) -> dict[str, object]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for a bad file
-        raise ValueError(f"cannot read {path} as a weights-only .pt file: {err}") from err
+        raise DataError(f"cannot read {path} as a weights-only .pt file: {err}") from err
     if not isinstance(content, Mapping):
-        raise ValueError(f"{path} must hold a dict with 'x' and 'y', got {type(content).__name__}")
+        raise DataError(f"{path} must hold a dict with 'x' and 'y', got {type(content).__name__}")
     return dict(content)
 
 
@@ -44,20 +45,20 @@ def load_array_file(path: str | Path) -> ImageDataset:
     path = Path(path)
     reader = _READERS.get(path.suffix)
     if reader is None:
-        raise ValueError(f"{path}: expected a .npz or .pt file")
+        raise DataError(f"{path}: expected a .npz or .pt file")
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise MissingFileError(f"data file not found: {path}")
     content = reader(path)
     missing = [key for key in ("x", "y") if key not in content]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)} (needs 'x' and 'y')")
+        raise DataError(f"{path} lacks {', '.join(missing)} (needs 'x' and 'y')")
     x, y = _tensor(content["x"]), _tensor(content["y"])
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
     if not x.is_floating_point():
-        raise TypeError(f"{path}: x must be float in [0, 1] or uint8, got {x.dtype}")
+        raise InputTypeError(f"{path}: x must be float in [0, 1] or uint8, got {x.dtype}")
     if y.dtype.is_floating_point or y.dtype == torch.bool:
-        raise TypeError(f"{path}: y must hold integer class labels, got {y.dtype}")
+        raise InputTypeError(f"{path}: y must hold integer class labels, got {y.dtype}")
     y = y.long()
     if "classes" in content:
         classes = tuple(str(c) for c in np.asarray(content["classes"]).tolist())

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import DataError, MissingFileError
 from ._images import Size, as_hw, unit_float
 from .dataset import ImageDataset
 
@@ -25,10 +26,10 @@ def load_image_folder(
     ImageFolder, images resized to ``size`` (bilinear, via PIL)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise MissingFileError(f"image folder not found: {root}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"{root} has no class folders (expected root/<class>/<image>)")
+        raise DataError(f"{root} has no class folders (expected root/<class>/<image>)")
     height, width = as_hw(size)
     mode = "L" if grayscale else "RGB"
     images, labels = [], []
@@ -39,12 +40,12 @@ def load_image_folder(
                 with Image.open(path) as image:
                     picture = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
             except (UnidentifiedImageError, OSError) as err:
-                raise ValueError(f"cannot read image {path}: {err}") from err
+                raise DataError(f"cannot read image {path}: {err}") from err
             array = np.asarray(picture, dtype=np.uint8)
             images.append(array[None] if grayscale else array.transpose(2, 0, 1))
             labels.append(label)
     if not images:
-        raise ValueError(f"{root} has class folders but no images")
+        raise DataError(f"{root} has class folders but no images")
     return ImageDataset(
         x=unit_float(np.stack(images)),
         y=torch.tensor(labels, dtype=torch.int64),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import DataError
 from .builtin import load_mnist, load_sklearn_digits
 from .dataset import ImageDataset
 from .dsprites import render_dsprites
@@ -40,4 +41,4 @@ def load_dataset(spec: str, **kwargs: object) -> ImageDataset:
         return load_image_folder(rest, **options)  # type: ignore[arg-type]
     if Path(spec).suffix in {".npz", ".pt"}:
         return load_array_file(spec)
-    raise ValueError(f"unknown data spec {spec!r}: expected {FORMS}")
+    raise DataError(f"unknown data spec {spec!r}: expected {FORMS}")

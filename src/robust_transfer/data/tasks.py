@@ -16,6 +16,8 @@ from robust_transfer.data.builtin import load_mnist, load_sklearn_digits
 from robust_transfer.data.dataset import ImageDataset
 from robust_transfer.data.dsprites import render_dsprites
 
+from ..errors import DataError
+
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 
@@ -30,13 +32,13 @@ class Split:
     def __post_init__(self) -> None:
         train, test = self.train, self.test
         if train.classes != test.classes:
-            raise ValueError(f"train and test classes differ: {train.classes} vs {test.classes}")
+            raise DataError(f"train and test classes differ: {train.classes} vs {test.classes}")
         if train.image_shape != test.image_shape:
-            raise ValueError(
+            raise DataError(
                 f"train and test image shapes differ: {train.image_shape} vs {test.image_shape}"
             )
         if train.target_names != test.target_names:
-            raise ValueError(
+            raise DataError(
                 f"train and test target names differ: {train.target_names} vs {test.target_names}"
             )
 
@@ -58,7 +60,7 @@ class Task:
         pretrain_shape = self.pretrain.train.image_shape
         downstream_shape = self.downstream.train.image_shape
         if pretrain_shape != downstream_shape:
-            raise ValueError(
+            raise DataError(
                 f"task {self.name!r}: one encoder reads both splits, but pretraining images "
                 f"are {pretrain_shape} and downstream images {downstream_shape}"
             )
@@ -74,7 +76,7 @@ def stratified_split(
     every machine.
     """
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
+        raise DataError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
     generator = torch.Generator().manual_seed(seed)
     is_test = torch.zeros(len(data), dtype=torch.bool)
     for label in range(data.num_classes):
@@ -82,7 +84,7 @@ def stratified_split(
         shuffled = members[torch.randperm(len(members), generator=generator)]
         is_test[shuffled[: round(len(members) * test_fraction)]] = True
     if bool(is_test.all()) or not bool(is_test.any()):
-        raise ValueError(
+        raise DataError(
             f"{data.name}: {len(data)} items are too few to split with "
             f"test_fraction={test_fraction}"
         )
@@ -177,15 +179,15 @@ def get_task(name: str) -> Task:
     """Build the task registered as ``name``; the same name always gives the same tensors."""
     builder = _REGISTRY.get(name)
     if builder is None:
-        raise ValueError(f"unknown task {name!r}: expected one of {', '.join(task_names())}")
+        raise DataError(f"unknown task {name!r}: expected one of {', '.join(task_names())}")
     task = builder()
     if task.name != name:
-        raise ValueError(f"the builder registered as {name!r} made a task named {task.name!r}")
+        raise DataError(f"the builder registered as {name!r} made a task named {task.name!r}")
     return task
 
 
 def register_task(name: str, builder: TaskBuilder, *, replace: bool = False) -> None:
     """Make ``get_task(name)`` call ``builder``, e.g. for a split of a user's own data."""
     if name in _REGISTRY and not replace:
-        raise ValueError(f"task {name!r} is already registered; pass replace=True to replace it")
+        raise DataError(f"task {name!r} is already registered; pass replace=True to replace it")
     _REGISTRY[name] = builder

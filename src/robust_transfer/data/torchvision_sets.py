@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torchvision import datasets
 
+from ..errors import DataError, MissingFileError
 from ._images import resize, unit_float
 from .dataset import ImageDataset
 
@@ -64,14 +65,14 @@ def load_torchvision(
     """A torchvision data set (train or test part), optionally resized and cut to ``limit``."""
     entry = _SETS.get(name)
     if entry is None:
-        raise ValueError(
+        raise DataError(
             f"unknown torchvision data set {name!r}: expected one of {', '.join(_SETS)}"
         )
     build, layout, label_attribute = entry
     try:
         source = build(Path(root), train, download)
     except RuntimeError as err:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{name} not found under {root} ({err}); pass download=True on a machine with "
             "internet access"
         ) from err

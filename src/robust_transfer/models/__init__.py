@@ -1,6 +1,7 @@
 """Encoders (small CNN, 1-Lipschitz CNN, ResNet-18), the pretraining classifier, checkpoints."""
 
-from .checkpoint import CheckpointError, load_checkpoint, load_encoder, save_checkpoint
+from ..errors import CheckpointError
+from .checkpoint import load_checkpoint, load_encoder, save_checkpoint
 from .encoders import Classifier, Encoder, ResNet18, SmallCNN
 from .lipschitz import AOLConv2d, AOLLinear, LipschitzCNN, MaxMin
 from .registry import ARCHITECTURES, build_encoder

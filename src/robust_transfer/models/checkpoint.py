@@ -11,10 +11,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 import platform
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -23,14 +21,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._version import __version__
+from ..atomic import atomic_write, atomic_write_text
+from ..errors import CheckpointError
 from .encoders import Encoder
 from .registry import build_encoder
 
 FORMAT = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupted, half-written or of the wrong architecture."""
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -45,17 +41,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _replace_atomically(path: Path, write: Callable[[str], object]) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: str | Path, encoder: Encoder, metadata: Mapping[str, object]) -> None:
     """Write ``path`` (.safetensors) and its sidecar ``path.with_suffix('.json')``."""
     path = Path(path)
@@ -65,7 +50,7 @@ def save_checkpoint(path: str | Path, encoder: Encoder, metadata: Mapping[str, o
         raise TypeError(f"only built-in encoders are checkpointed, got {type(encoder).__name__}")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    _replace_atomically(path, lambda temp: save_file(state, temp))
+    atomic_write(path, lambda temp: save_file(state, temp))
     sidecar = {
         "format": FORMAT,
         "arch": encoder.arch,
@@ -80,7 +65,7 @@ def save_checkpoint(path: str | Path, encoder: Encoder, metadata: Mapping[str, o
         },
     }
     text = json.dumps(sidecar, indent=2, sort_keys=True, default=str)
-    _replace_atomically(sidecar_path(path), lambda temp: Path(temp).write_text(text))
+    atomic_write_text(sidecar_path(path), text)
 
 
 def load_checkpoint(

@@ -14,7 +14,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..study.store import Store, atomic_write_bytes, atomic_write_text
+from ..atomic import atomic_write_bytes, atomic_write_text
+from ..store import Store
 from . import plots, tables
 
 Record = dict[str, object]

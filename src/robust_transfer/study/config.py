@@ -15,13 +15,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..attacks.settings import AttackSettings
 from ..checks import Choice, parse_choice
 from ..data.tasks import task_names
 from ..losses import RegressionLoss
 from ..threat import Norm, ThreatModel, parse_eps
 from ..training.adapt import AdaptConfig, AdaptProtocol
 from ..training.pretrain import PretrainConfig, PretrainProtocol
-from .evaluate import AttackSettings
 
 
 class ConfigError(ValueError):

@@ -6,8 +6,6 @@ stores them, and every number of a record or plot is an aggregation of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,6 +13,7 @@ from torch import Tensor, nn
 from ..attacks import attack_classifier, attack_representation
 from ..attacks.reference import attack_autoattack
 from ..attacks.regression import attack_regression
+from ..attacks.settings import AttackSettings
 from ..bounds import (
     absolute_error_bound,
     adversarial_cross_entropy_bound,
@@ -26,20 +25,6 @@ from ..losses import RegressionLoss, regression_loss
 from ..threat import ThreatModel
 
 Arrays = dict[str, Tensor]
-
-
-@dataclass(frozen=True)
-class AttackSettings:
-    """Attack budgets: PGD on heads, and the (task-independent) representation attack."""
-
-    steps: int = 20
-    restarts: int = 1
-    targeted_restarts: int = 2
-    representation_steps: int = 30
-    representation_restarts: int = 1
-    batch_size: int = 250
-    # AutoAttack "standard" on every head too: the reference, far slower than PGD.
-    autoattack: bool = False
 
 
 def measure_shift(

@@ -14,13 +14,13 @@ import torch
 import torchvision
 
 from .._version import __version__
+from ..atomic import atomic_write_text
 from ..report.findings import findings
 from ..report.render import write_report
 from ..report.tables import text
 from .config import ConfigError, StudyConfig
 from .records import aggregate
 from .runner import StudyRun
-from .store import atomic_write_text
 
 RESULTS_FORMAT = 1
 

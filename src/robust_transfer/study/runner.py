@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write_text
 from ..bounds import weight_gap
 from ..certificates import certified_shift
 from ..data.sources import load_dataset
@@ -27,12 +28,12 @@ from ..features import extract_features
 from ..losses import RegressionLoss
 from ..models import load_checkpoint, load_encoder
 from ..runtime import default_device
+from ..store import Store
 from ..threat import ThreatModel
 from ..training.adapt import AdaptProtocol, adapt, train_regression_probe
 from ..training.pretrain import cached_pretrain
 from .config import AdaptationSpec, EncoderSpec, StudyConfig, TaskKind, TaskSpec
 from .evaluate import Arrays, evaluate_classification, evaluate_regression, measure_shift
-from .store import Store, atomic_write_text
 
 Log = Callable[[str], None]
 

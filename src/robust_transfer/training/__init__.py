@@ -5,7 +5,6 @@ from .adapt import (
     Adapted,
     AdaptProtocol,
     adapt,
-    certified_probe_objective,
     train_certified_probe,
     train_regression_probe,
 )
@@ -27,7 +26,6 @@ __all__ = [
     "PretrainResult",
     "adapt",
     "cached_pretrain",
-    "certified_probe_objective",
     "pretrain",
     "train_certified_probe",
     "train_linear_probe",

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..bounds import worst_case_logits
 from ..checks import (
     check_features,
     check_labels,
@@ -97,17 +98,6 @@ class Adapted:
     metrics: dict[str, float]
 
 
-def class_gaps(weight: Tensor, labels: Tensor) -> Tensor:
-    """``||w_y - w_j||_2`` for every sample and class, differentiable in ``weight``.
-
-    The tiny constant keeps the gradient finite where the distance is zero (``j = y``).
-    Rows are picked by a one-hot product rather than by indexing, whose backward pass
-    accumulates in a thread-dependent order: training stays bit-for-bit repeatable.
-    """
-    distances = (weight[:, None, :] - weight[None, :, :]).pow(2).sum(dim=2).add(1e-12).sqrt()
-    return F.one_hot(labels, weight.shape[0]).to(weight.dtype) @ distances
-
-
 def train_certified_probe(
     features: Tensor,
     labels: Tensor,
@@ -154,7 +144,7 @@ def train_certified_probe(
     def closure() -> Tensor:
         optimizer.zero_grad()
         logits = head(features)
-        worst = logits + radii[:, None] * class_gaps(head.weight, labels)
+        worst = worst_case_logits(logits, head.weight, labels, radii)
         mixed = (1.0 - robust_weight) * F.cross_entropy(logits, labels) + (
             robust_weight * F.cross_entropy(worst, labels)
         )
@@ -164,16 +154,6 @@ def train_certified_probe(
 
     optimizer.step(closure)  # type: ignore[no-untyped-call]
     return head.requires_grad_(False)
-
-
-def certified_probe_objective(
-    head: nn.Linear, features: Tensor, labels: Tensor, radius: float
-) -> Tensor:
-    """Per-sample ``CE(ztilde, y)``: an upper bound on the cross-entropy at any
-    representation within ``radius`` of ``features``."""
-    with torch.no_grad():
-        worst = head(features) + radius * class_gaps(head.weight, labels)
-        return F.cross_entropy(worst, labels, reduction="none")
 
 
 def _ridge(design: Tensor, targets: Tensor, weight_decay: float, weights: Tensor) -> Tensor:

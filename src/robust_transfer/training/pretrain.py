@@ -24,15 +24,15 @@ from tqdm.auto import tqdm
 
 from ..attacks import attack_classifier
 from ..attacks.engine import AscentSettings, maximize
-from ..bounds import certify
+from ..bounds import certify, worst_case_logits
 from ..certificates import lipschitz_shift
 from ..checks import parse_choice
 from ..data.dataset import ImageDataset
 from ..models import CheckpointError, Classifier, Encoder, build_encoder, load_checkpoint
 from ..models.checkpoint import save_checkpoint
+from ..noise import SampleNoise
 from ..runtime import default_device
 from ..threat import ThreatModel
-from .adapt import class_gaps
 from .augment import augment
 from .linear_probe import train_linear_probe
 
@@ -169,10 +169,8 @@ def _trades_loss(config: PretrainConfig) -> BatchLoss:
             kl = F.kl_div(log_q, clean_log_p[rows], log_target=True, reduction="none")
             return kl.sum(dim=1), None
 
-        device_generator = torch.Generator(device=x.device).manual_seed(_seed_from(generator))
-        x_adv = maximize(
-            divergence, x, threat, settings, device_generator, rerun_successful=True
-        ).x_adv
+        noise = SampleNoise.first(_seed_from(generator), len(x))
+        x_adv = maximize(divergence, x, threat, settings, noise, rerun_successful=True).x_adv
         model.train()
         logits = model(x)
         kl = F.kl_div(
@@ -236,9 +234,9 @@ def _adversarial_contrastive_loss(config: PretrainConfig) -> BatchLoss:
             logits = z @ target.T / config.temperature
             return F.cross_entropy(logits, rows, reduction="none"), None
 
-        device_generator = torch.Generator(device=x.device).manual_seed(_seed_from(generator))
+        noise = SampleNoise.first(_seed_from(generator), len(x))
         adversarial = maximize(
-            mismatch, first, threat, settings, device_generator, rerun_successful=True
+            mismatch, first, threat, settings, noise, rerun_successful=True
         ).x_adv
         model.train()
         z_first, z_second, z_adv = model(first), model(second), model(adversarial)
@@ -256,7 +254,7 @@ def _lipschitz_margin_loss(radius: float) -> BatchLoss:
     def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         if not isinstance(model, Classifier):
             raise TypeError("the Lipschitz-margin loss trains a Classifier")
-        return F.cross_entropy(model(x) + radius * class_gaps(model.head.weight, y), y)
+        return F.cross_entropy(worst_case_logits(model(x), model.head.weight, y, radius), y)
 
     return loss
 

@@ -8,9 +8,7 @@ the units that are there. Metadata (JSON) travels inside the same file.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -18,27 +16,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .atomic import atomic_write
+
 _SUFFIX = ".safetensors"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that readers see the old file or the new one, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 class Store:
@@ -61,17 +42,9 @@ class Store:
     def save(
         self, key: tuple[str, ...], arrays: Mapping[str, Tensor], meta: Mapping[str, object]
     ) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            tensors = {name: value.detach().cpu().contiguous() for name, value in arrays.items()}
-            save_file(tensors, temp, metadata={"meta": json.dumps(dict(meta), sort_keys=True)})
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        tensors = {name: value.detach().cpu().contiguous() for name, value in arrays.items()}
+        metadata = {"meta": json.dumps(dict(meta), sort_keys=True)}
+        atomic_write(self._path(key), lambda temp: save_file(tensors, temp, metadata=metadata))
 
     def load(self, key: tuple[str, ...]) -> tuple[dict[str, Tensor], dict[str, object]] | None:
         """The unit's arrays and metadata, or None when it is missing or unreadable."""

@@ -1,0 +1,37 @@
+"""Atomic file writes: readers see the old file or the new one, whole, never a part.
+
+Every file robust-transfer writes (checkpoints, the per-sample store, results and
+reports) goes through :func:`atomic_write`: a temporary file in the same folder, synced,
+then renamed into place, so a run killed at any moment leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Let ``write`` fill a temporary file beside ``path``, then rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    temp = Path(name)
+    try:
+        write(temp)
+        with temp.open("rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    atomic_write(path, lambda temp: temp.write_bytes(payload))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
