@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from robust_transfer import cli
+from robust_transfer.pipeline import run_study
 from robust_transfer.study import runner
 from robust_transfer.study.config import ConfigError, parse_config
-from robust_transfer.study.results import run_study
 
 SMALL: dict[str, Any] = {
     "name": "small",

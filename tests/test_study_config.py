@@ -37,7 +37,7 @@ def test_default_config_covers_what_the_demo_promises() -> None:
         "lipschitz",
         "random",
     } <= protocols
-    adaptations = {spec.config.protocol.value for spec in config.adaptations.values()}
+    adaptations = {spec.protocol.value for spec in config.adaptations.values()}
     assert {"linear-probe", "lp-ft", "anchored-finetune", "finetune", "certified-probe"} <= (
         adaptations
     )

@@ -9,12 +9,12 @@ import torch
 from conftest import cnn_encoder, linear_encoder, random_head
 from torch import nn
 
-from robust_transfer import ThreatModel
+from robust_transfer import ThreatModel, findings
 from robust_transfer.attacks.regression import attack_regression
 from robust_transfer.attacks.settings import AttackSettings
-from robust_transfer.certificates import certified_shift, lipschitz_shift
+from robust_transfer.certify import NoCertificate, certified_shift, lipschitz_shift
 from robust_transfer.losses import RegressionLoss
-from robust_transfer.report import findings, tables
+from robust_transfer.report import tables
 from robust_transfer.store import Store
 from robust_transfer.study.evaluate import (
     evaluate_classification,
@@ -70,7 +70,8 @@ def test_lipschitz_shift_is_an_upper_bound_that_attacks_respect() -> None:
     l2 = measure_shift(encoder, x, ThreatModel("L2", 0.1), strong, seed=0)
     assert (l2["shift"] >= 0.99 * l2["certified_shift"]).all()
     assert lipschitz_shift(2.0, ThreatModel("Linf", 0.1), 100) == pytest.approx(2.0)
-    assert certified_shift(cnn_encoder(), ThreatModel("L2", 0.1), x) is None
+    with pytest.raises(NoCertificate, match=r"lipschitz: .* states no proven Lipschitz"):
+        certified_shift(cnn_encoder(), x, ThreatModel("L2", 0.1))
     with pytest.raises(ValueError, match="lipschitz_l2"):
         lipschitz_shift(math.nan, ThreatModel("L2", 0.1), 10)
 

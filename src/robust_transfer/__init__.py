@@ -3,6 +3,7 @@ to the linear heads put on it, measured, bounded and certified."""
 
 from ._version import __version__
 from .attacks import (
+    AttackSettings,
     ClassifierAttackResult,
     ClassifierLoss,
     RepresentationAttackResult,
@@ -15,7 +16,6 @@ from .bounds import (
     absolute_error_bound,
     adversarial_cross_entropy_bound,
     certified_accuracy,
-    certify,
     class_weight_gap,
     cross_entropy_increase,
     expected_cross_entropy_bound,
@@ -23,20 +23,32 @@ from .bounds import (
     squared_error_bound,
     weight_gap,
 )
-from .certificates import certified_shift, lipschitz_shift
+from .certify import NoCertificate, certified_shift, certify_all, lipschitz_shift
+from .errors import RobustTransferError
 from .features import extract_features
 from .losses import RegressionLoss
+from .models import load_encoder
+from .runtime import Runtime
 from .threat import Norm, ThreatModel, parse_eps
 from .training import train_linear_probe
 
+# isort: split
+# Imported last on purpose: the subpackage robust_transfer.certify (certifiers) would
+# otherwise replace this name, the criterion "margin > shift", on the package.
+from .bounds import certify
+
 __all__ = [
+    "AttackSettings",
     "ClassifierAttackResult",
     "ClassifierLoss",
     "CrossEntropyIncrease",
+    "NoCertificate",
     "Norm",
     "RegressionAttackResult",
     "RegressionLoss",
     "RepresentationAttackResult",
+    "RobustTransferError",
+    "Runtime",
     "ThreatModel",
     "__version__",
     "absolute_error_bound",
@@ -47,11 +59,13 @@ __all__ = [
     "certified_accuracy",
     "certified_shift",
     "certify",
+    "certify_all",
     "class_weight_gap",
     "cross_entropy_increase",
     "expected_cross_entropy_bound",
     "extract_features",
     "lipschitz_shift",
+    "load_encoder",
     "normalized_margin",
     "parse_eps",
     "squared_error_bound",

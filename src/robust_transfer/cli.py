@@ -9,26 +9,27 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .atomic import atomic_write_text
 from .attacks import attack_classifier
 from .attacks.reference import attack_autoattack
 from .attacks.settings import AttackSettings
-from .bounds import adversarial_cross_entropy_bound, certify, normalized_margin, weight_gap
+from .bounds import weight_gap
 from .data.dataset import ImageDataset
 from .data.sources import load_dataset
-from .models import CheckpointError, load_encoder
+from .errors import MissingFileError, ResultsFormatError, RobustTransferError
+from .models import load_encoder, load_head
+from .models.specs import FORMS
+from .pipeline import run_study
 from .report.render import write_report
 from .report.tables import text
-from .runtime import default_device
-from .study.config import ConfigError, default_config, default_config_text, load_config
-from .study.evaluate import measure_shift
-from .study.results import run_study
-from .threat import ThreatModel
+from .runtime import Runtime
+from .schema import RESULTS_FILE, Array, Arrays, Field, Record, check_results
+from .study.config import default_config, default_config_text, load_config
+from .study.evaluate import classification_theory, measure_shift
+from .study.records import aggregate, shift_summary
+from .threat import Norm, ThreatModel, parse_eps
 
 
 def _default_cache() -> Path:
@@ -36,9 +37,15 @@ def _default_cache() -> Path:
     return Path(root) / "robust-transfer" / "encoders"
 
 
+def _runtime(args: argparse.Namespace) -> Runtime:
+    return Runtime.detect(args.device)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    run_study(config, args.out, cache_dir=args.cache, progress=not args.quiet)
+    run_study(
+        config, args.out, cache_dir=args.cache, runtime=_runtime(args), progress=not args.quiet
+    )
     return 0
 
 
@@ -46,15 +53,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.print_config:
         print(default_config_text())
         return 0
-    run_study(default_config(), args.out, cache_dir=args.cache, progress=not args.quiet)
+    run_study(
+        default_config(),
+        args.out,
+        cache_dir=args.cache,
+        runtime=_runtime(args),
+        progress=not args.quiet,
+    )
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    path = Path(args.dir) / "results.json"
+    path = Path(args.dir) / RESULTS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no results.json in {args.dir}: run a study there first")
-    md, page = write_report(json.loads(path.read_text()), Path(args.dir))
+        raise MissingFileError(f"no {RESULTS_FILE} in {args.dir}: run a study there first")
+    try:
+        loaded = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ResultsFormatError(f"{path} is not valid JSON: {err}") from err
+    md, page = write_report(check_results(loaded, str(path)), Path(args.dir))
     print(f"report: {page}\n        {md}")
     return 0
 
@@ -64,26 +81,13 @@ def _data(args: argparse.Namespace) -> ImageDataset:
     return data.subset(list(range(min(args.n, len(data)))))
 
 
-def _head(path: str) -> nn.Linear:
-    """A linear head from a safetensors file with ``weight`` (K, m) and ``bias`` (K,)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"head file not found: {path}")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"cannot read head {path}: {err}") from err
-    weight, bias = tensors.get("weight"), tensors.get("bias")
-    if weight is None or bias is None or weight.dim() != 2 or bias.shape != weight.shape[:1]:
-        raise ValueError(f"{path} must hold 'weight' (K, m) and 'bias' (K,) tensors")
-    head = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        head.weight.copy_(weight)
-        head.bias.copy_(bias)
-    return head.eval()
+def _threat(norm: str) -> str:
+    Norm.parse(norm)
+    return norm
 
 
-def _threats(args: argparse.Namespace) -> list[ThreatModel]:
-    return [ThreatModel(args.threat, eps) for eps in args.eps]
+def _eps(value: str) -> float:
+    return parse_eps(value)
 
 
 def _settings(args: argparse.Namespace) -> AttackSettings:
@@ -96,7 +100,7 @@ def _settings(args: argparse.Namespace) -> AttackSettings:
     )
 
 
-def _emit(rows: list[dict[str, object]], args: argparse.Namespace) -> int:
+def _emit(rows: list[Record], args: argparse.Namespace) -> int:
     print(text(rows, [(key, key) for key in rows[0]]))
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n")
@@ -104,74 +108,83 @@ def _emit(rows: list[dict[str, object]], args: argparse.Namespace) -> int:
     return 0
 
 
+def _encoder(args: argparse.Namespace, runtime: Runtime) -> nn.Module:
+    return load_encoder(args.encoder).to(runtime.device).eval()
+
+
+def _shift_rows(
+    args: argparse.Namespace, encoder: nn.Module, x: Tensor
+) -> list[tuple[ThreatModel, Arrays]]:
+    """The study's task-independent arrays (attacked and certified shift) per threat."""
+    return [
+        (
+            threat,
+            measure_shift(encoder, x, threat, _settings(args), seed=args.seed, progress=True),
+        )
+        for threat in (ThreatModel(args.threat, eps) for eps in args.eps)
+    ]
+
+
+def _row(threat: ThreatModel, record: Record, fields: tuple[Field, ...]) -> Record:
+    """A CLI row: the threat and the record's fields that were computed."""
+    row: Record = {Field.THREAT: threat.norm.value, Field.EPS: threat.eps}
+    return row | {key: record[key] for key in fields if record.get(key) is not None}
+
+
+_VULNERABILITY_FIELDS = (
+    Field.N,
+    Field.MEAN_SHIFT,
+    Field.MEDIAN_SHIFT,
+    Field.Q90_SHIFT,
+    Field.MAX_SHIFT,
+    Field.CERTIFIED_SHIFT,
+)
+_BOUND_FIELDS = (
+    Field.CLEAN_ACC,
+    Field.MEAN_SHIFT,
+    Field.MEDIAN_MARGIN,
+    Field.PREDICTED_ROBUST_ACC,
+    Field.LOSS_BOUND,
+    Field.CERTIFIED_ROBUST_ACC,
+    Field.CERTIFIED_LOSS_BOUND,
+)
+
+
 def _cmd_vulnerability(args: argparse.Namespace) -> int:
-    device = default_device()
-    encoder = load_encoder(args.encoder).to(device).eval()
-    x = _data(args).x.to(device)
-    rows = []
-    for threat in _threats(args):
-        arrays = measure_shift(encoder, x, threat, _settings(args), seed=args.seed, progress=True)
-        shift = arrays["shift"]
-        row: dict[str, object] = {
-            "threat": threat.norm.value,
-            "eps": threat.eps,
-            "n": len(shift),
-            "mean_shift": float(shift.mean()),
-            "median_shift": float(shift.median()),
-            "q90_shift": float(shift.quantile(0.9)),
-            "max_shift": float(shift.max()),
-            "certified_shift": (
-                float(arrays["certified_shift"].max()) if "certified_shift" in arrays else None
-            ),
-        }
-        rows.append(row)
+    runtime = _runtime(args)
+    encoder = _encoder(args, runtime)
+    x = _data(args).x.to(runtime.device)
+    rows = [
+        _row(threat, shift_summary(arrays), _VULNERABILITY_FIELDS)
+        for threat, arrays in _shift_rows(args, encoder, x)
+    ]
     return _emit(rows, args)
 
 
 def _labelled(args: argparse.Namespace) -> tuple[nn.Module, nn.Linear, Tensor, Tensor]:
-    device = default_device()
-    encoder = load_encoder(args.encoder).to(device).eval()
-    head = _head(args.head).to(device)
+    runtime = _runtime(args)
+    encoder = _encoder(args, runtime)
+    head = load_head(args.head).to(runtime.device)
     data = _data(args)
-    return encoder, head, data.x.to(device), data.y.to(device)
+    return encoder, head, data.x.to(runtime.device), data.y.to(runtime.device)
 
 
 def _cmd_bound(args: argparse.Namespace) -> int:
     encoder, head, x, y = _labelled(args)
     rows = []
-    for threat in _threats(args):
-        arrays = measure_shift(encoder, x, threat, _settings(args), seed=args.seed, progress=True)
-        features, shift = arrays["features"], arrays["shift"]
-        correct = head(features).argmax(dim=1) == y
-        row: dict[str, object] = {
-            "threat": threat.norm.value,
-            "eps": threat.eps,
-            "clean_acc": float(correct.float().mean()),
-            "weight_gap": float(weight_gap(head)),
-            "mean_shift": float(shift.mean()),
-            "median_margin": float(normalized_margin(head, features).median()),
-            "predicted_robust_acc": float(
-                (correct & certify(head, features, shift)).float().mean()
-            ),
-            "loss_bound": float(adversarial_cross_entropy_bound(head, features, y, shift).mean()),
-        }
-        if "certified_shift" in arrays:
-            certified = arrays["certified_shift"]
-            row["certified_robust_acc"] = float(
-                (correct & certify(head, features, certified)).float().mean()
-            )
-            row["certified_loss_bound"] = float(
-                adversarial_cross_entropy_bound(head, features, y, certified).mean()
-            )
-        rows.append(row)
+    for threat, shift in _shift_rows(args, encoder, x):
+        arrays = classification_theory(head, shift[Array.FEATURES], y, shift)
+        record = {Field.WEIGHT_GAP: float(weight_gap(head))} | aggregate(arrays)
+        rows.append(_row(threat, record, (*_BOUND_FIELDS, Field.WEIGHT_GAP)))
     return _emit(rows, args)
 
 
 def _cmd_attack(args: argparse.Namespace) -> int:
     encoder, head, x, y = _labelled(args)
     model = nn.Sequential(encoder, head).eval()
-    rows: list[dict[str, object]] = []
-    for threat in _threats(args):
+    rows: list[Record] = []
+    for eps in args.eps:
+        threat = ThreatModel(args.threat, eps)
         if args.autoattack:
             result = attack_autoattack(
                 model, x, y, threat, seed=args.seed, batch_size=args.batch_size
@@ -191,22 +204,29 @@ def _cmd_attack(args: argparse.Namespace) -> int:
             )
         rows.append(
             {
-                "threat": threat.norm.value,
-                "eps": threat.eps,
-                "attack": "autoattack" if args.autoattack else f"pgd-{args.loss}",
-                "clean_acc": result.clean_accuracy,
-                "robust_acc": result.robust_accuracy,
+                Field.THREAT: threat.norm.value,
+                Field.EPS: threat.eps,
+                Field.ATTACK: "autoattack" if args.autoattack else f"pgd-{args.loss}",
+                Field.CLEAN_ACC: result.clean_accuracy,
+                Field.ROBUST_ACC: result.robust_accuracy,
             }
         )
     return _emit(rows, args)
+
+
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N"
+    )
 
 
 def _single_step_options(parser: argparse.ArgumentParser, *, head: bool) -> None:
     parser.add_argument(
         "--encoder",
         required=True,
-        help="a checkpoint (.safetensors with its .json sidecar) or 'package.module:factory'",
+        help=f"an encoder spec: {FORMS}",
     )
+    _device_option(parser)
     if head:
         parser.add_argument(
             "--head", required=True, help="safetensors file with 'weight' (K, m) and 'bias' (K,)"
@@ -216,8 +236,8 @@ def _single_step_options(parser: argparse.ArgumentParser, *, head: bool) -> None
         required=True,
         help="mnist | digits8x8 | dsprites | torchvision:NAME | folder:PATH | FILE.npz | FILE.pt",
     )
-    parser.add_argument("--threat", default="Linf", help="Linf or L2")
-    parser.add_argument("--eps", nargs="+", default=["1/10"], help="radii, e.g. 8/255 0.1")
+    parser.add_argument("--threat", type=_threat, default="Linf", help="Linf or L2")
+    parser.add_argument("--eps", type=_eps, nargs="+", default=[0.1], help="radii, e.g. 8/255 0.1")
     parser.add_argument("--n", type=int, default=500, help="the first N points of the data")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--restarts", type=int, default=1)
@@ -252,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="where pretrained encoders are cached (default: %(default)s)",
         )
         sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+        _device_option(sub)
 
     vulnerability = commands.add_parser(
         "vulnerability", help="the task-independent representation shift of an encoder"
@@ -284,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, CheckpointError, ValueError, TypeError, FileNotFoundError) as err:
+    except RobustTransferError as err:
         print(f"robust-transfer {args.command}: error: {err}", file=sys.stderr)
         return 2
 

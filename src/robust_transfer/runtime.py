@@ -1,13 +1,19 @@
-"""How models are run: eval mode for the duration of a call, and the device to use."""
+"""How models are run: eval mode for the duration of a call, and the runtime (device,
+precision, process rank) a run is given."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 from torch import nn
+
+from .checks import parse_choice
+from .errors import InputError, InputTypeError
 
 
 @contextmanager
@@ -39,6 +45,53 @@ def model_device(model: nn.Module, fallback: torch.device) -> torch.device:
     return fallback
 
 
-def default_device() -> torch.device:
-    """CUDA when present, else the CPU: where the library puts models it builds itself."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+class Precision(StrEnum):
+    """Arithmetic of feature extraction and attacks. Only full float32 today: reduced
+    precision changes attacked shifts and certificates and needs its own checks."""
+
+    FP32 = "fp32"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run computes: device, precision, and this process's place among
+    ``world_size`` processes. Built once by the caller (the study, the CLI) and passed
+    down; library functions never pick a device on their own."""
+
+    device: torch.device
+    precision: Precision = Precision.FP32
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, torch.device):
+            raise InputTypeError(f"device must be a torch.device, got {self.device!r}")
+        object.__setattr__(self, "precision", parse_choice(Precision, self.precision, "precision"))
+        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int):
+            raise InputTypeError(f"world_size must be an integer, got {self.world_size!r}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise InputError(
+                f"rank must lie in [0, world_size), got rank {self.rank}, "
+                f"world_size {self.world_size}"
+            )
+
+    @classmethod
+    def detect(cls, device: str = "auto") -> Runtime:
+        """CUDA when present (``"auto"``), else the CPU; or the device named."""
+        if device == "auto":
+            return cls(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            chosen = torch.device(device)
+        except RuntimeError as err:
+            raise InputError(f"unknown device {device!r}: {err}") from err
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device {device!r} asked for, but CUDA is not available here")
+        return cls(chosen)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "device": str(self.device),
+            "precision": self.precision.value,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }

@@ -42,7 +42,9 @@ class Store:
     def save(
         self, key: tuple[str, ...], arrays: Mapping[str, Tensor], meta: Mapping[str, object]
     ) -> None:
-        tensors = {name: value.detach().cpu().contiguous() for name, value in arrays.items()}
+        # Cloned: two names may hold one tensor (a single certifier is also the tightest),
+        # which safetensors refuses to write.
+        tensors = {str(name): value.detach().cpu().clone() for name, value in arrays.items()}
         metadata = {"meta": json.dumps(dict(meta), sort_keys=True)}
         atomic_write(self._path(key), lambda temp: save_file(tensors, temp, metadata=metadata))
 

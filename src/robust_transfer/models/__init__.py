@@ -1,10 +1,12 @@
 """Encoders (small CNN, 1-Lipschitz CNN, ResNet-18), the pretraining classifier, checkpoints."""
 
 from ..errors import CheckpointError
-from .checkpoint import load_checkpoint, load_encoder, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .encoders import Classifier, Encoder, ResNet18, SmallCNN
+from .heads import head_arrays, head_from_arrays, load_head
 from .lipschitz import AOLConv2d, AOLLinear, LipschitzCNN, MaxMin
 from .registry import ARCHITECTURES, build_encoder
+from .specs import LoadedEncoder, load_encoder, resolve_encoder, resolve_spec, source_name
 
 __all__ = [
     "ARCHITECTURES",
@@ -14,11 +16,18 @@ __all__ = [
     "Classifier",
     "Encoder",
     "LipschitzCNN",
+    "LoadedEncoder",
     "MaxMin",
     "ResNet18",
     "SmallCNN",
     "build_encoder",
+    "head_arrays",
+    "head_from_arrays",
     "load_checkpoint",
     "load_encoder",
+    "load_head",
+    "resolve_encoder",
+    "resolve_spec",
     "save_checkpoint",
+    "source_name",
 ]

@@ -9,7 +9,6 @@ so a half-written checkpoint never passes for a complete one; loading re-checks 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import platform
 from collections.abc import Mapping
@@ -18,7 +17,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from .._version import __version__
 from ..atomic import atomic_write, atomic_write_text
@@ -96,25 +94,3 @@ def load_checkpoint(
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: cannot load weights: {err}") from err
     return encoder.eval(), sidecar
-
-
-def load_encoder(spec: str, **kwargs: object) -> nn.Module:
-    """An encoder from a checkpoint path or from ``package.module:factory(**kwargs)``."""
-    if spec.endswith(".safetensors"):
-        return load_checkpoint(spec)[0]
-    module_name, colon, attribute = spec.partition(":")
-    if not colon or not module_name or not attribute:
-        raise ValueError(
-            f"encoder spec {spec!r}: expected a .safetensors checkpoint or 'package.module:factory'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"encoder spec {spec!r}: cannot import {module_name!r}: {err}") from err
-    factory = getattr(module, attribute, None)
-    if not callable(factory):
-        raise ValueError(f"encoder spec {spec!r}: {module_name} has no callable {attribute!r}")
-    model = factory(**kwargs)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"encoder spec {spec!r}: the factory returned {type(model).__name__}")
-    return model.eval()

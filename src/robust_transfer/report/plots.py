@@ -13,7 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
-Record = dict[str, object]
+from ..schema import Array, Field, Record
 
 
 def _subplots(
@@ -35,11 +35,11 @@ def _values(rows: Sequence[Record], key: str) -> list[float]:
 
 
 def _eps(rows: Sequence[Record]) -> list[float]:
-    return _values(rows, "eps")
+    return _values(rows, Field.EPS)
 
 
 def _sorted(rows: Sequence[Record]) -> list[Record]:
-    return sorted(rows, key=lambda r: float(r["eps"]))  # type: ignore[arg-type]
+    return sorted(rows, key=lambda r: float(r[Field.EPS]))  # type: ignore[arg-type]
 
 
 def _legend_entries(axes: list[list[Axes]]) -> tuple[list[Any], list[str]]:
@@ -53,7 +53,7 @@ def _legend_entries(axes: list[list[Axes]]) -> tuple[list[Any], list[str]]:
 
 
 def _norms(rows: Sequence[Record]) -> list[str]:
-    return sorted({str(r["threat"]) for r in rows})
+    return sorted({str(r[Field.THREAT]) for r in rows})
 
 
 def vulnerability(rows: Sequence[Record], task: str) -> Figure:
@@ -61,13 +61,15 @@ def vulnerability(rows: Sequence[Record], task: str) -> Figure:
     norms = _norms(rows)
     figure, axes = _subplots(1, len(norms), (5.2 * len(norms), 3.8))
     for ax, norm in zip(axes[0], norms, strict=True):
-        for encoder in sorted({str(r["encoder"]) for r in rows}):
-            mine = _sorted([r for r in rows if r["threat"] == norm and r["encoder"] == encoder])
+        for encoder in sorted({str(r[Field.ENCODER]) for r in rows}):
+            mine = _sorted(
+                [r for r in rows if r[Field.THREAT] == norm and r[Field.ENCODER] == encoder]
+            )
             if mine:
-                ax.plot(_eps(mine), _values(mine, "mean_shift"), marker="o", label=encoder)
+                ax.plot(_eps(mine), _values(mine, Field.MEAN_SHIFT), marker="o", label=encoder)
         ax.set(
             title=f"Representation shift, {norm}",
-            xlabel="eps",
+            xlabel=Field.EPS,
             ylabel="mean ||f(x') - f(x)||_2 (attacked)",
         )
         ax.grid(alpha=0.3)
@@ -80,17 +82,17 @@ def vulnerability(rows: Sequence[Record], task: str) -> Figure:
 Series = tuple[tuple[str, str, str, str], ...]
 
 _ACCURACY_SERIES: Series = (
-    ("clean_acc", "clean", "-", "grey"),
-    ("attacked_robust_acc", "attacked (PGD + task-agnostic)", "-", "C3"),
-    ("predicted_robust_acc", "predicted (criterion, attacked shift)", "--", "C0"),
-    ("certified_robust_acc", "certified (criterion, certified shift)", ":", "C2"),
-    ("task_agnostic_robust_acc", "task-agnostic perturbations", "-.", "C1"),
+    (Field.CLEAN_ACC, "clean", "-", "grey"),
+    (Field.ATTACKED_ROBUST_ACC, "attacked (PGD + task-agnostic)", "-", "C3"),
+    (Field.PREDICTED_ROBUST_ACC, "predicted (criterion, attacked shift)", "--", "C0"),
+    (Field.CERTIFIED_ROBUST_ACC, "certified (criterion, certified shift)", ":", "C2"),
+    (Field.TASK_AGNOSTIC_ROBUST_ACC, "task-agnostic perturbations", "-.", "C1"),
 )
 _LOSS_SERIES: Series = (
-    ("clean_loss", "clean loss", "-", "grey"),
-    ("adv_loss", "measured adversarial loss", "-", "C3"),
-    ("loss_bound", "bound, attacked shift (estimate)", "--", "C0"),
-    ("certified_loss_bound", "bound, certified shift (guarantee)", ":", "C2"),
+    (Field.CLEAN_LOSS, "clean loss", "-", "grey"),
+    (Field.ADV_LOSS, "measured adversarial loss", "-", "C3"),
+    (Field.LOSS_BOUND, "bound, attacked shift (estimate)", "--", "C0"),
+    (Field.CERTIFIED_LOSS_BOUND, "bound, certified shift (guarantee)", ":", "C2"),
 )
 
 
@@ -98,7 +100,7 @@ def _small_multiples(
     rows: Sequence[Record], series: Series, title: str, ylabel: str, *, log: bool
 ) -> Figure:
     """One panel per (threat model, encoder), each series against eps."""
-    norms, encoders = _norms(rows), sorted({str(r["encoder"]) for r in rows})
+    norms, encoders = _norms(rows), sorted({str(r[Field.ENCODER]) for r in rows})
     figure, grid = _subplots(
         len(norms), len(encoders), (3.2 * len(encoders), 2.9 * len(norms)), sharey="row"
     )
@@ -106,7 +108,9 @@ def _small_multiples(
     for i, norm in enumerate(norms):
         for j, encoder in enumerate(encoders):
             ax = axes[i][j]
-            mine = _sorted([r for r in rows if r["threat"] == norm and r["encoder"] == encoder])
+            mine = _sorted(
+                [r for r in rows if r[Field.THREAT] == norm and r[Field.ENCODER] == encoder]
+            )
             for key, label, style, color in series:
                 values = _values(mine, key)
                 # NaN marks "not computed"; a log axis cannot show zero either.
@@ -117,7 +121,7 @@ def _small_multiples(
             else:
                 ax.set_ylim(-0.02, 1.02)
             ax.set_title(f"{encoder}, {norm}", fontsize=9)
-            ax.set_xlabel("eps")
+            ax.set_xlabel(Field.EPS)
             ax.grid(alpha=0.3)
         axes[i][0].set_ylabel(ylabel)
     handles, labels = _legend_entries(axes)
@@ -144,9 +148,10 @@ def margin_vs_shift(panels: Sequence[tuple[str, dict[str, Tensor]]], title: str)
     margin exceeds its shift; colour says whether an attack broke it."""
     figure, axes = _subplots(1, len(panels), (3.4 * len(panels), 3.4))
     for ax, (label, arrays) in zip(axes[0], panels, strict=True):
-        correct = arrays["correct"]
-        robust = arrays["robust_attacked"]
-        shift, margin = arrays["shift"].float(), arrays["margin"].float().clamp(max=1e6)
+        correct = arrays[Array.CORRECT]
+        robust = arrays[Array.ROBUST_ATTACKED]
+        shift = arrays[Array.SHIFT].float()
+        margin = arrays[Array.MARGIN].float().clamp(max=1e6)
         for mask, name, color in (
             (robust, "robust to attacks", "C2"),
             (correct & ~robust, "broken by an attack", "C3"),
@@ -155,9 +160,9 @@ def margin_vs_shift(panels: Sequence[tuple[str, dict[str, Tensor]]], title: str)
             ax.scatter(shift[mask], margin[mask], s=6, alpha=0.6, color=color, label=name)
         top = float(max(shift.max(), margin[correct].max() if correct.any() else 1.0))
         ax.plot([0, top], [0, top], "k--", linewidth=0.8, label="margin = shift")
-        if "certified_shift" in arrays:
+        if Array.CERTIFIED_SHIFT in arrays:
             ax.axvline(
-                float(arrays["certified_shift"].max()),
+                float(arrays[Array.CERTIFIED_SHIFT].max()),
                 color="C2",
                 linestyle=":",
                 label="certified shift",
@@ -174,10 +179,10 @@ def margin_vs_shift(panels: Sequence[tuple[str, dict[str, Tensor]]], title: str)
 
 def adaptation_comparison(rows: Sequence[Record], title: str) -> Figure:
     """Clean vs attacked robust accuracy per adaptation protocol, one marker per encoder."""
-    settings = sorted({(str(r["threat"]), float(r["eps"])) for r in rows})  # type: ignore[arg-type]
+    settings = sorted({(str(r[Field.THREAT]), float(r[Field.EPS])) for r in rows})  # type: ignore[arg-type]
     figure, axes = _subplots(1, len(settings), (4.4 * len(settings), 4.0))
-    adaptations = sorted({str(r["adaptation"]) for r in rows})
-    encoders = sorted({str(r["encoder"]) for r in rows})
+    adaptations = sorted({str(r[Field.ADAPTATION]) for r in rows})
+    encoders = sorted({str(r[Field.ENCODER]) for r in rows})
     markers = "osD^v<>pP*X"
     for ax, (norm, eps) in zip(axes[0], settings, strict=True):
         for a, adaptation in enumerate(adaptations):
@@ -185,15 +190,15 @@ def adaptation_comparison(rows: Sequence[Record], title: str) -> Figure:
                 mine = [
                     r
                     for r in rows
-                    if r["threat"] == norm
-                    and r["eps"] == eps
-                    and r["adaptation"] == adaptation
-                    and r["encoder"] == encoder
+                    if r[Field.THREAT] == norm
+                    and r[Field.EPS] == eps
+                    and r[Field.ADAPTATION] == adaptation
+                    and r[Field.ENCODER] == encoder
                 ]
                 if mine:
                     ax.scatter(
-                        _values(mine, "clean_acc"),
-                        _values(mine, "attacked_robust_acc"),
+                        _values(mine, Field.CLEAN_ACC),
+                        _values(mine, Field.ATTACKED_ROBUST_ACC),
                         color=f"C{a}",
                         marker=markers[e % len(markers)],
                         s=50,
@@ -216,7 +221,7 @@ def regression_losses(rows: Sequence[Record], title: str) -> Figure:
     labels = [f"{r['encoder']}\n{r['threat']} {float(r['eps']):.3g}" for r in rows]  # type: ignore[arg-type]
     figure, axes = _subplots(1, 1, (max(5.0, 1.3 * len(rows)), 3.8))
     ax = axes[0][0]
-    keys = ("clean_loss", "adv_loss", "loss_bound", "certified_loss_bound")
+    keys = (Field.CLEAN_LOSS, Field.ADV_LOSS, Field.LOSS_BOUND, Field.CERTIFIED_LOSS_BOUND)
     width = 0.8 / len(keys)
     for k, key in enumerate(keys):
         values = _values(rows, key)

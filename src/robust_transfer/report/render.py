@@ -15,28 +15,19 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..atomic import atomic_write_bytes, atomic_write_text
+from ..schema import Array, Field, FindingField, Key, Record, Results, records_of
 from ..store import Store
 from . import plots, tables
-
-Record = dict[str, object]
-Results = dict[str, object]
 
 _PROBE = "linear-probe"
 
 
-def _records(results: Results) -> list[Record]:
-    records = results.get("records")
-    if not isinstance(records, list):
-        raise ValueError("results have no 'records' list")
-    return records
-
-
 def _classification(records: Sequence[Record]) -> list[Record]:
-    return [r for r in records if r.get("clean_acc") is not None]
+    return [r for r in records if r.get(Field.CLEAN_ACC) is not None]
 
 
 def _tasks(records: Sequence[Record]) -> list[str]:
-    return list(dict.fromkeys(str(r["task"]) for r in records))
+    return list(dict.fromkeys(str(r[Field.TASK]) for r in records))
 
 
 def _scatter_panels(
@@ -44,20 +35,20 @@ def _scatter_panels(
 ) -> tuple[list[tuple[str, dict[str, Tensor]]], str] | None:
     """Per-sample margins and shifts of each encoder's probe at one threat: the middle eps
     of L2 (where certificates live) or else of the first threat model."""
-    rows = [r for r in records if r["task"] == task and r["adaptation"] == _PROBE]
+    rows = [r for r in records if r[Field.TASK] == task and r[Field.ADAPTATION] == _PROBE]
     if not rows:
         return None
-    norms = sorted({str(r["threat"]) for r in rows})
+    norms = sorted({str(r[Field.THREAT]) for r in rows})
     norm = "L2" if "L2" in norms else norms[0]
-    eps_values = sorted({float(r["eps"]) for r in rows if r["threat"] == norm})  # type: ignore[arg-type]
+    eps_values = sorted({float(r[Field.EPS]) for r in rows if r[Field.THREAT] == norm})  # type: ignore[arg-type]
     eps = eps_values[len(eps_values) // 2]
     panels = []
     for row in rows:
-        if row["threat"] != norm or row["eps"] != eps:
+        if row[Field.THREAT] != norm or row[Field.EPS] != eps:
             continue
-        loaded = store.load(tuple(row["store_key"]))  # type: ignore[arg-type]
-        if loaded is not None and "margin" in loaded[0]:
-            panels.append((str(row["encoder"]), dict(loaded[0])))
+        loaded = store.load(tuple(row[Field.STORE_KEY]))  # type: ignore[arg-type]
+        if loaded is not None and Array.MARGIN in loaded[0]:
+            panels.append((str(row[Field.ENCODER]), dict(loaded[0])))
     return (panels, f"{task}, {norm} eps={eps:.4g}, linear probe") if panels else None
 
 
@@ -78,22 +69,26 @@ def _sections(
     results: Results, store: Store, figures: _Figures
 ) -> list[tuple[str, str, list[str]]]:
     """(heading, Markdown text, figure names) for each section of the report."""
-    records = _records(results)
+    records = records_of(results)
     classification = _classification(records)
-    regression = [r for r in records if r.get("clean_acc") is None]
+    regression = [r for r in records if r.get(Field.CLEAN_ACC) is None]
     sections: list[tuple[str, str, list[str]]] = []
 
-    findings = results.get("findings") or []
+    findings = results.get(Key.FINDINGS) or []
     lines = []
     for finding in findings:  # type: ignore[attr-defined]
         verdict = {True: "REPRODUCED", False: "NOT REPRODUCED", None: "NOT TESTED"}[
-            finding["holds"]
+            finding[FindingField.HOLDS]
         ]
-        lines.append(f"- **{verdict}**: {finding['claim']}  \n  {finding['evidence']}")
+        lines.append(
+            f"- **{verdict}**: {finding[FindingField.CLAIM]}  \n  {finding[FindingField.EVIDENCE]}"
+        )
     sections.append(("Findings", "\n".join(lines) or "No findings.", []))
 
     for task in _tasks(classification):
-        probes = [r for r in classification if r["task"] == task and r["adaptation"] == _PROBE]
+        probes = [
+            r for r in classification if r[Field.TASK] == task and r[Field.ADAPTATION] == _PROBE
+        ]
         names = []
         slug = task.replace("/", "_")
         if probes:
@@ -104,12 +99,14 @@ def _sections(
             )
             names.append(f"vulnerability-{slug}")
             for adaptation in dict.fromkeys(
-                str(r["adaptation"]) for r in classification if r["task"] == task
+                str(r[Field.ADAPTATION]) for r in classification if r[Field.TASK] == task
             ):
                 rows = [
-                    r for r in classification if r["task"] == task and r["adaptation"] == adaptation
+                    r
+                    for r in classification
+                    if r[Field.TASK] == task and r[Field.ADAPTATION] == adaptation
                 ]
-                if len({r["eps"] for r in rows}) < 2:
+                if len({r[Field.EPS] for r in rows}) < 2:
                     continue
                 figures.add(
                     f"accuracy-{slug}-{adaptation}",
@@ -134,16 +131,18 @@ def _sections(
                     ),
                 )
                 names.append(f"criterion-{slug}")
-        adaptations = {r["adaptation"] for r in classification if r["task"] == task}
+        adaptations = {r[Field.ADAPTATION] for r in classification if r[Field.TASK] == task}
         if len(adaptations) > 1:
             counts: dict[tuple[object, object], set[object]] = {}
             for r in classification:
-                if r["task"] == task:
-                    counts.setdefault((r["threat"], r["eps"]), set()).add(r["adaptation"])
+                if r[Field.TASK] == task:
+                    counts.setdefault((r[Field.THREAT], r[Field.EPS]), set()).add(
+                        r[Field.ADAPTATION]
+                    )
             shared = [
                 r
                 for r in classification
-                if r["task"] == task and len(counts[(r["threat"], r["eps"])]) > 2
+                if r[Field.TASK] == task and len(counts[(r[Field.THREAT], r[Field.EPS])]) > 2
             ]
             if shared:
                 figures.add(
@@ -154,11 +153,11 @@ def _sections(
                     ),
                 )
                 names.append(f"adaptation-{slug}")
-        rows = [r for r in classification if r["task"] == task]
+        rows = [r for r in classification if r[Field.TASK] == task]
         sections.append((f"Task {task}", tables.markdown(rows), names))
 
     for task in _tasks(regression):
-        rows = [r for r in regression if r["task"] == task]
+        rows = [r for r in regression if r[Field.TASK] == task]
         slug = task.replace("/", "_")
         figures.add(
             f"regression-{slug}",
@@ -167,13 +166,13 @@ def _sections(
         )
         columns = (
             *tables.SUMMARY_COLUMNS[:6],
-            ("loss", "loss"),
-            ("clean_loss", "clean loss"),
-            ("adv_loss", "adv loss"),
-            ("loss_bound", "bound"),
-            ("certified_loss_bound", "cert. bound"),
-            ("loss_bound_exceeded", "exceeded"),
-            ("mean_shift", "shift"),
+            (Field.LOSS, "loss"),
+            (Field.CLEAN_LOSS, "clean loss"),
+            (Field.ADV_LOSS, "adv loss"),
+            (Field.LOSS_BOUND, "bound"),
+            (Field.CERTIFIED_LOSS_BOUND, "cert. bound"),
+            (Field.LOSS_BOUND_EXCEEDED, "exceeded"),
+            (Field.MEAN_SHIFT, "shift"),
         )
         sections.append(
             (f"Regression task {task}", tables.markdown(rows, columns), [f"regression-{slug}"])
@@ -199,13 +198,15 @@ def write_report(results: Results, out: Path) -> tuple[Path, Path]:
     figures = _Figures(out / "figures")
     sections = _sections(results, store, figures)
     by_name = {name: (caption, payload) for name, caption, payload in figures.items}
-    title = f"robust-transfer study: {results.get('name', 'study')}"
-    versions = results.get("versions")
+    title = f"robust-transfer study: {results.get(Key.NAME, 'study')}"
+    versions = results.get(Key.VERSIONS)
     version = versions.get("robust_transfer") if isinstance(versions, dict) else None
+    runtime = results.get(Key.RUNTIME)
+    device = runtime.get("device") if isinstance(runtime, dict) else None
     meta = (
         f"robust-transfer {version}, "
-        f"git {results.get('git_revision')}, device {results.get('device')}, "
-        f"{results.get('seconds', 0):.0f} s"
+        f"git {results.get(Key.GIT_REVISION)}, device {device}, "
+        f"{results.get(Key.SECONDS, 0):.0f} s"
     )
     md = [f"# {title}", "", meta, "", _INTRO, ""]
     page = [

@@ -4,27 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-Record = dict[str, object]
+from ..schema import Field, Record
 
 # (record key, column heading)
 SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("encoder", "encoder"),
-    ("pretraining", "pretraining"),
-    ("task", "task"),
-    ("adaptation", "adaptation"),
-    ("threat", "threat"),
-    ("eps", "eps"),
-    ("clean_acc", "clean"),
-    ("pgd_robust_acc", "PGD"),
-    ("attacked_robust_acc", "attacked"),
-    ("predicted_robust_acc", "predicted"),
-    ("certified_robust_acc", "certified"),
-    ("task_agnostic_robust_acc", "task-agn."),
-    ("adv_loss", "adv loss"),
-    ("loss_bound", "bound"),
-    ("certified_loss_bound", "cert. bound"),
-    ("mean_shift", "shift"),
-    ("weight_gap", "D(W)"),
+    (Field.ENCODER, "encoder"),
+    (Field.PRETRAINING, "pretraining"),
+    (Field.TASK, "task"),
+    (Field.ADAPTATION, "adaptation"),
+    (Field.THREAT, "threat"),
+    (Field.EPS, "eps"),
+    (Field.CLEAN_ACC, "clean"),
+    (Field.PGD_ROBUST_ACC, "PGD"),
+    (Field.ATTACKED_ROBUST_ACC, "attacked"),
+    (Field.PREDICTED_ROBUST_ACC, "predicted"),
+    (Field.CERTIFIED_ROBUST_ACC, "certified"),
+    (Field.TASK_AGNOSTIC_ROBUST_ACC, "task-agn."),
+    (Field.ADV_LOSS, "adv loss"),
+    (Field.LOSS_BOUND, "bound"),
+    (Field.CERTIFIED_LOSS_BOUND, "cert. bound"),
+    (Field.MEAN_SHIFT, "shift"),
+    (Field.WEIGHT_GAP, "D(W)"),
 )
 
 

@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from ..attacks.settings import AttackSettings
+from ..certify import BEST, certifier_names
 from ..checks import Choice, parse_choice
 from ..data.tasks import task_names
+from ..errors import ConfigError, RobustTransferError
 from ..losses import RegressionLoss
+from ..models import resolve_spec, source_name
 from ..threat import Norm, ThreatModel, parse_eps
 from ..training.adapt import AdaptConfig, AdaptProtocol
 from ..training.pretrain import PretrainConfig, PretrainProtocol
-
-
-class ConfigError(ValueError):
-    """A study configuration that cannot be run; the message names the key."""
 
 
 class TaskKind(StrEnum):
@@ -35,29 +34,65 @@ class TaskKind(StrEnum):
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """Where an encoder comes from: pretrained here, a checkpoint, or a factory."""
+    """Where an encoder comes from: pretrained here, or an encoder spec (a checkpoint,
+    a factory; see :mod:`robust_transfer.models.specs`)."""
 
     name: str
     pretrain: PretrainConfig | None = None
     pretrain_task: str | None = None
-    checkpoint: Path | None = None
-    factory: str | None = None
+    source: str | None = None
 
     @property
     def pretraining(self) -> str:
         if self.pretrain is not None:
             return self.pretrain.protocol.value
-        return "checkpoint" if self.checkpoint is not None else "factory"
+        return source_name(str(self.source))
+
+
+class RadiusRule(StrEnum):
+    """How the certified probe's feature-space radius is set, per threat model."""
+
+    FIXED = "fixed"  # the given value
+    CERTIFIED = "certified"  # the largest certified shift on training points, by a method
+    QUANTILE = "quantile"  # a quantile of the attacked shift on training points
+
+
+@dataclass(frozen=True)
+class Radius:
+    """The certified probe's radius rule. ``certified`` falls back to the quantile rule
+    with ``quantile`` where no certifier applies to the encoder (and says so)."""
+
+    rule: RadiusRule
+    value: float | None = None
+    method: str = BEST
+    quantile: float = 0.5
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "rule": self.rule.value,
+            "value": self.value,
+            "method": self.method,
+            "quantile": self.quantile,
+        }
 
 
 @dataclass(frozen=True)
 class AdaptationSpec:
-    """An adaptation protocol; the certified probe's radius may be a quantile of the
-    attacked shift on training points, set per threat model."""
+    """An adaptation protocol; a certified probe has a radius rule and its ``config``
+    gets the radius the rule gives for each threat model (:meth:`config_for`)."""
 
     name: str
-    config: AdaptConfig
-    radius_quantile: float | None = None
+    settings: Mapping[str, Any]
+    radius: Radius | None = None
+
+    @property
+    def protocol(self) -> AdaptProtocol:
+        protocol: AdaptProtocol = self.settings["protocol"]
+        return protocol
+
+    def config_for(self, radius: float | None = None) -> AdaptConfig:
+        """The adaptation config, with the radius the rule gave (certified probe only)."""
+        return AdaptConfig(**self.settings, radius=radius)
 
 
 @dataclass(frozen=True)
@@ -81,6 +116,7 @@ class StudyConfig:
     encoders: Mapping[str, EncoderSpec]
     adaptations: Mapping[str, AdaptationSpec]
     tasks: tuple[TaskSpec, ...]
+    certifiers: tuple[str, ...] | None = None  # None: every registered certifier
     cache_dir: Path | None = None
     source: dict[str, Any] = field(default_factory=dict)
 
@@ -90,6 +126,7 @@ _TOP = {
     "seed",
     "eval_points",
     "radius_points",
+    "certifiers",
     "cache_dir",
     "attack",
     "threats",
@@ -98,7 +135,8 @@ _TOP = {
     "tasks",
 }
 _TASK_KEYS = {"name", "kind", "loss", "encoders", "adaptations", "threats", "data"}
-_ENCODER_SOURCES = {"protocol", "checkpoint", "factory"}
+# 'spec' takes any encoder spec; 'checkpoint' and 'factory' only that kind of spec.
+_ENCODER_SOURCES = {"protocol", "spec", "checkpoint", "factory"}
 
 
 def _fail(where: str, reason: str) -> ConfigError:
@@ -188,19 +226,21 @@ def _encoder(name: str, value: object, base: Path, seed: int) -> EncoderSpec:
     table = dict(_expect(value, dict, where, "a table"))
     sources = _ENCODER_SOURCES & set(table)
     if len(sources) != 1:
-        raise _fail(where, "give exactly one of 'protocol', 'checkpoint' or 'factory'")
-    if "checkpoint" in table:
-        _unknown_keys(table, {"checkpoint"}, where)
-        path = base / _expect(table["checkpoint"], str, f"{where}.checkpoint", "a path")
-        if not path.is_file():
-            raise _fail(f"{where}.checkpoint", f"no such file: {path}")
-        return EncoderSpec(name=name, checkpoint=path)
-    if "factory" in table:
-        _unknown_keys(table, {"factory"}, where)
-        spec = _expect(table["factory"], str, f"{where}.factory", "'package.module:function'")
-        if spec.count(":") != 1:
-            raise _fail(f"{where}.factory", f"expected 'package.module:function', got {spec!r}")
-        return EncoderSpec(name=name, factory=spec)
+        raise _fail(where, "give exactly one of 'protocol', 'spec', 'checkpoint' or 'factory'")
+    (key,) = sources
+    if key != "protocol":
+        _unknown_keys(table, {key}, where)
+        spec = _expect(table[key], str, f"{where}.{key}", "an encoder spec")
+        if key == "checkpoint" and not spec.startswith("checkpoint:"):
+            spec = f"checkpoint:{spec}"
+        try:
+            resolved = resolve_spec(spec, base)
+            kind = source_name(resolved)
+        except RobustTransferError as err:
+            raise _fail(f"{where}.{key}", str(err)) from err
+        if key != "spec" and kind != key:
+            raise _fail(f"{where}.{key}", f"{spec!r} names a {kind}, not a {key}")
+        return EncoderSpec(name=name, source=resolved)
     task = _expect(table.pop("pretrain_task", None), str, f"{where}.pretrain_task", "a task name")
     if task not in task_names():
         raise _fail(
@@ -215,26 +255,68 @@ def _encoder(name: str, value: object, base: Path, seed: int) -> EncoderSpec:
     return EncoderSpec(name=name, pretrain=pretrain, pretrain_task=task)
 
 
+_RADIUS_KEYS = {"rule", "value", "method", "quantile"}
+
+
+def _quantile(value: object, where: str) -> float:
+    quantile = float(_expect(value, (int, float), where, "a number"))
+    if not 0.0 <= quantile <= 1.0:
+        raise _fail(where, f"must lie in [0, 1], got {quantile}")
+    return quantile
+
+
+def _radius(table: dict[str, Any], where: str) -> Radius:
+    """The certified probe's radius rule: ``radius = 0.3`` (fixed), a table
+    ``{rule = "certified" | "quantile" | "fixed", ...}``, or ``radius_quantile = q``
+    (shorthand for the certified rule falling back to that quantile). Default: the
+    certified rule with ``best``, falling back to the median attacked shift."""
+    value = table.pop("radius", None)
+    shorthand = table.pop("radius_quantile", None)
+    if shorthand is not None:
+        if value is not None:
+            raise _fail(f"{where}.radius_quantile", "give 'radius' or 'radius_quantile'")
+        quantile = _quantile(shorthand, f"{where}.radius_quantile")
+        return Radius(RadiusRule.CERTIFIED, quantile=quantile)
+    if value is None:
+        return Radius(RadiusRule.CERTIFIED)
+    if not isinstance(value, dict):
+        number = _expect(value, (int, float), f"{where}.radius", "a number or a table")
+        return Radius(RadiusRule.FIXED, value=float(number))
+    where = f"{where}.radius"
+    _unknown_keys(value, _RADIUS_KEYS, where)
+    try:
+        rule = parse_choice(RadiusRule, value.get("rule", ""), "radius rule")
+    except ValueError as err:
+        raise _fail(f"{where}.rule", str(err)) from err
+    fixed = None
+    if rule is RadiusRule.FIXED:
+        if "value" not in value:
+            raise _fail(f"{where}.value", "the fixed rule needs a value")
+        fixed = float(_expect(value["value"], (int, float), f"{where}.value", "a number"))
+    method = _expect(value.get("method", BEST), str, f"{where}.method", "a certifier name")
+    known = (BEST, *certifier_names())
+    if method not in known:
+        raise _fail(f"{where}.method", f"unknown certifier {method!r} (known: {', '.join(known)})")
+    quantile = _quantile(value.get("quantile", 0.5), f"{where}.quantile")
+    return Radius(rule, value=fixed, method=method, quantile=quantile)
+
+
 def _adaptation(name: str, value: object, seed: int) -> AdaptationSpec:
     where = f"adaptations.{name}"
     table = dict(_expect(value, dict, where, "a table"))
-    quantile = table.pop("radius_quantile", None)
-    if quantile is not None:
-        quantile = float(_expect(quantile, (int, float), f"{where}.radius_quantile", "a number"))
-        if not 0.0 <= quantile <= 1.0:
-            raise _fail(f"{where}.radius_quantile", f"must lie in [0, 1], got {quantile}")
     table.setdefault("seed", seed)
     table["protocol"] = _choice(AdaptProtocol, table.get("protocol", ""), f"{where}.protocol")
-    certified = table["protocol"] is AdaptProtocol.CERTIFIED_PROBE
-    if certified and quantile is None and table.get("radius") is None:
-        # The radius follows the threat model: the encoder's certified shift where it has
-        # one, otherwise this quantile of the attacked shift on training points.
-        quantile = 0.5
-    if certified and quantile is not None:
-        # A placeholder radius for validation; the study sets it per threat model.
-        table["radius"] = 1.0
-    config = _dataclass_from(AdaptConfig, _field_names(AdaptConfig), table, where)
-    return AdaptationSpec(name=name, config=config, radius_quantile=quantile)
+    given = sorted({"radius", "radius_quantile"} & set(table))
+    rule = _radius(table, where)
+    if table["protocol"] is not AdaptProtocol.CERTIFIED_PROBE:
+        if given:
+            raise _fail(f"{where}.{given[0]}", "only the certified probe takes a radius")
+        _dataclass_from(AdaptConfig, _field_names(AdaptConfig), table, where)
+        return AdaptationSpec(name=name, settings=table)
+    # Checks the other settings; the rule sets the radius per threat model later.
+    probe = rule.value if rule.rule is RadiusRule.FIXED else 0.0
+    _dataclass_from(AdaptConfig, _field_names(AdaptConfig), table | {"radius": probe}, where)
+    return AdaptationSpec(name=name, settings=table, radius=rule)
 
 
 def _task(
@@ -288,7 +370,7 @@ def _task(
         chosen.append(names)
     if kind is TaskKind.REGRESSION:
         for item in chosen[1]:
-            if adaptations[item].config.protocol is not AdaptProtocol.LINEAR_PROBE:
+            if adaptations[item].protocol is not AdaptProtocol.LINEAR_PROBE:
                 raise _fail(
                     f"{where}.adaptations",
                     f"regression tasks take linear probes only, {item!r} is not one",
@@ -350,6 +432,16 @@ def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> Stud
                         f"{task.name} x {encoder} x {adaptation} appears twice",
                     )
                 seen.add(triple)
+    certifiers = None
+    if "certifiers" in source:
+        names = _expect(source["certifiers"], list, "certifiers", "a list of certifier names")
+        for index, method in enumerate(names):
+            if method not in certifier_names():
+                raise _fail(
+                    f"certifiers[{index}]",
+                    f"unknown certifier {method!r} (known: {', '.join(certifier_names())})",
+                )
+        certifiers = tuple(names)
     cache = source.get("cache_dir")
     cache_dir = None if cache is None else base / _expect(cache, str, "cache_dir", "a path")
     return StudyConfig(
@@ -361,6 +453,7 @@ def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> Stud
         encoders=encoders,
         adaptations=adaptations,
         tasks=tasks,
+        certifiers=certifiers,
         cache_dir=cache_dir,
         source=dict(source),
     )

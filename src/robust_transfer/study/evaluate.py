@@ -1,10 +1,13 @@
 """One evaluation unit of a study: per-sample arrays for an encoder, a head and a threat.
 
-Everything here works on tensors and models and returns per-sample tensors; the study
-stores them, and every number of a record or plot is an aggregation of them.
+Everything here works on tensors and models and returns per-sample tensors named by
+:mod:`robust_transfer.schema`; the study stores them, and every number of a record or
+plot is an aggregation of them. The command line's single steps use the same functions.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,25 +23,24 @@ from ..bounds import (
     normalized_margin,
     squared_error_bound,
 )
-from ..certificates import certified_shift
+from ..certify import certify_all
 from ..losses import RegressionLoss, regression_loss
+from ..schema import Array, Arrays, per_method
 from ..threat import ThreatModel
 
-Arrays = dict[str, Tensor]
 
-
-def measure_shift(
+def attacked_shift(
     encoder: nn.Module,
     x: Tensor,
     threat: ThreatModel,
     settings: AttackSettings,
     *,
     seed: int,
+    sample_ids: Tensor | None = None,
     progress: bool = False,
 ) -> Arrays:
-    """Task-independent arrays: ``shift`` (attacked, a lower bound), ``features``,
-    ``features_adv`` (the task-agnostic perturbation's representation) and, where the
-    encoder proves one, ``certified_shift`` (an upper bound)."""
+    """The representation attack's arrays: ``shift`` (a lower bound on the worst shift),
+    ``features`` and ``features_adv`` (the task-agnostic perturbation's representation)."""
     result = attack_representation(
         encoder,
         x,
@@ -48,21 +50,80 @@ def measure_shift(
         seed=seed,
         batch_size=settings.batch_size,
         progress=progress,
+        sample_ids=sample_ids,
     )
-    arrays = {
-        "shift": result.shift,
-        "features": result.features,
-        "features_adv": result.features_adv,
+    return {
+        Array.SHIFT: result.shift,
+        Array.FEATURES: result.features,
+        Array.FEATURES_ADV: result.features_adv,
     }
-    certified = certified_shift(encoder, threat, x)
-    if certified is not None:
-        arrays["certified_shift"] = certified
-    return arrays
 
 
-def _ce(head: nn.Linear, features: Tensor, y: Tensor) -> Tensor:
+def certified_shifts(
+    encoder: nn.Module, x: Tensor, threat: ThreatModel, methods: Sequence[str] | None = None
+) -> tuple[Arrays, dict[str, str]]:
+    """``certified_shift@METHOD`` for every certifier of ``methods`` (default: all) that
+    applies, and ``certified_shift``, the per-sample tightest; and the refusals' reasons."""
+    certificates = certify_all(encoder, x, threat, methods)
+    arrays = {
+        per_method(Array.CERTIFIED_SHIFT, method): bound.float()
+        for method, bound in certificates.bounds.items()
+    }
+    tightest = certificates.tightest()
+    if tightest is not None:
+        arrays[Array.CERTIFIED_SHIFT] = tightest.float()
+    return arrays, dict(certificates.refused)
+
+
+def measure_shift(
+    encoder: nn.Module,
+    x: Tensor,
+    threat: ThreatModel,
+    settings: AttackSettings,
+    *,
+    seed: int,
+    certifiers: Sequence[str] | None = None,
+    progress: bool = False,
+) -> Arrays:
+    """Task-independent arrays: :func:`attacked_shift` and :func:`certified_shifts`."""
+    arrays = attacked_shift(encoder, x, threat, settings, seed=seed, progress=progress)
+    return arrays | certified_shifts(encoder, x, threat, certifiers)[0]
+
+
+def _certified_suffixes(shift: Mapping[str, Tensor]) -> list[str]:
+    """``""`` for the tightest certificate and ``"@METHOD"`` for each method present."""
+    prefix = str(Array.CERTIFIED_SHIFT)
+    return [name.removeprefix(prefix) for name in shift if name.startswith(prefix)]
+
+
+def classification_theory(
+    head: nn.Linear, features: Tensor, y: Tensor, shift: Mapping[str, Tensor]
+) -> Arrays:
+    """What theory says without attacking the head: margins, Result 1 and the criterion
+    with the attacked shift (estimates) and with each certified shift (guarantees)."""
     with torch.no_grad():
-        return F.cross_entropy(head(features), y, reduction="none")
+        logits = head(features)
+    correct = logits.argmax(dim=1) == y
+    margin = normalized_margin(head, features)
+    attacked = shift[Array.SHIFT]
+    arrays: Arrays = {
+        Array.LABEL: y,
+        Array.PREDICTION: logits.argmax(dim=1),
+        Array.CORRECT: correct,
+        Array.CLEAN_LOSS: F.cross_entropy(logits, y, reduction="none"),
+        Array.MARGIN: margin,
+        Array.SHIFT: attacked,
+        Array.LOSS_BOUND: adversarial_cross_entropy_bound(head, features, y, attacked),
+        Array.PREDICTED_ROBUST: correct & (margin > attacked),
+    }
+    for suffix in _certified_suffixes(shift):
+        certified = shift[Array.CERTIFIED_SHIFT + suffix]
+        arrays[Array.CERTIFIED_SHIFT + suffix] = certified
+        arrays[Array.CERTIFIED_LOSS_BOUND + suffix] = adversarial_cross_entropy_bound(
+            head, features, y, certified
+        )
+        arrays[Array.CERTIFIED_ROBUST + suffix] = correct & (margin > certified)
+    return arrays
 
 
 def evaluate_classification(
@@ -75,22 +136,22 @@ def evaluate_classification(
     settings: AttackSettings,
     *,
     seed: int,
+    sample_ids: Tensor | None = None,
     progress: bool = False,
 ) -> Arrays:
     """Per-sample outcome of a classification head, the attacks and Result 1 and 2.
 
-    ``shift`` comes from :func:`measure_shift` for this very encoder. ``robust_pgd``
-    means no PGD attack (cross-entropy, then targeted margins) broke the point;
-    ``robust_attacked`` adds the task-agnostic perturbation; ``adv_loss`` is the
-    largest cross-entropy seen at any attacked point (and the clean one).
+    ``shift`` comes from :func:`measure_shift` (or the study's stored equivalent) for this
+    very encoder. ``robust_pgd`` means no PGD attack (cross-entropy, then targeted
+    margins) broke the point; ``robust_attacked`` adds the task-agnostic perturbation;
+    ``adv_loss`` is the largest cross-entropy seen at any attacked point (and the clean one).
     """
     head = head.to(x.device).eval()
     model = nn.Sequential(encoder, head).eval()
-    features, features_adv = shift["features"], shift["features_adv"]
+    arrays = classification_theory(head, shift[Array.FEATURES], y, shift)
+    correct = arrays[Array.CORRECT]
     with torch.no_grad():
-        logits = head(features)
-        logits_task_agnostic = head(features_adv)
-    correct = logits.argmax(dim=1) == y
+        logits_task_agnostic = head(shift[Array.FEATURES_ADV])
     ce, targeted = (
         attack_classifier(
             model,
@@ -103,6 +164,7 @@ def evaluate_classification(
             seed=seed,
             batch_size=settings.batch_size,
             progress=progress,
+            sample_ids=sample_ids,
         )
         for loss, restarts in (("ce", settings.restarts), ("targeted", settings.targeted_restarts))
     )
@@ -112,39 +174,22 @@ def evaluate_classification(
             attack_autoattack(model, x, y, threat, seed=seed, batch_size=settings.batch_size)
         )
     losses = [
-        F.cross_entropy(logits, y, reduction="none"),
+        arrays[Array.CLEAN_LOSS],
         *(F.cross_entropy(attack.logits_adv, y, reduction="none") for attack in attacks),
-        _ce(head, features_adv, y),
+        F.cross_entropy(logits_task_agnostic, y, reduction="none"),
     ]
     robust_task_agnostic = correct & (logits_task_agnostic.argmax(dim=1) == y)
-    robust_pgd = ce.robust & targeted.robust
     robust_attacked = robust_task_agnostic
     for attack in attacks:
         robust_attacked = robust_attacked & attack.robust
-    margin = normalized_margin(head, features)
-    arrays = {
-        "label": y,
-        "prediction": logits.argmax(dim=1),
-        "correct": correct,
-        "clean_loss": losses[0],
-        "adv_loss": torch.stack(losses).amax(dim=0),
-        "margin": margin,
-        "shift": shift["shift"],
-        "loss_bound": adversarial_cross_entropy_bound(head, features, y, shift["shift"]),
-        "robust_pgd": robust_pgd,
-        "robust_task_agnostic": robust_task_agnostic,
-        "robust_attacked": robust_attacked,
-        "predicted_robust": correct & (margin > shift["shift"]),
+    arrays |= {
+        Array.ADV_LOSS: torch.stack(losses).amax(dim=0),
+        Array.ROBUST_PGD: ce.robust & targeted.robust,
+        Array.ROBUST_TASK_AGNOSTIC: robust_task_agnostic,
+        Array.ROBUST_ATTACKED: robust_attacked,
     }
     if settings.autoattack:
-        arrays["robust_autoattack"] = attacks[-1].robust
-    if "certified_shift" in shift:
-        certified = shift["certified_shift"]
-        arrays["certified_shift"] = certified
-        arrays["certified_loss_bound"] = adversarial_cross_entropy_bound(
-            head, features, y, certified
-        )
-        arrays["certified_robust"] = correct & (margin > certified)
+        arrays[Array.ROBUST_AUTOATTACK] = attacks[-1].robust
     return arrays
 
 
@@ -165,12 +210,13 @@ def evaluate_regression(
     settings: AttackSettings,
     *,
     seed: int,
+    sample_ids: Tensor | None = None,
     progress: bool = False,
 ) -> Arrays:
     """Per-sample losses (mean over the targets) of a regression head and their bounds."""
     head = head.to(x.device).eval()
     model = nn.Sequential(encoder, head).eval()
-    features, features_adv = shift["features"], shift["features_adv"]
+    features = shift[Array.FEATURES]
     attacked = attack_regression(
         model,
         x,
@@ -182,20 +228,23 @@ def evaluate_regression(
         seed=seed,
         batch_size=settings.batch_size,
         progress=progress,
+        sample_ids=sample_ids,
     )
     with torch.no_grad():
-        task_agnostic = regression_loss(head(features_adv), targets, loss)
+        task_agnostic = regression_loss(head(shift[Array.FEATURES_ADV]), targets, loss)
     bound = _REGRESSION_BOUNDS[loss]
-    arrays = {
-        "clean_loss": attacked.loss,
-        "adv_loss": torch.stack([attacked.loss, attacked.loss_adv, task_agnostic]).amax(dim=0),
-        "shift": shift["shift"],
-        "loss_bound": bound(head, features, targets, shift["shift"]).reshape(len(x), -1).mean(1),
+
+    def mean_bound(radius: Tensor) -> Tensor:
+        return bound(head, features, targets, radius).reshape(len(x), -1).mean(1)
+
+    arrays: Arrays = {
+        Array.CLEAN_LOSS: attacked.loss,
+        Array.ADV_LOSS: torch.stack([attacked.loss, attacked.loss_adv, task_agnostic]).amax(0),
+        Array.SHIFT: shift[Array.SHIFT],
+        Array.LOSS_BOUND: mean_bound(shift[Array.SHIFT]),
     }
-    if "certified_shift" in shift:
-        certified = shift["certified_shift"]
-        arrays["certified_shift"] = certified
-        arrays["certified_loss_bound"] = (
-            bound(head, features, targets, certified).reshape(len(x), -1).mean(1)
-        )
+    for suffix in _certified_suffixes(shift):
+        certified = shift[Array.CERTIFIED_SHIFT + suffix]
+        arrays[Array.CERTIFIED_SHIFT + suffix] = certified
+        arrays[Array.CERTIFIED_LOSS_BOUND + suffix] = mean_bound(certified)
     return arrays

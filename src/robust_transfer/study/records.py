@@ -3,10 +3,7 @@ from the per-sample arrays of the store and nothing else."""
 
 from __future__ import annotations
 
-from torch import Tensor
-
-Arrays = dict[str, Tensor]
-Record = dict[str, object]
+from ..schema import Array, Arrays, Field, Record, per_method
 
 # Float tolerance when comparing a measured loss with a bound computed from it.
 _TOLERANCE = 1e-4
@@ -17,9 +14,52 @@ def _mean(arrays: Arrays, name: str) -> float | None:
 
 
 def _exceeded(arrays: Arrays, bound: str) -> float | None:
-    if bound not in arrays:
+    if bound not in arrays or Array.ADV_LOSS not in arrays:
         return None
-    return float((arrays["adv_loss"] > arrays[bound] + _TOLERANCE).float().mean())
+    return float((arrays[Array.ADV_LOSS] > arrays[bound] + _TOLERANCE).float().mean())
+
+
+def shift_summary(arrays: Arrays) -> Record:
+    """The attacked shift's distribution and the mean tightest certified shift."""
+    shift = arrays[Array.SHIFT].float()
+    return {
+        Field.N: len(shift),
+        Field.MEAN_SHIFT: float(shift.mean()),
+        Field.MEDIAN_SHIFT: float(shift.median()),
+        Field.Q90_SHIFT: float(shift.quantile(0.9)),
+        Field.MAX_SHIFT: float(shift.max()),
+        Field.CERTIFIED_SHIFT: _mean(arrays, Array.CERTIFIED_SHIFT),
+    }
+
+
+def certified_methods(arrays: Arrays) -> list[str]:
+    """The certifiers whose per-method arrays are present, in stored order."""
+    prefix = f"{per_method(Array.CERTIFIED_SHIFT, '')}"
+    return [name.removeprefix(prefix) for name in arrays if name.startswith(prefix)]
+
+
+def _certified(arrays: Arrays, method: str | None) -> Record:
+    """The certificate fields of the tightest certificate (``method=None``) or of one."""
+
+    def array(name: Array) -> str:
+        return name if method is None else per_method(name, method)
+
+    def field(name: Field) -> str:
+        return name if method is None else per_method(name, method)
+
+    record: Record = {
+        field(Field.CERTIFIED_SHIFT): _mean(arrays, array(Array.CERTIFIED_SHIFT)),
+        field(Field.CERTIFIED_ROBUST_ACC): _mean(arrays, array(Array.CERTIFIED_ROBUST)),
+        field(Field.CERTIFIED_LOSS_BOUND): _mean(arrays, array(Array.CERTIFIED_LOSS_BOUND)),
+        field(Field.CERTIFIED_LOSS_BOUND_EXCEEDED): _exceeded(
+            arrays, array(Array.CERTIFIED_LOSS_BOUND)
+        ),
+    }
+    certified = array(Array.CERTIFIED_ROBUST)
+    if certified in arrays and Array.ROBUST_ATTACKED in arrays:
+        broken = arrays[certified] & ~arrays[Array.ROBUST_ATTACKED]
+        record[field(Field.CERTIFIED_BUT_BROKEN)] = int(broken.sum())
+    return record
 
 
 def aggregate(arrays: Arrays) -> Record:
@@ -27,33 +67,32 @@ def aggregate(arrays: Arrays) -> Record:
 
     ``loss_bound`` is Result 1 with the attacked shift (an estimate: the share of points
     whose measured adversarial loss exceeds it is ``loss_bound_exceeded``);
-    ``certified_loss_bound`` uses the certified shift (a guarantee).
-    ``certified_but_broken`` counts points certified yet broken by an attack: it must be
-    0, anything else is a bug.
+    ``certified_loss_bound`` uses the tightest certified shift (a guarantee), and
+    ``certified_*@METHOD`` each certifier's. ``certified_but_broken`` counts points
+    certified yet broken by an attack: it must be 0, anything else is a bug.
     """
-    shift = arrays["shift"].float()
+    methods = certified_methods(arrays)
     record: Record = {
-        "n": len(shift),
-        "clean_acc": _mean(arrays, "correct"),
-        "pgd_robust_acc": _mean(arrays, "robust_pgd"),
-        "attacked_robust_acc": _mean(arrays, "robust_attacked"),
-        "autoattack_robust_acc": _mean(arrays, "robust_autoattack"),
-        "task_agnostic_robust_acc": _mean(arrays, "robust_task_agnostic"),
-        "predicted_robust_acc": _mean(arrays, "predicted_robust"),
-        "certified_robust_acc": _mean(arrays, "certified_robust"),
-        "clean_loss": _mean(arrays, "clean_loss"),
-        "adv_loss": _mean(arrays, "adv_loss"),
-        "loss_bound": _mean(arrays, "loss_bound"),
-        "certified_loss_bound": _mean(arrays, "certified_loss_bound"),
-        "loss_bound_exceeded": _exceeded(arrays, "loss_bound"),
-        "certified_loss_bound_exceeded": _exceeded(arrays, "certified_loss_bound"),
-        "mean_shift": float(shift.mean()),
-        "median_shift": float(shift.median()),
-        "max_shift": float(shift.max()),
-        "certified_shift": _mean(arrays, "certified_shift"),
-        "median_margin": float(arrays["margin"].median()) if "margin" in arrays else None,
+        **shift_summary(arrays),
+        Field.CLEAN_ACC: _mean(arrays, Array.CORRECT),
+        Field.PGD_ROBUST_ACC: _mean(arrays, Array.ROBUST_PGD),
+        Field.ATTACKED_ROBUST_ACC: _mean(arrays, Array.ROBUST_ATTACKED),
+        Field.AUTOATTACK_ROBUST_ACC: _mean(arrays, Array.ROBUST_AUTOATTACK),
+        Field.TASK_AGNOSTIC_ROBUST_ACC: _mean(arrays, Array.ROBUST_TASK_AGNOSTIC),
+        Field.PREDICTED_ROBUST_ACC: _mean(arrays, Array.PREDICTED_ROBUST),
+        Field.CLEAN_LOSS: _mean(arrays, Array.CLEAN_LOSS),
+        Field.ADV_LOSS: _mean(arrays, Array.ADV_LOSS),
+        Field.LOSS_BOUND: _mean(arrays, Array.LOSS_BOUND),
+        Field.LOSS_BOUND_EXCEEDED: _exceeded(arrays, Array.LOSS_BOUND),
+        Field.MEDIAN_MARGIN: (
+            float(arrays[Array.MARGIN].median()) if Array.MARGIN in arrays else None
+        ),
+        **_certified(arrays, None),
+        Field.CERTIFIERS: sorted(
+            methods,
+            key=lambda m: float(arrays[per_method(Array.CERTIFIED_SHIFT, m)].double().mean()),
+        ),
     }
-    if "certified_robust" in arrays:
-        broken = arrays["certified_robust"] & ~arrays["robust_attacked"]
-        record["certified_but_broken"] = int(broken.sum())
+    for method in methods:
+        record |= _certified(arrays, method)
     return record

@@ -1,4 +1,4 @@
-"""``results.json``: config, versions, git revision, seeds, encoders, records, findings."""
+"""``results.json``: config, versions, git revision, runtime, encoders, records, findings."""
 
 from __future__ import annotations
 
@@ -15,14 +15,12 @@ import torchvision
 
 from .._version import __version__
 from ..atomic import atomic_write_text
-from ..report.findings import findings
-from ..report.render import write_report
-from ..report.tables import text
-from .config import ConfigError, StudyConfig
+from ..errors import ConfigError
+from ..findings import findings
+from ..schema import RESULTS_FORMAT, Arrays, Field, Key, Record, Results
+from .config import StudyConfig
 from .records import aggregate
-from .runner import StudyRun
-
-RESULTS_FORMAT = 1
+from .runner import StudyRun, Unit
 
 
 def versions() -> dict[str, str]:
@@ -52,76 +50,71 @@ def git_revision() -> str | None:
     return revision or None
 
 
-def run_study(
-    config: StudyConfig, out: str | Path, *, cache_dir: Path, progress: bool = True
-) -> dict[str, object]:
-    """Run (or resume) ``config`` into ``out``: store, ``results.json`` and the reports."""
-    out = Path(out)
-    _claim(out, config)
-    started = time.perf_counter()
-    run = StudyRun(config, out, cache_dir, progress=progress, log=print if progress else _quiet)
-    units = run.run()
-    records = []
-    for task, encoder, adaptation, threat, arrays, meta in units:
-        info = run.encoders.info(encoder)
-        pretraining = config.encoders[encoder].pretraining
-        record: dict[str, object] = {
-            "encoder": encoder,
-            "pretraining": pretraining,
-            "task": task.name,
-            "adaptation": adaptation,
-            "threat": threat.norm.value,
-            "eps": threat.eps,
-            "kind": task.kind.value,
-            "loss": None if task.loss is None else task.loss.value,
-            "weight_gap": meta.get("weight_gap"),
-            "lipschitz_l2": info.get("lipschitz_l2"),
-            **aggregate(arrays),
-            "store_key": list(run.unit_key(task, encoder, adaptation, threat)),
-        }
-        records.append(record)
-    results: dict[str, object] = {
-        "format": RESULTS_FORMAT,
-        "name": config.name,
-        "config": config.source,
-        "seed": config.seed,
-        "versions": versions(),
-        "git_revision": git_revision(),
-        "device": str(run.device),
-        "seconds": time.perf_counter() - started,
-        "encoders": run.encoder_info(),
-        "records": records,
-        "findings": [finding.to_dict() for finding in findings(records)],
+def record(run: StudyRun, unit: Unit, arrays: Arrays, meta: dict[str, object]) -> Record:
+    """One unit's record: what it is, then the aggregation of its per-sample arrays."""
+    info = run.encoders.info(unit.encoder)
+    task = unit.task
+    return {
+        Field.ENCODER: unit.encoder,
+        Field.PRETRAINING: run.config.encoders[unit.encoder].pretraining,
+        Field.TASK: task.name,
+        Field.ADAPTATION: unit.adaptation,
+        Field.THREAT: unit.threat.norm.value,
+        Field.EPS: unit.threat.eps,
+        Field.KIND: task.kind.value,
+        Field.LOSS: None if task.loss is None else task.loss.value,
+        Field.WEIGHT_GAP: meta.get(Field.WEIGHT_GAP),
+        Field.LIPSCHITZ_L2: info.get(Field.LIPSCHITZ_L2),
+        **aggregate(arrays),
+        Field.STORE_KEY: list(unit.key()),
     }
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
-    write_report(results, out)
-    if progress:
-        print(text(records))
-        for finding in results["findings"]:  # type: ignore[attr-defined]
-            verdict = {True: "reproduced", False: "NOT reproduced", None: "not tested"}
-            print(f"[{verdict[finding['holds']]}] {finding['claim']}")
-        print(f"results: {out / 'results.json'}\nreport: {out / 'report.html'}")
-    return results
 
 
-def _claim(out: Path, config: StudyConfig) -> None:
-    """Mark ``out`` as this study's folder; refuse one that holds another study's units,
-    whose stored results would otherwise be resumed as if they were this study's."""
+def results(run: StudyRun, started: float) -> Results:
+    """Run (or resume) ``run`` and return its whole ``results.json``; ``started`` is the
+    :func:`time.perf_counter` reading when the run began."""
+    records = [record(run, *unit) for unit in run.run()]
+    return {
+        Key.FORMAT: RESULTS_FORMAT,
+        Key.NAME: run.config.name,
+        Key.CONFIG: run.config.source,
+        Key.SEED: run.config.seed,
+        Key.VERSIONS: versions(),
+        Key.GIT_REVISION: git_revision(),
+        Key.RUNTIME: run.runtime.to_dict(),
+        Key.SECONDS: time.perf_counter() - started,
+        Key.ENCODERS: run.encoder_info(),
+        Key.RECORDS: records,
+        Key.FINDINGS: [finding.to_dict() for finding in findings(records)],
+    }
+
+
+_MARKER = "study.json"
+
+
+def claim(out: Path, config: StudyConfig) -> None:
+    """Mark ``out`` as this study's folder; refuse one that holds another study's units
+    (or this study's, written by another results format), whose stored results would
+    otherwise be resumed as if they were this study's."""
     fingerprint = hashlib.sha256(
         json.dumps(config.source, sort_keys=True, default=str).encode()
     ).hexdigest()
-    marker = out / "study.json"
+    marker = out / _MARKER
     if marker.is_file():
-        stored = json.loads(marker.read_text()).get("fingerprint")
-        if stored != fingerprint:
+        stored = json.loads(marker.read_text())
+        if stored.get(Key.FORMAT) != RESULTS_FORMAT:
+            raise ConfigError(
+                f"{out} holds results of format {stored.get(Key.FORMAT, 1)!r}, this "
+                f"robust-transfer writes format {RESULTS_FORMAT}; choose another --out folder"
+            )
+        if stored.get("fingerprint") != fingerprint:
             raise ConfigError(
                 f"{out} holds the results of a different study configuration; "
                 "choose another --out folder or delete this one"
             )
         return
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "name": config.name}))
-
-
-def _quiet(_: str) -> None:
-    return None
+    atomic_write_text(
+        marker,
+        json.dumps({"fingerprint": fingerprint, Key.NAME: config.name, Key.FORMAT: RESULTS_FORMAT}),
+    )

@@ -1,8 +1,9 @@
-"""Runs a study: encoders -> heads -> attacks and bounds -> per-sample store -> records.
+"""Runs a study: encoders -> heads -> attacks, certificates and bounds -> per-sample store.
 
-Resumable: every unit of work (a measured shift, a trained head, an evaluation) lands in
-the store atomically as soon as it is done, and a rerun skips what is there. Seeds are
-fixed per unit, so the order of work and any interruption leave the results unchanged.
+Resumable: every unit of work (a measured shift, a certificate, a trained head, an
+evaluation) lands in the store atomically as soon as it is done, and a rerun skips what
+is there. Random starts are drawn per sample from the study's seed, so the order of
+work, the batch size and any interruption leave the results unchanged.
 """
 
 from __future__ import annotations
@@ -15,31 +16,55 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
 from ..bounds import weight_gap
-from ..certificates import certified_shift
+from ..certify import BEST
+from ..certify.lipschitz import proven_lipschitz
 from ..data.sources import load_dataset
 from ..data.tasks import Split, get_task, stratified_split
+from ..errors import ConfigError
 from ..features import extract_features
 from ..losses import RegressionLoss
-from ..models import load_checkpoint, load_encoder
-from ..runtime import default_device
+from ..models import head_arrays, head_from_arrays, resolve_encoder
+from ..runtime import Runtime
+from ..schema import Array, Arrays, Field, Meta, StoreKind, per_method
 from ..store import Store
 from ..threat import ThreatModel
-from ..training.adapt import AdaptProtocol, adapt, train_regression_probe
+from ..training.adapt import adapt, train_regression_probe
 from ..training.pretrain import cached_pretrain
-from .config import AdaptationSpec, EncoderSpec, StudyConfig, TaskKind, TaskSpec
-from .evaluate import Arrays, evaluate_classification, evaluate_regression, measure_shift
+from .config import AdaptationSpec, EncoderSpec, RadiusRule, StudyConfig, TaskKind, TaskSpec
+from .evaluate import attacked_shift, certified_shifts, evaluate_classification, evaluate_regression
 
 Log = Callable[[str], None]
+
+# A fine-tuned encoder's weights are stored beside its head under this prefix.
+_ENCODER_PREFIX = "encoder."
 
 
 def _threat_key(threat: ThreatModel) -> tuple[str, str]:
     return threat.norm.value, f"{threat.eps:.8g}"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One evaluation: a head of ``adaptation`` on ``encoder`` for ``task``, at ``threat``."""
+
+    task: TaskSpec
+    encoder: str
+    adaptation: str
+    threat: ThreatModel
+
+    def key(self) -> tuple[str, ...]:
+        return (
+            StoreKind.UNITS,
+            self.task.name,
+            self.encoder,
+            self.adaptation,
+            *_threat_key(self.threat),
+        )
 
 
 @dataclass
@@ -49,7 +74,7 @@ class _Encoders:
     config: StudyConfig
     cache_dir: Path
     info_dir: Path
-    device: torch.device
+    runtime: Runtime
     progress: bool
     log: Log
     built: dict[str, tuple[nn.Module, dict[str, object]]] = dataclasses.field(default_factory=dict)
@@ -72,31 +97,32 @@ class _Encoders:
         return self.built[name][1] if name in self.built else {}
 
     def _build(self, spec: EncoderSpec) -> tuple[nn.Module, dict[str, object]]:
-        info: dict[str, object] = {"pretraining": spec.pretraining}
+        info: dict[str, object] = {Meta.PRETRAINING: spec.pretraining}
         if spec.pretrain is not None and spec.pretrain_task is not None:
             self.log(f"encoder {spec.name}: {spec.pretrain.protocol.value} pretraining")
             pretrain = get_task(spec.pretrain_task).pretrain
             if pretrain is None:
-                raise ValueError(f"task {spec.pretrain_task!r} has no pretraining split")
+                raise ConfigError(f"task {spec.pretrain_task!r} has no pretraining split")
             result = cached_pretrain(
-                spec.pretrain, pretrain.train, self.cache_dir, progress=self.progress
+                spec.pretrain,
+                pretrain.train,
+                self.cache_dir,
+                runtime=self.runtime,
+                progress=self.progress,
             )
             encoder: nn.Module = result.encoder
             info |= {
-                "pretrain_task": spec.pretrain_task,
-                "pretrain_config": spec.pretrain.to_dict(),
-                "pretrain_metrics": result.metrics,
-                "pretrain_seconds": result.seconds,
+                Meta.PRETRAIN_TASK: spec.pretrain_task,
+                Meta.PRETRAIN_CONFIG: spec.pretrain.to_dict(),
+                Meta.PRETRAIN_METRICS: result.metrics,
+                Meta.PRETRAIN_SECONDS: result.seconds,
             }
-        elif spec.checkpoint is not None:
-            encoder, sidecar = load_checkpoint(spec.checkpoint)
-            info |= {"checkpoint": str(spec.checkpoint), "sidecar": sidecar}
         else:
-            encoder = load_encoder(str(spec.factory))
-            info["factory"] = spec.factory
-        constant = getattr(encoder, "lipschitz_l2", None)
-        info["lipschitz_l2"] = None if constant is None else float(constant)
-        return encoder.to(self.device).eval(), info
+            loaded = resolve_encoder(str(spec.source))
+            encoder = loaded.module
+            info |= loaded.info
+        info[Field.LIPSCHITZ_L2] = proven_lipschitz(encoder)
+        return encoder.to(self.runtime.device).eval(), info
 
 
 def _downstream(task: TaskSpec) -> Split:
@@ -105,66 +131,55 @@ def _downstream(task: TaskSpec) -> Split:
     return get_task(task.name).downstream
 
 
-def _head_arrays(head: nn.Linear) -> Arrays:
-    return {"weight": head.weight.detach(), "bias": head.bias.detach()}
-
-
-def _head_from(arrays: Arrays) -> nn.Linear:
-    weight = arrays["weight"]
-    head = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        head.weight.copy_(weight)
-        head.bias.copy_(arrays["bias"])
-    return head.requires_grad_(False).eval()
-
-
 @dataclass
 class StudyRun:
-    """One run of a study into ``out``; :meth:`run` returns the records."""
+    """One run of a study into ``out``; :meth:`run` returns every unit's stored arrays."""
 
     config: StudyConfig
     out: Path
     cache_dir: Path
+    runtime: Runtime
     progress: bool = True
     log: Log = print
 
     def __post_init__(self) -> None:
         self.store = Store(self.out / "store")
-        self.device = default_device()
         self.encoders = _Encoders(
-            self.config, self.cache_dir, self.out / "encoders", self.device, self.progress, self.log
+            self.config,
+            self.cache_dir,
+            self.out / "encoders",
+            self.runtime,
+            self.progress,
+            self.log,
         )
 
-    def units(self) -> Iterator[tuple[TaskSpec, str, str, ThreatModel]]:
+    def units(self) -> Iterator[Unit]:
         for task in self.config.tasks:
             for encoder in task.encoders:
                 for adaptation in task.adaptations:
                     for threat in task.threats:
-                        yield task, encoder, adaptation, threat
+                        yield Unit(task, encoder, adaptation, threat)
 
-    def unit_key(
-        self, task: TaskSpec, encoder: str, adaptation: str, threat: ThreatModel
-    ) -> tuple[str, ...]:
-        return ("units", task.name, encoder, adaptation, *_threat_key(threat))
-
-    def run(self) -> list[tuple[TaskSpec, str, str, ThreatModel, Arrays, dict[str, object]]]:
-        todo = [unit for unit in self.units() if not self.store.has(self.unit_key(*unit))]
+    def run(self) -> list[tuple[Unit, Arrays, dict[str, object]]]:
+        todo = [unit for unit in self.units() if not self.store.has(unit.key())]
         total = sum(1 for _ in self.units())
         self.log(f"{total} evaluation units, {total - len(todo)} already in {self.store.root}")
         splits: dict[str, Split] = {}
         with tqdm(total=len(todo), desc="study", unit="unit", disable=not self.progress) as bar:
-            for task, encoder, adaptation, threat in todo:
-                if task.name not in splits:
-                    splits[task.name] = _downstream(task)
-                bar.set_postfix_str(f"{task.name} {encoder} {adaptation} {threat}")
-                self._evaluate(splits[task.name], task, encoder, adaptation, threat)
+            for unit in todo:
+                if unit.task.name not in splits:
+                    splits[unit.task.name] = _downstream(unit.task)
+                bar.set_postfix_str(
+                    f"{unit.task.name} {unit.encoder} {unit.adaptation} {unit.threat}"
+                )
+                self._evaluate(splits[unit.task.name], unit)
                 bar.update()
         results = []
         for unit in self.units():
-            loaded = self.store.load(self.unit_key(*unit))
+            loaded = self.store.load(unit.key())
             if loaded is None:
-                raise RuntimeError(f"unit {self.unit_key(*unit)} is missing after the run")
-            results.append((*unit, *loaded))
+                raise RuntimeError(f"unit {unit.key()} is missing after the run")
+            results.append((unit, *loaded))
         return results
 
     def encoder_info(self) -> dict[str, dict[str, object]]:
@@ -174,141 +189,180 @@ class StudyRun:
     def _eval_points(self, split: Split) -> tuple[Tensor, Tensor, Tensor | None]:
         test = split.test
         n = min(self.config.eval_points, len(test))
-        targets = None if test.targets is None else test.targets[:n].to(self.device)
-        return test.x[:n].to(self.device), test.y[:n].to(self.device), targets
+        device = self.runtime.device
+        targets = None if test.targets is None else test.targets[:n].to(device)
+        return test.x[:n].to(device), test.y[:n].to(device), targets
 
-    def _shift(
-        self, key: tuple[str, ...], encoder: nn.Module, x: Tensor, threat: ThreatModel
+    def _train_points(self, split: Split) -> Tensor:
+        return split.train.x[: self.config.radius_points].to(self.runtime.device)
+
+    def _stored(
+        self,
+        key: tuple[str, ...],
+        compute: Callable[[], tuple[Arrays, dict[str, object]]],
     ) -> Arrays:
+        """The arrays stored under ``key``, computed and stored first if missing."""
         loaded = self.store.load(key)
         if loaded is not None:
-            return {name: value.to(self.device) for name, value in loaded[0].items()}
+            return {name: value.to(self.runtime.device) for name, value in loaded[0].items()}
         start = time.perf_counter()
-        arrays = measure_shift(
-            encoder, x, threat, self.config.attack, seed=self.config.seed, progress=self.progress
-        )
-        self.store.save(key, arrays, {"seconds": time.perf_counter() - start})
+        arrays, meta = compute()
+        self.store.save(key, arrays, meta | {Meta.SECONDS: time.perf_counter() - start})
         return arrays
 
-    def _radius(
+    def _shift(
         self,
-        spec: AdaptationSpec,
-        task: TaskSpec,
-        encoder_name: str,
+        kind: StoreKind,
+        task: str,
+        variant: str,
         encoder: nn.Module,
-        split: Split,
+        x: Tensor,
         threat: ThreatModel,
-    ) -> float:
-        """The certified probe's feature radius for ``threat``: the encoder's certified
-        shift where it proves one, else a quantile of the attacked shift on training
-        points (never on the evaluation points)."""
-        x_train = split.train.x[: self.config.radius_points].to(self.device)
-        certified = certified_shift(encoder, threat, x_train)
-        if certified is not None:
-            return float(certified.max())
-        key = ("train-shift", task.name, encoder_name, *_threat_key(threat))
-        shift = self._shift(key, encoder, x_train, threat)
-        quantile = 0.5 if spec.radius_quantile is None else spec.radius_quantile
-        return float(shift["shift"].float().quantile(quantile))
+    ) -> Arrays:
+        """The representation attack on ``x``, once per (points, encoder, threat)."""
 
-    def _adapted(
+        def compute() -> tuple[Arrays, dict[str, object]]:
+            arrays = attacked_shift(
+                encoder,
+                x,
+                threat,
+                self.config.attack,
+                seed=self.config.seed,
+                progress=self.progress,
+            )
+            return arrays, {}
+
+        return self._stored((kind, task, variant, *_threat_key(threat)), compute)
+
+    def _certificates(
         self,
-        split: Split,
-        task: TaskSpec,
-        encoder_name: str,
-        adaptation: str,
+        kind: StoreKind,
+        task: str,
+        variant: str,
+        encoder: nn.Module,
+        x: Tensor,
         threat: ThreatModel,
-    ) -> tuple[nn.Module, nn.Linear, dict[str, object]]:
+    ) -> Arrays:
+        """Every chosen certifier's bound on ``x``, once per (points, encoder, threat)."""
+
+        def compute() -> tuple[Arrays, dict[str, object]]:
+            arrays, refused = certified_shifts(encoder, x, threat, self.config.certifiers)
+            return arrays, {Meta.REFUSED: refused}
+
+        return self._stored((kind, task, variant, *_threat_key(threat)), compute)
+
+    def _radius(
+        self, spec: AdaptationSpec, unit: Unit, encoder: nn.Module, split: Split
+    ) -> tuple[float, str]:
+        """The certified probe's feature radius for the unit's threat, by the spec's rule,
+        from training points only (never the evaluation points); and how it was set."""
+        rule = spec.radius
+        assert rule is not None  # the config gives every certified probe a rule
+        if rule.rule is RadiusRule.FIXED:
+            assert rule.value is not None
+            return rule.value, RadiusRule.FIXED.value
+        task, variant, threat = unit.task.name, unit.encoder, unit.threat
+        x_train = self._train_points(split)
+        if rule.rule is RadiusRule.CERTIFIED:
+            certified = self._certificates(
+                StoreKind.TRAIN_CERTIFICATES, task, variant, encoder, x_train, threat
+            )
+            name = (
+                Array.CERTIFIED_SHIFT
+                if rule.method == BEST
+                else per_method(Array.CERTIFIED_SHIFT, rule.method)
+            )
+            if name in certified:
+                return float(certified[name].max()), f"certified ({rule.method})"
+        shift = self._shift(StoreKind.TRAIN_SHIFT, task, variant, encoder, x_train, threat)
+        radius = float(shift[Array.SHIFT].float().quantile(rule.quantile))
+        how = f"quantile {rule.quantile:g} of the attacked shift"
+        if rule.rule is RadiusRule.CERTIFIED:
+            how += f" (no {rule.method} certificate for this encoder)"
+        return radius, how
+
+    def _adapted(self, split: Split, unit: Unit) -> tuple[nn.Module, nn.Linear, dict[str, object]]:
         """The head (and fine-tuned encoder) of one adaptation, trained once and stored."""
-        base, _ = self.encoders.get(encoder_name)
-        spec = self.config.adaptations[adaptation]
-        config = spec.config
-        per_threat = config.protocol is AdaptProtocol.CERTIFIED_PROBE and (
-            spec.radius_quantile is not None
-        )
-        key: tuple[str, ...] = ("heads", task.name, encoder_name, adaptation)
+        base, _ = self.encoders.get(unit.encoder)
+        spec = self.config.adaptations[unit.adaptation]
+        per_threat = spec.radius is not None and spec.radius.rule is not RadiusRule.FIXED
+        key: tuple[str, ...] = (StoreKind.HEADS, unit.task.name, unit.encoder, unit.adaptation)
         if per_threat:
-            key = (*key, *_threat_key(threat))
+            key = (*key, *_threat_key(unit.threat))
+        device = self.runtime.device
         loaded = self.store.load(key)
         if loaded is not None:
             arrays, stored_meta = loaded
-            head = _head_from(arrays)
+            head = head_from_arrays(arrays, f"stored head {key}")
             encoder = base
-            if stored_meta.get("fine_tuned"):
+            if stored_meta.get(Meta.FINE_TUNED):
                 encoder = copy.deepcopy(base)
-                prefix = "encoder."
-                state = {
-                    k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)
-                }
-                encoder.load_state_dict(state)
-            return encoder.to(self.device).eval(), head.to(self.device), stored_meta
+                encoder.load_state_dict(
+                    {
+                        k.removeprefix(_ENCODER_PREFIX): v
+                        for k, v in arrays.items()
+                        if k.startswith(_ENCODER_PREFIX)
+                    }
+                )
+            return encoder.to(device).eval(), head.to(device), stored_meta
         meta: dict[str, object] = {}
-        if per_threat:
-            radius = self._radius(spec, task, encoder_name, base, split, threat)
-            config = dataclasses.replace(config, radius=radius)
-            meta["radius"] = radius
+        radius = None
+        if spec.radius is not None:
+            radius, how = self._radius(spec, unit, base, split)
+            meta |= {Meta.RADIUS: radius, Meta.RADIUS_RULE: how}
+        config = spec.config_for(radius)
         start = time.perf_counter()
-        if task.kind is TaskKind.REGRESSION:
+        if unit.task.kind is TaskKind.REGRESSION:
             if split.train.targets is None:
-                raise ValueError(f"task {task.name!r} has no regression targets")
+                raise ConfigError(f"task {unit.task.name!r} has no regression targets")
             features = extract_features(base, split.train.x, progress=self.progress)
             head = train_regression_probe(
-                features, split.train.targets, task.loss or RegressionLoss.ABSOLUTE
+                features, split.train.targets, unit.task.loss or RegressionLoss.ABSOLUTE
             )
             encoder, metrics = base, {}
         else:
             adapted = adapt(base, split.train, config, progress=self.progress)
             head, encoder, metrics = adapted.head, adapted.encoder, dict(adapted.metrics)
         meta |= {
-            "metrics": metrics,
-            "seconds": time.perf_counter() - start,
-            "fine_tuned": encoder is not base,
-            "config": config.to_dict(),
+            Meta.METRICS: metrics,
+            Meta.SECONDS: time.perf_counter() - start,
+            Meta.FINE_TUNED: encoder is not base,
+            Meta.CONFIG: config.to_dict(),
         }
-        arrays = _head_arrays(head)
+        arrays = head_arrays(head)
         if encoder is not base:
-            arrays |= {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+            arrays |= {_ENCODER_PREFIX + k: v for k, v in encoder.state_dict().items()}
         self.store.save(key, arrays, meta)
-        return encoder.to(self.device).eval(), head.to(self.device).eval(), meta
+        return encoder.to(device).eval(), head.to(device).eval(), meta
 
-    def _evaluate(
-        self,
-        split: Split,
-        task: TaskSpec,
-        encoder_name: str,
-        adaptation: str,
-        threat: ThreatModel,
-    ) -> None:
+    def _evaluate(self, split: Split, unit: Unit) -> None:
         x, y, targets = self._eval_points(split)
-        encoder, head, head_meta = self._adapted(split, task, encoder_name, adaptation, threat)
+        encoder, head, head_meta = self._adapted(split, unit)
         variant = (
-            encoder_name if not head_meta.get("fine_tuned") else f"{encoder_name}+{adaptation}"
+            unit.encoder
+            if not head_meta.get(Meta.FINE_TUNED)
+            else f"{unit.encoder}+{unit.adaptation}"
         )
-        shift = self._shift(("shift", task.name, variant, *_threat_key(threat)), encoder, x, threat)
+        task, threat = unit.task, unit.threat
+        shift = self._shift(StoreKind.SHIFT, task.name, variant, encoder, x, threat)
+        shift |= self._certificates(StoreKind.CERTIFICATES, task.name, variant, encoder, x, threat)
         start = time.perf_counter()
-        settings = self.config.attack
+        settings, seed = self.config.attack, self.config.seed
         if task.kind is TaskKind.REGRESSION:
             if targets is None:
-                raise ValueError(f"task {task.name!r} has no regression targets")
+                raise ConfigError(f"task {task.name!r} has no regression targets")
+            loss = task.loss or RegressionLoss.ABSOLUTE
             arrays = evaluate_regression(
-                encoder,
-                head,
-                x,
-                targets,
-                task.loss or RegressionLoss.ABSOLUTE,
-                threat,
-                shift,
-                settings,
-                seed=self.config.seed,
+                encoder, head, x, targets, loss, threat, shift, settings, seed=seed
             )
         else:
             arrays = evaluate_classification(
-                encoder, head, x, y, threat, shift, settings, seed=self.config.seed
+                encoder, head, x, y, threat, shift, settings, seed=seed
             )
-        meta = {
-            "seconds": time.perf_counter() - start,
-            "weight_gap": float(weight_gap(head)),
-            "head": {k: v for k, v in head_meta.items() if k != "config"},
-            "adaptation_config": head_meta.get("config"),
+        meta: dict[str, object] = {
+            Meta.SECONDS: time.perf_counter() - start,
+            Meta.WEIGHT_GAP: float(weight_gap(head)),
+            Meta.HEAD: {k: v for k, v in head_meta.items() if k != Meta.CONFIG},
+            Meta.ADAPTATION_CONFIG: head_meta.get(Meta.CONFIG),
         }
-        self.store.save(self.unit_key(task, encoder_name, adaptation, threat), arrays, meta)
+        self.store.save(unit.key(), arrays, meta)

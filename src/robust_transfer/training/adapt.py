@@ -24,7 +24,6 @@ from enum import StrEnum
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..bounds import worst_case_logits
 from ..checks import (
@@ -39,6 +38,7 @@ from ..features import extract_features
 from ..losses import RegressionLoss
 from ..runtime import model_device
 from .linear_probe import train_linear_probe
+from .loop import train_epochs
 
 
 class AdaptProtocol(StrEnum):
@@ -244,31 +244,31 @@ def _fine_tune(
 ) -> float:
     device = model_device(encoder, torch.device("cpu"))
     head = head.to(device).requires_grad_(True)
-    optimizer = torch.optim.Adam([*trainable, *head.parameters()], lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    steps = config.epochs * -(-len(data) // config.batch_size)
-    bar = tqdm(total=steps, desc=config.protocol.value, disable=not progress, leave=False)
-    encoder.train()
-    last = float("nan")
-    for _ in range(config.epochs):
-        order = torch.randperm(len(data), generator=generator)
-        for start in range(0, len(data), config.batch_size):
-            index = order[start : start + config.batch_size]
-            x, y = data.x[index].to(device), data.y[index].to(device)
-            features = encoder(x).flatten(1)
-            loss = F.cross_entropy(head(features), y)
-            if anchor is not None:
-                with torch.no_grad():
-                    reference = anchor(x).flatten(1)
-                moved = (features - reference).pow(2).sum(dim=1).add(1e-12).sqrt()
-                loss = loss + config.anchor_weight * moved.mean()
-            optimizer.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            last = float(loss.detach())
-            bar.update()
-    bar.close()
-    encoder.eval()
+
+    def loss(x: Tensor, y: Tensor, _: torch.Generator) -> Tensor:
+        features = encoder(x).flatten(1)
+        value = F.cross_entropy(head(features), y)
+        if anchor is not None:
+            with torch.no_grad():
+                reference = anchor(x).flatten(1)
+            moved = (features - reference).pow(2).sum(dim=1).add(1e-12).sqrt()
+            value = value + config.anchor_weight * moved.mean()
+        return value
+
+    last = train_epochs(
+        encoder,
+        [*trainable, *head.parameters()],
+        data,
+        loss,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=config.seed,
+        device=device,
+        one_cycle=False,
+        desc=config.protocol.value,
+        progress=progress,
+    )
     head.requires_grad_(False).eval()
     return last
 

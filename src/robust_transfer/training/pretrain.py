@@ -20,21 +20,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..attacks import attack_classifier
 from ..attacks.engine import AscentSettings, maximize
 from ..bounds import certify, worst_case_logits
-from ..certificates import lipschitz_shift
+from ..certify.lipschitz import lipschitz_shift
 from ..checks import parse_choice
 from ..data.dataset import ImageDataset
 from ..models import CheckpointError, Classifier, Encoder, build_encoder, load_checkpoint
 from ..models.checkpoint import save_checkpoint
 from ..noise import SampleNoise
-from ..runtime import default_device
+from ..runtime import Runtime
 from ..threat import ThreatModel
 from .augment import augment
 from .linear_probe import train_linear_probe
+from .loop import train_epochs
 
 
 class PretrainProtocol(StrEnum):
@@ -121,7 +121,7 @@ class PretrainResult:
 
 
 # (model, inputs, labels, generator) -> mean loss of the batch
-BatchLoss = Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor]
+ModelLoss = Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor]
 
 
 def _seed_from(generator: torch.Generator) -> int:
@@ -134,7 +134,7 @@ def _threat(config: PretrainConfig) -> ThreatModel:
     return config.threat
 
 
-def _adversarial_loss(config: PretrainConfig) -> BatchLoss:
+def _adversarial_loss(config: PretrainConfig) -> ModelLoss:
     threat = _threat(config)
 
     def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
@@ -155,7 +155,7 @@ def _adversarial_loss(config: PretrainConfig) -> BatchLoss:
     return loss
 
 
-def _trades_loss(config: PretrainConfig) -> BatchLoss:
+def _trades_loss(config: PretrainConfig) -> ModelLoss:
     threat = _threat(config)
     settings = AscentSettings(config.attack_steps, 1, 2.5 * threat.eps / config.attack_steps)
 
@@ -209,7 +209,7 @@ class _Contrastive(nn.Module):
         return out
 
 
-def _simclr_loss(config: PretrainConfig) -> BatchLoss:
+def _simclr_loss(config: PretrainConfig) -> ModelLoss:
     def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         first, second = augment(x, generator), augment(x, generator)
         return nt_xent(model(first), model(second), config.temperature).mean()
@@ -217,7 +217,7 @@ def _simclr_loss(config: PretrainConfig) -> BatchLoss:
     return loss
 
 
-def _adversarial_contrastive_loss(config: PretrainConfig) -> BatchLoss:
+def _adversarial_contrastive_loss(config: PretrainConfig) -> ModelLoss:
     """RoCL-style: an instance-wise attack turns one view into the view that is hardest to
     match with the other; the adversarial view joins as an extra positive."""
     threat = _threat(config)
@@ -247,7 +247,7 @@ def _adversarial_contrastive_loss(config: PretrainConfig) -> BatchLoss:
     return loss
 
 
-def _lipschitz_margin_loss(radius: float) -> BatchLoss:
+def _lipschitz_margin_loss(radius: float) -> ModelLoss:
     """Cross-entropy on the worst-case logits of theory.md's certified probe, with the
     feature radius the encoder's Lipschitz constant guarantees for the threat model."""
 
@@ -260,34 +260,22 @@ def _lipschitz_margin_loss(radius: float) -> BatchLoss:
 
 
 def _train(
-    model: nn.Module, data: ImageDataset, config: PretrainConfig, loss: BatchLoss, progress: bool
+    model: nn.Module, data: ImageDataset, config: PretrainConfig, loss: ModelLoss, progress: bool
 ) -> float:
-    generator = torch.Generator().manual_seed(config.seed)
-    device = next(model.parameters()).device
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    steps = config.epochs * -(-len(data) // config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps)
-    last = float("nan")
-    bar = tqdm(
-        total=steps, desc=f"pretrain {config.protocol.value}", disable=not progress, leave=False
+    return train_epochs(
+        model,
+        model.parameters(),
+        data,
+        lambda x, y, generator: loss(model, x, y, generator),
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=config.seed,
+        device=next(model.parameters()).device,
+        one_cycle=True,
+        desc=f"pretrain {config.protocol.value}",
+        progress=progress,
     )
-    model.train()
-    for _ in range(config.epochs):
-        order = torch.randperm(len(data), generator=generator)
-        for start in range(0, len(data), config.batch_size):
-            index = order[start : start + config.batch_size]
-            x, y = data.x[index].to(device), data.y[index].to(device)
-            value = loss(model, x, y, generator)
-            optimizer.zero_grad()
-            value.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            schedule.step()
-            last = float(value.detach())
-            bar.update()
-            bar.set_postfix(loss=f"{last:.3f}")
-    bar.close()
-    model.eval()
-    return last
 
 
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -296,16 +284,21 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def pretrain(
-    config: PretrainConfig, data: ImageDataset, *, progress: bool = False
+    config: PretrainConfig,
+    data: ImageDataset,
+    *,
+    runtime: Runtime | None = None,
+    progress: bool = False,
 ) -> PretrainResult:
-    """Train an encoder on ``data`` (its training part) with ``config.protocol``."""
+    """Train an encoder on ``data`` (its training part) with ``config.protocol``, on
+    ``runtime``'s device (default: :meth:`Runtime.detect`)."""
     if not isinstance(data, ImageDataset):
         raise TypeError(f"data must be an ImageDataset, got {type(data).__name__}")
     if config.limit is not None:
         data = data.subset(torch.arange(min(config.limit, len(data))))
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    device = default_device()
+    device = (runtime or Runtime.detect()).device
     encoder = build_encoder(
         config.architecture, image_shape=data.image_shape, feature_dim=config.feature_dim
     )
@@ -315,13 +308,13 @@ def pretrain(
         if config.protocol is PretrainProtocol.LIPSCHITZ and encoder.lipschitz_l2 is not None
         else 0.0
     )
-    supervised: dict[PretrainProtocol, Callable[[], BatchLoss]] = {
+    supervised: dict[PretrainProtocol, Callable[[], ModelLoss]] = {
         PretrainProtocol.STANDARD: lambda: lambda m, x, y, g: F.cross_entropy(m(x), y),
         PretrainProtocol.ADVERSARIAL: lambda: _adversarial_loss(config),
         PretrainProtocol.TRADES: lambda: _trades_loss(config),
         PretrainProtocol.LIPSCHITZ: lambda: _lipschitz_margin_loss(radius),
     }
-    contrastive: dict[PretrainProtocol, Callable[[], BatchLoss]] = {
+    contrastive: dict[PretrainProtocol, Callable[[], ModelLoss]] = {
         PretrainProtocol.SIMCLR: lambda: _simclr_loss(config),
         PretrainProtocol.ADVERSARIAL_CONTRASTIVE: lambda: _adversarial_contrastive_loss(config),
     }
@@ -369,12 +362,18 @@ def cache_path(config: PretrainConfig, data: ImageDataset, cache_dir: str | Path
 
 
 def cached_pretrain(
-    config: PretrainConfig, data: ImageDataset, cache_dir: str | Path, *, progress: bool = False
+    config: PretrainConfig,
+    data: ImageDataset,
+    cache_dir: str | Path,
+    *,
+    runtime: Runtime | None = None,
+    progress: bool = False,
 ) -> PretrainResult:
     """:func:`pretrain`, or the checkpoint an identical earlier run left in ``cache_dir``.
 
     A damaged checkpoint is reported, retrained and overwritten.
     """
+    runtime = runtime or Runtime.detect()
     path = cache_path(config, data, cache_dir)
     if path.is_file():
         try:
@@ -382,13 +381,13 @@ def cached_pretrain(
             metadata = sidecar.get("metadata")
             if isinstance(metadata, dict):
                 return PretrainResult(
-                    encoder.to(default_device()),
+                    encoder.to(runtime.device),
                     dict(metadata.get("metrics", {})),
                     float(metadata.get("seconds", 0.0)),
                 )
         except CheckpointError as err:
             warnings.warn(f"retraining: {err}", stacklevel=2)
-    result = pretrain(config, data, progress=progress)
+    result = pretrain(config, data, runtime=runtime, progress=progress)
     save_checkpoint(
         path,
         result.encoder,

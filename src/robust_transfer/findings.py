@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from statistics import median
 
-Record = dict[str, object]
+from .schema import Field, FindingField, Record
 
 _ADVERSARIAL = ("adversarial", "trades", "adversarial-contrastive")
 _PROBE = "linear-probe"
@@ -23,7 +23,11 @@ class Finding:
     evidence: str
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return {
+            FindingField.CLAIM: self.claim,
+            FindingField.HOLDS: self.holds,
+            FindingField.EVIDENCE: self.evidence,
+        }
 
 
 def _num(record: Record, key: str) -> float | None:
@@ -32,7 +36,7 @@ def _num(record: Record, key: str) -> float | None:
 
 
 def _setting(record: Record) -> Key:
-    return record["task"], record["threat"], record["eps"]
+    return record[Field.TASK], record[Field.THREAT], record[Field.EPS]
 
 
 Key = tuple[object, ...]
@@ -72,7 +76,9 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
 
 
 def _probe_classification(records: Iterable[Record]) -> list[Record]:
-    return [r for r in records if r["adaptation"] == _PROBE and r.get("clean_acc") is not None]
+    return [
+        r for r in records if r[Field.ADAPTATION] == _PROBE and r.get(Field.CLEAN_ACC) is not None
+    ]
 
 
 def adversarial_vs_standard(records: Sequence[Record]) -> Finding:
@@ -82,18 +88,19 @@ def adversarial_vs_standard(records: Sequence[Record]) -> Finding:
     )
     comparisons = []
     for setting, group in _by(_probe_classification(records), _setting).items():
-        standard = [r for r in group if r["pretraining"] == "standard"]
-        adversarial = [r for r in group if r["pretraining"] in _ADVERSARIAL]
+        standard = [r for r in group if r[Field.PRETRAINING] == "standard"]
+        adversarial = [r for r in group if r[Field.PRETRAINING] in _ADVERSARIAL]
         for s in standard:
             for a in adversarial:
                 comparisons.append((setting, s, a))
     if not comparisons:
         return Finding(claim, None, "no standard and adversarial encoder share a setting")
     shift_wins = sum(
-        (_num(a, "mean_shift") or 0) < (_num(s, "mean_shift") or 0) for _, s, a in comparisons
+        (_num(a, Field.MEAN_SHIFT) or 0) < (_num(s, Field.MEAN_SHIFT) or 0)
+        for _, s, a in comparisons
     )
     acc_wins = sum(
-        (_num(a, "attacked_robust_acc") or 0) > (_num(s, "attacked_robust_acc") or 0)
+        (_num(a, Field.ATTACKED_ROBUST_ACC) or 0) > (_num(s, Field.ATTACKED_ROBUST_ACC) or 0)
         for _, s, a in comparisons
     )
     n = len(comparisons)
@@ -119,8 +126,8 @@ def bound_orders_encoders(records: Sequence[Record]) -> Finding:
     )
     correlations = []
     for _, group in _by(_probe_classification(records), _setting).items():
-        bounds = [_num(r, "loss_bound") for r in group]
-        losses = [_num(r, "adv_loss") for r in group]
+        bounds = [_num(r, Field.LOSS_BOUND) for r in group]
+        losses = [_num(r, Field.ADV_LOSS) for r in group]
         if None in bounds or None in losses:
             continue
         rho = spearman([b or 0.0 for b in bounds], [v or 0.0 for v in losses])
@@ -140,16 +147,16 @@ def bound_orders_encoders(records: Sequence[Record]) -> Finding:
 
 def probing_keeps_robustness(records: Sequence[Record]) -> Finding:
     claim = "Linear probing keeps robustness better than full fine-tuning."
-    rows = [r for r in records if r.get("clean_acc") is not None]
+    rows = [r for r in records if r.get(Field.CLEAN_ACC) is not None]
     pairs = []
-    for key, group in _by(rows, lambda r: (*_setting(r), r["encoder"])).items():
-        by_adaptation = {r["adaptation"]: r for r in group}
+    for key, group in _by(rows, lambda r: (*_setting(r), r[Field.ENCODER])).items():
+        by_adaptation = {r[Field.ADAPTATION]: r for r in group}
         if _PROBE in by_adaptation and "finetune" in by_adaptation:
             pairs.append((key, by_adaptation[_PROBE], by_adaptation["finetune"]))
     if not pairs:
         return Finding(claim, None, "no setting has both a linear probe and full fine-tuning")
     wins = sum(
-        (_num(p, "attacked_robust_acc") or 0) >= (_num(f, "attacked_robust_acc") or 0)
+        (_num(p, Field.ATTACKED_ROBUST_ACC) or 0) >= (_num(f, Field.ATTACKED_ROBUST_ACC) or 0)
         for _, p, f in pairs
     )
     lines = [
@@ -172,22 +179,24 @@ def certified_transfer(records: Sequence[Record]) -> Finding:
         "accuracy under L2, and the certified probe raises it over the plain probe."
     )
     rows = [
-        r for r in records if r["threat"] == "L2" and _num(r, "certified_robust_acc") is not None
+        r
+        for r in records
+        if r[Field.THREAT] == "L2" and _num(r, Field.CERTIFIED_ROBUST_ACC) is not None
     ]
     if not rows:
         return Finding(claim, None, "no encoder with a certified shift under L2")
     lines = []
     nonzero = raised = compared = 0
-    for key, group in _by(rows, lambda r: (*_setting(r), r["encoder"])).items():
-        by_adaptation = {r["adaptation"]: r for r in group}
+    for key, group in _by(rows, lambda r: (*_setting(r), r[Field.ENCODER])).items():
+        by_adaptation = {r[Field.ADAPTATION]: r for r in group}
         probe = by_adaptation.get(_PROBE)
         certified = by_adaptation.get("certified-probe")
-        if probe is not None and (_num(probe, "certified_robust_acc") or 0) > 0:
+        if probe is not None and (_num(probe, Field.CERTIFIED_ROBUST_ACC) or 0) > 0:
             nonzero += 1
         if probe is not None and certified is not None:
             compared += 1
-            p = _num(probe, "certified_robust_acc") or 0.0
-            c = _num(certified, "certified_robust_acc") or 0.0
+            p = _num(probe, Field.CERTIFIED_ROBUST_ACC) or 0.0
+            c = _num(certified, Field.CERTIFIED_ROBUST_ACC) or 0.0
             raised += c > p
             task, _, eps, encoder = key
             lines.append(
@@ -208,15 +217,15 @@ def bound_tightness(records: Sequence[Record]) -> Finding:
         "is exceeded only where attacks on the head move features further than the "
         "representation attack did."
     )
-    certified = [r for r in records if _num(r, "certified_loss_bound_exceeded") is not None]
-    broken = sum(int(_num(r, "certified_but_broken") or 0) for r in records)
-    exceeded = [_num(r, "loss_bound_exceeded") or 0.0 for r in records]
+    certified = [r for r in records if _num(r, Field.CERTIFIED_LOSS_BOUND_EXCEEDED) is not None]
+    broken = sum(int(_num(r, Field.CERTIFIED_BUT_BROKEN) or 0) for r in records)
+    exceeded = [_num(r, Field.LOSS_BOUND_EXCEEDED) or 0.0 for r in records]
     ratios = [
-        (_num(r, "loss_bound") or 0.0) / (_num(r, "adv_loss") or 1.0)
+        (_num(r, Field.LOSS_BOUND) or 0.0) / (_num(r, Field.ADV_LOSS) or 1.0)
         for r in records
-        if (_num(r, "adv_loss") or 0.0) > 0
+        if (_num(r, Field.ADV_LOSS) or 0.0) > 0
     ]
-    violations = sum((_num(r, "certified_loss_bound_exceeded") or 0.0) > 0 for r in certified)
+    violations = sum((_num(r, Field.CERTIFIED_LOSS_BOUND_EXCEEDED) or 0.0) > 0 for r in certified)
     evidence = (
         f"Certified bound exceeded in {violations}/{len(certified)} records; certified points "
         f"broken by an attack: {broken}. The attacked-shift estimate is exceeded on "

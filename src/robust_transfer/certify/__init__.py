@@ -1,0 +1,85 @@
+"""Certifiers: per-sample upper bounds on the representation shift, by registered method.
+
+``certified_shift(encoder, x, threat, method="best")`` is the one entry point;
+:func:`certify_all` runs several methods at once and keeps their refusals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from ..checks import check_images
+from ..errors import InputTypeError, RobustTransferError
+from ..runtime import eval_mode
+from ..threat import ThreatModel
+from .base import (
+    BEST,
+    Certificates,
+    Certifier,
+    Refusal,
+    certifier_names,
+    get_certifier,
+    register_certifier,
+)
+from .lipschitz import LipschitzCertifier, lipschitz_shift
+
+register_certifier(LipschitzCertifier())
+
+
+class NoCertificate(RobustTransferError, ValueError):
+    """No requested certifier gives a bound for this encoder and threat model."""
+
+
+def certify_all(
+    encoder: nn.Module, x: Tensor, threat: ThreatModel, methods: Sequence[str] | None = None
+) -> Certificates:
+    """Run ``methods`` (default: every registered certifier) on ``x``; each gives a bound
+    per sample or a refusal. The encoder runs in eval mode."""
+    if not isinstance(encoder, nn.Module):
+        raise InputTypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
+    if not isinstance(threat, ThreatModel):
+        raise InputTypeError(f"threat must be a ThreatModel, got {type(threat).__name__}")
+    x = check_images(x)
+    names = certifier_names() if methods is None else tuple(methods)
+    bounds: dict[str, Tensor] = {}
+    refused: dict[str, str] = {}
+    with eval_mode(encoder, purpose="certification"):
+        for name in names:
+            outcome = get_certifier(name).certify(encoder, x, threat)
+            if isinstance(outcome, Refusal):
+                refused[name] = outcome.reason
+            else:
+                bounds[name] = outcome.detach().to(x.device)
+    return Certificates(bounds, refused)
+
+
+def certified_shift(
+    encoder: nn.Module, x: Tensor, threat: ThreatModel, method: str = BEST
+) -> Tensor:
+    """Per-sample upper bound on ``||f(x') - f(x)||_2`` over ``B(x)`` by ``method`` (a
+    registered certifier's name), or with ``"best"`` the tightest per sample of all that
+    apply. Raises :class:`NoCertificate` with every certifier's reason when none applies."""
+    certificates = certify_all(encoder, x, threat, None if method == BEST else [method])
+    tightest = certificates.tightest()
+    if tightest is None:
+        reasons = "; ".join(f"{name}: {why}" for name, why in certificates.refused.items())
+        raise NoCertificate(f"no certificate for this encoder under {threat}: {reasons}")
+    return tightest
+
+
+__all__ = [
+    "BEST",
+    "Certificates",
+    "Certifier",
+    "LipschitzCertifier",
+    "NoCertificate",
+    "Refusal",
+    "certified_shift",
+    "certifier_names",
+    "certify_all",
+    "get_certifier",
+    "lipschitz_shift",
+    "register_certifier",
+]

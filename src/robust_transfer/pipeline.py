@@ -1,0 +1,56 @@
+"""A whole study from a configuration: run (or resume) it, write ``results.json``, draw
+the report. The one place above both :mod:`.study` and :mod:`.report`: the study never
+imports the report, and the report reads nothing but ``results.json`` and the store."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .atomic import atomic_write_text
+from .report.render import write_report
+from .report.tables import text
+from .runtime import Runtime
+from .schema import RESULTS_FILE, FindingField, Key, Results, records_of
+from .study.config import StudyConfig
+from .study.results import claim, results
+from .study.runner import StudyRun
+
+_VERDICT = {True: "reproduced", False: "NOT reproduced", None: "not tested"}
+
+
+def run_study(
+    config: StudyConfig,
+    out: str | Path,
+    *,
+    cache_dir: Path,
+    runtime: Runtime | None = None,
+    progress: bool = True,
+) -> Results:
+    """Run (or resume) ``config`` into ``out``: store, ``results.json`` and the reports.
+    ``runtime`` defaults to :meth:`Runtime.detect`."""
+    out = Path(out)
+    claim(out, config)
+    started = time.perf_counter()
+    run = StudyRun(
+        config,
+        out,
+        cache_dir,
+        runtime or Runtime.detect(),
+        progress=progress,
+        log=print if progress else _quiet,
+    )
+    written = results(run, started)
+    atomic_write_text(out / RESULTS_FILE, json.dumps(written, indent=2, default=str) + "\n")
+    write_report(written, out)
+    if progress:
+        print(text(records_of(written)))
+        for finding in written[Key.FINDINGS]:  # type: ignore[attr-defined]
+            print(f"[{_VERDICT[finding[FindingField.HOLDS]]}] {finding[FindingField.CLAIM]}")
+        print(f"results: {out / RESULTS_FILE}\nreport: {out / 'report.html'}")
+    return written
+
+
+def _quiet(_: str) -> None:
+    return None

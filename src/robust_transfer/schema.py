@@ -1,0 +1,188 @@
+"""The shape of every result: per-sample arrays, store keys, records and ``results.json``.
+
+Names live here and nowhere else: the study writes them, the report, findings, plots,
+tables and the CLI read them. Every member is a ``str`` (``StrEnum``), so records stay
+plain JSON. Certificates are keyed by method: ``certified_shift@lipschitz`` beside
+``certified_shift@crown``, and the unsuffixed ``certified_*`` entry is the tightest
+(per sample, the smallest certified shift of any method).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+
+from torch import Tensor
+
+from .errors import ResultsFormatError
+
+# Version 2: certificates keyed by method, the runtime, per-sample random starts.
+RESULTS_FORMAT = 2
+RESULTS_FILE = "results.json"
+
+Arrays = dict[str, Tensor]
+Record = dict[str, object]
+Results = dict[str, object]
+
+METHOD_SEPARATOR = "@"
+
+
+class Array(StrEnum):
+    """Per-sample arrays of the store: the source of truth of every number reported."""
+
+    LABEL = "label"  # class index y
+    PREDICTION = "prediction"  # argmax of the head on the clean representation
+    CORRECT = "correct"  # prediction == label
+    CLEAN_LOSS = "clean_loss"  # loss at the clean input
+    ADV_LOSS = "adv_loss"  # the largest loss at any attacked point (and the clean one)
+    MARGIN = "margin"  # normalised margin rho(x) of Result 2
+    SHIFT = "shift"  # attacked ||f(x') - f(x)||_2: a lower bound on the worst shift
+    FEATURES = "features"  # f(x)
+    FEATURES_ADV = "features_adv"  # f at the representation attack's point
+    LOSS_BOUND = "loss_bound"  # Result 1 with the attacked shift (an estimate)
+    ROBUST_PGD = "robust_pgd"  # no PGD attack broke the point
+    ROBUST_TASK_AGNOSTIC = "robust_task_agnostic"  # the representation attack's point did not
+    ROBUST_ATTACKED = "robust_attacked"  # no attack at all broke it
+    ROBUST_AUTOATTACK = "robust_autoattack"  # AutoAttack did not break it
+    PREDICTED_ROBUST = "predicted_robust"  # the criterion with the attacked shift
+    CERTIFIED_SHIFT = "certified_shift"  # an upper bound on the worst shift
+    CERTIFIED_LOSS_BOUND = "certified_loss_bound"  # Result 1 with a certified shift
+    CERTIFIED_ROBUST = "certified_robust"  # the criterion with a certified shift
+    WEIGHT = "weight"  # a stored head's (K, m) weight
+    BIAS = "bias"  # a stored head's (K,) bias
+
+
+# The arrays that exist once per certifier, and as the tightest of all.
+CERTIFIED_ARRAYS = (Array.CERTIFIED_SHIFT, Array.CERTIFIED_LOSS_BOUND, Array.CERTIFIED_ROBUST)
+
+
+class Field(StrEnum):
+    """Fields of a record: one row per (encoder, task, adaptation, threat, eps)."""
+
+    ENCODER = "encoder"
+    PRETRAINING = "pretraining"
+    TASK = "task"
+    ADAPTATION = "adaptation"
+    THREAT = "threat"  # the norm, "Linf" or "L2"
+    EPS = "eps"
+    KIND = "kind"  # classification or regression
+    LOSS = "loss"  # the regression loss, None for classification
+    WEIGHT_GAP = "weight_gap"  # D(W) of the head
+    LIPSCHITZ_L2 = "lipschitz_l2"  # the encoder's proven l2 Lipschitz constant, if any
+    N = "n"
+    CLEAN_ACC = "clean_acc"
+    PGD_ROBUST_ACC = "pgd_robust_acc"
+    ATTACKED_ROBUST_ACC = "attacked_robust_acc"
+    AUTOATTACK_ROBUST_ACC = "autoattack_robust_acc"
+    TASK_AGNOSTIC_ROBUST_ACC = "task_agnostic_robust_acc"
+    PREDICTED_ROBUST_ACC = "predicted_robust_acc"
+    CERTIFIED_ROBUST_ACC = "certified_robust_acc"  # the tightest certificate's
+    CLEAN_LOSS = "clean_loss"
+    ADV_LOSS = "adv_loss"
+    LOSS_BOUND = "loss_bound"
+    CERTIFIED_LOSS_BOUND = "certified_loss_bound"
+    LOSS_BOUND_EXCEEDED = "loss_bound_exceeded"  # share of points above the estimate
+    CERTIFIED_LOSS_BOUND_EXCEEDED = "certified_loss_bound_exceeded"  # must be 0
+    MEAN_SHIFT = "mean_shift"
+    MEDIAN_SHIFT = "median_shift"
+    Q90_SHIFT = "q90_shift"
+    MAX_SHIFT = "max_shift"
+    CERTIFIED_SHIFT = "certified_shift"  # mean of the tightest certified shift
+    MEDIAN_MARGIN = "median_margin"
+    CERTIFIED_BUT_BROKEN = "certified_but_broken"  # points certified yet broken: must be 0
+    CERTIFIERS = "certifiers"  # the methods that certified this unit, tightest first
+    STORE_KEY = "store_key"
+    ATTACK = "attack"  # the command line's attack rows: which attack ran
+    ROBUST_ACC = "robust_acc"  # ... and the robust accuracy it left
+
+
+# The record fields that exist once per certifier, and as the tightest of all.
+CERTIFIED_FIELDS = (
+    Field.CERTIFIED_SHIFT,
+    Field.CERTIFIED_ROBUST_ACC,
+    Field.CERTIFIED_LOSS_BOUND,
+    Field.CERTIFIED_LOSS_BOUND_EXCEEDED,
+    Field.CERTIFIED_BUT_BROKEN,
+)
+
+
+def per_method(name: Array | Field, method: str) -> str:
+    """The array or record key of ``name`` for one certifier, e.g. ``certified_shift@ibp``."""
+    return f"{name}{METHOD_SEPARATOR}{method}"
+
+
+class Meta(StrEnum):
+    """Metadata stored with a unit, a head or a shift, and an encoder's info."""
+
+    SECONDS = "seconds"
+    WEIGHT_GAP = "weight_gap"
+    HEAD = "head"
+    ADAPTATION_CONFIG = "adaptation_config"
+    CONFIG = "config"
+    METRICS = "metrics"
+    FINE_TUNED = "fine_tuned"
+    RADIUS = "radius"
+    RADIUS_RULE = "radius_rule"
+    REFUSED = "refused"  # certifier name -> why it could not certify
+    PRETRAINING = "pretraining"
+    PRETRAIN_TASK = "pretrain_task"
+    PRETRAIN_CONFIG = "pretrain_config"
+    PRETRAIN_METRICS = "pretrain_metrics"
+    PRETRAIN_SECONDS = "pretrain_seconds"
+    SOURCE = "source"  # the encoder spec it was loaded from
+    SIDECAR = "sidecar"
+
+
+class StoreKind(StrEnum):
+    """The first part of every store key: what kind of unit of work it holds."""
+
+    UNITS = "units"  # the per-sample evaluation of one (task, encoder, adaptation, threat)
+    SHIFT = "shift"  # the representation attack on the evaluation points
+    TRAIN_SHIFT = "train-shift"  # ... on training points (for a certified-probe radius)
+    CERTIFICATES = "certificates"  # every certifier's bound on the evaluation points
+    TRAIN_CERTIFICATES = "train-certificates"  # ... on training points
+    HEADS = "heads"  # a trained head (and a fine-tuned encoder's weights)
+
+
+class Key(StrEnum):
+    """Top-level keys of ``results.json``."""
+
+    FORMAT = "format"
+    NAME = "name"
+    CONFIG = "config"
+    SEED = "seed"
+    VERSIONS = "versions"
+    GIT_REVISION = "git_revision"
+    RUNTIME = "runtime"
+    SECONDS = "seconds"
+    ENCODERS = "encoders"
+    RECORDS = "records"
+    FINDINGS = "findings"
+
+
+class FindingField(StrEnum):
+    CLAIM = "claim"
+    HOLDS = "holds"  # True, False, or None when the study has no data for the claim
+    EVIDENCE = "evidence"
+
+
+def check_results(results: object, where: str) -> Results:
+    """``results.json``'s content if it is of this version's format; a clear error if not."""
+    if not isinstance(results, dict):
+        raise ResultsFormatError(f"{where}: not a results object")
+    found = results.get(Key.FORMAT)
+    if found != RESULTS_FORMAT:
+        raise ResultsFormatError(
+            f"{where}: results format {found!r}, but this robust-transfer reads format "
+            f"{RESULTS_FORMAT}; rerun the study into a new folder"
+        )
+    if not isinstance(results.get(Key.RECORDS), list):
+        raise ResultsFormatError(f"{where}: results have no {Key.RECORDS!s} list")
+    return results
+
+
+def records_of(results: Mapping[str, object]) -> list[Record]:
+    records = results.get(Key.RECORDS)
+    if not isinstance(records, list):
+        raise ResultsFormatError(f"results have no {Key.RECORDS!s} list")
+    return records
