@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from robust_transfer import cli
+from robust_transfer.errors import ResultsFormatError
 from robust_transfer.pipeline import run_study
 from robust_transfer.study import runner
 from robust_transfer.study.config import ConfigError, parse_config
@@ -227,6 +228,11 @@ def test_cli_single_steps(
     assert cli.main(["attack", *common, "--head", head, "--loss", "targeted"]) == 0
     assert "pgd-targeted" in capsys.readouterr().out
     assert cli.main(["report", str(root / "out")]) == 0
+    wide = tmp_path / "wide.safetensors"
+    save_file({"weight": torch.randn(5, 65), "bias": torch.zeros(5)}, wide)
+    capsys.readouterr()
+    assert cli.main(["bound", *common, "--head", str(wide)]) == 2
+    assert "takes 65 features, the encoder gives 64" in capsys.readouterr().err
 
 
 def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -266,3 +272,53 @@ def test_stored_fine_tuned_encoder_is_reused(study: tuple[Path, dict[str, Any]])
     assert new["clean_acc"] == old["clean_acc"]
     assert new["mean_shift"] == pytest.approx(old["mean_shift"], rel=1e-5)
     assert new["pgd_robust_acc"] == old["pgd_robust_acc"]
+
+
+def test_certificates_per_method_and_radius_rule(study: tuple[Path, dict[str, Any]]) -> None:
+    root, results = study
+    assert results["format"] == 2
+    assert results["runtime"]["world_size"] == 1
+    lip = [r for r in results["records"] if r["encoder"] == "lip"]
+    assert lip
+    assert all(r["certifiers"] == ["lipschitz"] for r in lip)
+    for r in lip:
+        assert r["certified_robust_acc@lipschitz"] == r["certified_robust_acc"]
+        assert r["certified_but_broken@lipschitz"] == 0
+    others = [r for r in results["records"] if r["encoder"] == "std"]
+    assert all(r["certifiers"] == [] and r["certified_robust_acc"] is None for r in others)
+    assert all("no proven Lipschitz constant" in r["refused"]["lipschitz"] for r in others)
+    store = runner.Store(root / "out" / "store")
+    rules = {}
+    for encoder in ("std", "lip"):
+        loaded = store.load(("heads", "mnist-5-9", encoder, "certified-probe", "L2", "0.5"))
+        assert loaded is not None
+        rules[encoder] = loaded[1]["radius_rule"]
+    assert rules["lip"] == "certified (best)"
+    assert rules["std"].startswith("quantile 0.5 of the attacked shift (no best certificate")
+    refused = store.load(("certificates", "mnist-5-9", "std", "L2", "0.5"))
+    assert refused is not None
+    assert "lipschitz" in refused[1]["refused"]
+
+
+def test_results_of_an_older_format_are_refused(
+    study: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, results = study
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "results.json").write_text(json.dumps({**results, "format": 1}))
+    assert cli.main(["report", str(old)]) == 2
+    assert "results format 1" in capsys.readouterr().err
+    assert not (old / "report.html").exists()
+    (old / "study.json").write_text(json.dumps({"fingerprint": "x", "name": "small"}))
+    with pytest.raises(ResultsFormatError, match="results of format 1"):
+        run_study(parse_config(SMALL), old, cache_dir=root / "cache", progress=False)
+
+
+def test_cli_keeps_the_traceback_of_a_bug(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(_: object) -> int:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setitem(cli._COMMANDS, "demo", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["demo"])

@@ -85,6 +85,10 @@ def _broken(path: list[str | int], value: object) -> dict[str, Any]:
         (["encoders", "std", "checkpoint"], "x.safetensors", "exactly one of"),
         (["adaptations", "lp", "protocol"], "prompt-tuning", r"adaptations\.lp\.protocol"),
         (["adaptations", "lp", "radius_quantile"], 2.0, "must lie in"),
+        (["adaptations", "lp", "radius"], 0.3, "only the certified probe takes a radius"),
+        (["certifiers"], ["crown-magic"], r"certifiers\[0\]: unknown certifier"),
+        (["encoders", "std"], {"spec": "no_colon"}, r"encoders\.std\.spec: unknown encoder spec"),
+        (["encoders", "std"], {"factory": "x.safetensors"}, "not found"),
         (["tasks", 0, "name"], "cifar-1000", "unknown task 'cifar-1000'"),
         (["tasks", 0, "encoders"], ["nope"], r"tasks\[0\]\.encoders: 'nope' is not defined"),
         (["tasks", 0, "kind"], "ranking", r"tasks\[0\]\.kind"),
@@ -122,3 +126,39 @@ def test_load_config_errors(tmp_path: Path) -> None:
     bad.write_text("name = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("radius", "expected"),
+    [
+        (None, ("certified", None, "best", 0.5)),
+        (0.3, ("fixed", 0.3, "best", 0.5)),
+        ({"rule": "quantile", "quantile": 0.9}, ("quantile", None, "best", 0.9)),
+        ({"rule": "certified", "method": "lipschitz"}, ("certified", None, "lipschitz", 0.5)),
+    ],
+)
+def test_certified_probe_radius_rules(radius: object, expected: tuple[object, ...]) -> None:
+    source = _minimal()
+    source["adaptations"]["cp"] = {"protocol": "certified-probe"}
+    if radius is not None:
+        source["adaptations"]["cp"]["radius"] = radius
+    rule = parse_config(source).adaptations["cp"].radius
+    assert rule is not None
+    assert (rule.rule.value, rule.value, rule.method, rule.quantile) == expected
+
+
+@pytest.mark.parametrize(
+    ("radius", "match"),
+    [
+        ({"rule": "magic"}, r"radius\.rule: unknown radius rule"),
+        ({"rule": "fixed"}, r"radius\.value: the fixed rule needs a value"),
+        ({"rule": "certified", "method": "ibp-x"}, r"radius\.method: unknown certifier"),
+        ({"rule": "quantile", "quantile": 3}, r"radius\.quantile: must lie in"),
+        ({"rule": "fixed", "value": -1.0}, "radius must be non-negative"),
+    ],
+)
+def test_bad_radius_rules(radius: object, match: str) -> None:
+    source = _minimal()
+    source["adaptations"]["cp"] = {"protocol": "certified-probe", "radius": radius}
+    with pytest.raises(ConfigError, match=match):
+        parse_config(source)

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_features, check_labels, check_per_sample, check_tensor
+from .errors import InputError, InputTypeError
 
 
 def _check_head(head: object) -> nn.Linear:
     if not isinstance(head, nn.Linear):
-        raise TypeError(f"head must be a torch.nn.Linear, got {type(head).__name__}")
+        raise InputTypeError(f"head must be a torch.nn.Linear, got {type(head).__name__}")
     return head
 
 
@@ -28,7 +29,7 @@ def _check_head_features(
     head = _check_head(head)
     features = check_features(features, name)
     if features.shape[1] != head.in_features:
-        raise ValueError(
+        raise InputError(
             f"{name} have dimension {features.shape[1]} but the head expects {head.in_features}"
         )
     return head, features
@@ -85,14 +86,28 @@ def worst_case_logits(
     return logits + radii * class_gaps(weight, labels)
 
 
+def worst_case_cross_entropy(
+    logits: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    radius: float | Tensor,
+    reduction: str = "mean",
+) -> Tensor:
+    """``CE(ztilde, y)`` at :func:`worst_case_logits`: an upper bound on the cross-entropy
+    at every representation within ``radius``, convex in the head; differentiable."""
+    worst = worst_case_logits(logits, weight, labels, radius)
+    return F.cross_entropy(worst, labels, reduction=reduction)
+
+
 def certified_probe_objective(
     head: nn.Linear, features: Tensor, labels: Tensor, radius: float
 ) -> Tensor:
     """Per-sample ``CE(ztilde, y)``: an upper bound on the cross-entropy at any
     representation within ``radius`` of ``features``."""
     with torch.no_grad():
-        worst = worst_case_logits(head(features), head.weight, labels, radius)
-        return F.cross_entropy(worst, labels, reduction="none")
+        return worst_case_cross_entropy(
+            head(features), head.weight, labels, radius, reduction="none"
+        )
 
 
 @dataclass(frozen=True)
@@ -122,7 +137,7 @@ def cross_entropy_increase(
     head, features = _check_head_features(head, features)
     features_adv = check_features(features_adv, "features_adv")
     if features_adv.shape != features.shape:
-        raise ValueError(
+        raise InputError(
             f"features_adv has shape {tuple(features_adv.shape)}, features {tuple(features.shape)}"
         )
     labels = check_labels(labels, features.shape[0], num_classes=head.out_features)
@@ -218,12 +233,12 @@ def _regression_terms(
     n = features.shape[0]
     targets = check_tensor(targets, "targets")
     if not targets.is_floating_point():
-        raise TypeError(f"targets must be a floating point tensor, got {targets.dtype}")
+        raise InputTypeError(f"targets must be a floating point tensor, got {targets.dtype}")
     k = head.out_features
     allowed = [(n, k), (n,)] if k == 1 else [(n, k)]
     if tuple(targets.shape) not in allowed:
         shapes = " or ".join(str(shape) for shape in reversed(allowed))
-        raise ValueError(
+        raise InputError(
             f"targets must have shape {shapes} for a head with {k} output(s), "
             f"got {tuple(targets.shape)}"
         )

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_write_text
@@ -18,7 +19,7 @@ from .attacks.settings import AttackSettings
 from .bounds import weight_gap
 from .data.dataset import ImageDataset
 from .data.sources import load_dataset
-from .errors import MissingFileError, ResultsFormatError, RobustTransferError
+from .errors import InputError, MissingFileError, ResultsFormatError, RobustTransferError
 from .models import load_encoder, load_head
 from .models.specs import FORMS
 from .pipeline import run_study
@@ -166,7 +167,18 @@ def _labelled(args: argparse.Namespace) -> tuple[nn.Module, nn.Linear, Tensor, T
     encoder = _encoder(args, runtime)
     head = load_head(args.head).to(runtime.device)
     data = _data(args)
-    return encoder, head, data.x.to(runtime.device), data.y.to(runtime.device)
+    x, y = data.x.to(runtime.device), data.y.to(runtime.device)
+    with torch.no_grad():
+        dim = encoder(x[:1]).flatten(1).shape[1]
+    if dim != head.in_features:
+        raise InputError(
+            f"the head {args.head} takes {head.in_features} features, the encoder gives {dim}"
+        )
+    if int(y.max()) >= head.out_features:
+        raise InputError(
+            f"the data has class {int(y.max())}, the head only {head.out_features} classes"
+        )
+    return encoder, head, x, y
 
 
 def _cmd_bound(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checks import check_images, check_positive_int
+from .errors import InputError, InputTypeError
 from .runtime import eval_mode, model_device
 
 
@@ -29,7 +30,7 @@ def extract_features(
     runs in eval mode without gradients.
     """
     if not isinstance(encoder, nn.Module):
-        raise TypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
+        raise InputTypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
     check_positive_int(batch_size, "batch_size")
     if isinstance(data, Tensor):
         check_images(data)
@@ -38,19 +39,19 @@ def extract_features(
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=_collate_inputs)
         chunks = loader  # type: ignore[assignment]
     else:
-        raise TypeError(f"data must be a tensor or a torch Dataset, got {type(data).__name__}")
+        raise InputTypeError(f"data must be a tensor or a torch Dataset, got {type(data).__name__}")
     device = model_device(encoder, torch.device("cpu"))
     parts = []
     with eval_mode(encoder, purpose="feature extraction"), torch.no_grad():
         for chunk in tqdm(chunks, desc="features", disable=not progress, unit="batch", leave=False):
             parts.append(encoder(check_images(chunk).to(device)).flatten(1).cpu())
     if not parts:
-        raise ValueError("data is empty")
+        raise InputError("data is empty")
     return torch.cat(parts)
 
 
 def _collate_inputs(items: list[object]) -> Tensor:
     inputs = [_first(item) for item in items]
     if not all(isinstance(v, Tensor) for v in inputs):
-        raise TypeError("data set items must be tensors or tuples starting with a tensor")
+        raise InputTypeError("data set items must be tensors or tuples starting with a tensor")
     return torch.stack(inputs)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from statistics import median
 
 from .schema import Field, FindingField, Record
+from .threat import Norm
 
 _ADVERSARIAL = ("adversarial", "trades", "adversarial-contrastive")
 _PROBE = "linear-probe"
@@ -111,9 +112,11 @@ def adversarial_vs_standard(records: Sequence[Record]) -> Finding:
     ]
     for (task, threat, eps), s, a in comparisons[:6]:
         lines.append(
-            f"{task} {threat} eps={eps:.4g}: {a['encoder']} shift {_num(a, 'mean_shift'):.3g} "
-            f"vs {s['encoder']} {_num(s, 'mean_shift'):.3g}; robust acc "
-            f"{_num(a, 'attacked_robust_acc'):.3f} vs {_num(s, 'attacked_robust_acc'):.3f}"
+            f"{task} {threat} eps={eps:.4g}: {a[Field.ENCODER]} shift "
+            f"{_num(a, Field.MEAN_SHIFT):.3g} vs {s[Field.ENCODER]} "
+            f"{_num(s, Field.MEAN_SHIFT):.3g}; robust acc "
+            f"{_num(a, Field.ATTACKED_ROBUST_ACC):.3f} vs "
+            f"{_num(s, Field.ATTACKED_ROBUST_ACC):.3f}"
         )
     holds = shift_wins > n / 2 and acc_wins > n / 2
     return Finding(claim, holds, " ".join(lines))
@@ -166,9 +169,10 @@ def probing_keeps_robustness(records: Sequence[Record]) -> Finding:
     for (task, threat, eps, encoder), p, f in pairs[:6]:
         lines.append(
             f"{encoder} on {task} {threat} eps={eps:.4g}: probe "
-            f"{_num(p, 'attacked_robust_acc'):.3f} (clean {_num(p, 'clean_acc'):.3f}, shift "
-            f"{_num(p, 'mean_shift'):.3g}) vs fine-tuned {_num(f, 'attacked_robust_acc'):.3f} "
-            f"(clean {_num(f, 'clean_acc'):.3f}, shift {_num(f, 'mean_shift'):.3g})"
+            f"{_num(p, Field.ATTACKED_ROBUST_ACC):.3f} "
+            f"(clean {_num(p, Field.CLEAN_ACC):.3f}, shift {_num(p, Field.MEAN_SHIFT):.3g}) "
+            f"vs fine-tuned {_num(f, Field.ATTACKED_ROBUST_ACC):.3f} "
+            f"(clean {_num(f, Field.CLEAN_ACC):.3f}, shift {_num(f, Field.MEAN_SHIFT):.3g})"
         )
     return Finding(claim, wins > len(pairs) / 2, " ".join(lines))
 
@@ -181,7 +185,7 @@ def certified_transfer(records: Sequence[Record]) -> Finding:
     rows = [
         r
         for r in records
-        if r[Field.THREAT] == "L2" and _num(r, Field.CERTIFIED_ROBUST_ACC) is not None
+        if r[Field.THREAT] == Norm.L2 and _num(r, Field.CERTIFIED_ROBUST_ACC) is not None
     ]
     if not rows:
         return Finding(claim, None, "no encoder with a certified shift under L2")

@@ -14,6 +14,7 @@ from torch import nn
 
 from .checks import parse_choice
 from .errors import InputError, InputTypeError
+from .schema import RuntimeField
 
 
 @contextmanager
@@ -56,7 +57,8 @@ class Precision(StrEnum):
 class Runtime:
     """Where and how a run computes: device, precision, and this process's place among
     ``world_size`` processes. Built once by the caller (the study, the CLI) and passed
-    down; library functions never pick a device on their own."""
+    down. :meth:`detect` is the one place that picks a device; functions that build
+    models fall back to it when given no runtime."""
 
     device: torch.device
     precision: Precision = Precision.FP32
@@ -90,8 +92,8 @@ class Runtime:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "device": str(self.device),
-            "precision": self.precision.value,
-            "rank": self.rank,
-            "world_size": self.world_size,
+            RuntimeField.DEVICE: str(self.device),
+            RuntimeField.PRECISION: self.precision.value,
+            RuntimeField.RANK: self.rank,
+            RuntimeField.WORLD_SIZE: self.world_size,
         }

@@ -9,7 +9,7 @@ plain JSON. Certificates are keyed by method: ``certified_shift@lipschitz`` besi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 
 from torch import Tensor
@@ -19,6 +19,8 @@ from .errors import ResultsFormatError
 # Version 2: certificates keyed by method, the runtime, per-sample random starts.
 RESULTS_FORMAT = 2
 RESULTS_FILE = "results.json"
+STUDY_MARKER = "study.json"  # marks a folder as one study's: its fingerprint and format
+STORE_DIR = "store"
 
 Arrays = dict[str, Tensor]
 Record = dict[str, object]
@@ -91,6 +93,7 @@ class Field(StrEnum):
     MEDIAN_MARGIN = "median_margin"
     CERTIFIED_BUT_BROKEN = "certified_but_broken"  # points certified yet broken: must be 0
     CERTIFIERS = "certifiers"  # the methods that certified this unit, tightest first
+    REFUSED = "refused"  # certifier -> why it gave no bound for this encoder
     STORE_KEY = "store_key"
     ATTACK = "attack"  # the command line's attack rows: which attack ran
     ROBUST_ACC = "robust_acc"  # ... and the robust accuracy it left
@@ -109,6 +112,17 @@ CERTIFIED_FIELDS = (
 def per_method(name: Array | Field, method: str) -> str:
     """The array or record key of ``name`` for one certifier, e.g. ``certified_shift@ibp``."""
     return f"{name}{METHOD_SEPARATOR}{method}"
+
+
+def certificate_key(name: Array | Field, method: str | None) -> str:
+    """``name`` for the tightest certificate (``method=None``) or for one certifier."""
+    return str(name) if method is None else per_method(name, method)
+
+
+def methods_in(keys: Iterable[str], name: Array | Field) -> list[str]:
+    """The certifiers that have a per-method ``name`` among ``keys``, in their order."""
+    prefix = per_method(name, "")
+    return [key.removeprefix(prefix) for key in keys if key.startswith(prefix)]
 
 
 class Meta(StrEnum):
@@ -130,7 +144,9 @@ class Meta(StrEnum):
     PRETRAIN_METRICS = "pretrain_metrics"
     PRETRAIN_SECONDS = "pretrain_seconds"
     SOURCE = "source"  # the encoder spec it was loaded from
-    SIDECAR = "sidecar"
+    CHECKPOINT = "checkpoint"  # ... the checkpoint file
+    SIDECAR = "sidecar"  # ... and its sidecar
+    FACTORY = "factory"  # ... or the factory
 
 
 class StoreKind(StrEnum):
@@ -145,7 +161,7 @@ class StoreKind(StrEnum):
 
 
 class Key(StrEnum):
-    """Top-level keys of ``results.json``."""
+    """Top-level keys of ``results.json`` (and of the study marker)."""
 
     FORMAT = "format"
     NAME = "name"
@@ -158,6 +174,16 @@ class Key(StrEnum):
     ENCODERS = "encoders"
     RECORDS = "records"
     FINDINGS = "findings"
+    FINGERPRINT = "fingerprint"  # the marker's hash of the configuration
+
+
+class RuntimeField(StrEnum):
+    """Keys of ``results.json``'s ``runtime``."""
+
+    DEVICE = "device"
+    PRECISION = "precision"
+    RANK = "rank"
+    WORLD_SIZE = "world_size"
 
 
 class FindingField(StrEnum):

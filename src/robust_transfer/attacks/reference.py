@@ -14,6 +14,7 @@ from pyautoattack import AutoAttack
 from torch import Tensor, nn
 
 from ..checks import check_labels
+from ..errors import InputError
 from ..runtime import eval_mode, model_device
 from ..threat import ThreatModel
 from .classifier import ClassifierAttackResult
@@ -49,7 +50,7 @@ def attack_autoattack(
     model, x, threat = args.model, args.x, args.threat
     y = check_labels(y, x.shape[0], "y")
     if x.dim() != 4:
-        raise ValueError(
+        raise InputError(
             f"AutoAttack's Square attack needs images (N, C, H, W), got {tuple(x.shape)}"
         )
     device = model_device(model, x.device)
@@ -57,7 +58,7 @@ def attack_autoattack(
         logits = model(x.to(device)).to(x.device)
     classes = logits.shape[1]
     if classes < _MIN_CLASSES:
-        raise ValueError(f"AutoAttack's targeted attacks need at least 4 classes, got {classes}")
+        raise InputError(f"AutoAttack's targeted attacks need at least 4 classes, got {classes}")
     adversary = AutoAttack(
         model, norm=threat.norm.value, eps=threat.eps, version=version, seed=seed, device=device
     )

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_tensor
+from ..errors import InputError, InputTypeError
 from ..losses import RegressionLoss, regression_loss
 from ..threat import ThreatModel
 from .common import ascend_in_batches, check_attack_args
@@ -30,11 +31,11 @@ class RegressionAttackResult:
 def _check_targets(targets: object, n: int) -> Tensor:
     targets = check_tensor(targets, "targets")
     if not targets.is_floating_point():
-        raise TypeError(f"targets must be a floating point tensor, got {targets.dtype}")
+        raise InputTypeError(f"targets must be a floating point tensor, got {targets.dtype}")
     if targets.dim() not in (1, 2) or targets.shape[0] != n:
-        raise ValueError(f"targets must have shape ({n},) or ({n}, K), got {tuple(targets.shape)}")
+        raise InputError(f"targets must have shape ({n},) or ({n}, K), got {tuple(targets.shape)}")
     if not bool(torch.isfinite(targets).all()):
-        raise ValueError("targets contains NaN or infinite values")
+        raise InputError("targets contains NaN or infinite values")
     return targets
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..schema import METHOD_SEPARATOR
 from ..threat import ThreatModel
 
 
@@ -41,8 +42,10 @@ _REGISTRY: dict[str, Certifier] = {}
 def register_certifier(certifier: Certifier, *, replace: bool = False) -> None:
     """Make ``certifier`` available by its name to :func:`get_certifier` and studies."""
     name = certifier.name
-    if not name or name == BEST or "@" in name:
-        raise InputError(f"a certifier name must be non-empty, not {BEST!r}, without '@'")
+    if not name or name == BEST or METHOD_SEPARATOR in name:
+        raise InputError(
+            f"a certifier name must be non-empty, not {BEST!r}, without {METHOD_SEPARATOR!r}"
+        )
     if name in _REGISTRY and not replace:
         raise InputError(f"certifier {name!r} is already registered; pass replace=True")
     _REGISTRY[name] = certifier
@@ -76,7 +79,3 @@ class Certificates:
         if not self.bounds:
             return None
         return torch.stack(list(self.bounds.values())).amin(dim=0)
-
-    def ranked(self) -> list[str]:
-        """The methods that certified, tightest (smallest mean bound) first."""
-        return sorted(self.bounds, key=lambda m: float(self.bounds[m].double().mean()))

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .._version import __version__
 from ..atomic import atomic_write, atomic_write_text
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError, InputTypeError
 from .encoders import Encoder
 from .registry import build_encoder
 
@@ -43,9 +43,11 @@ def save_checkpoint(path: str | Path, encoder: Encoder, metadata: Mapping[str, o
     """Write ``path`` (.safetensors) and its sidecar ``path.with_suffix('.json')``."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"a checkpoint path must end in .safetensors, got {path}")
+        raise InputError(f"a checkpoint path must end in .safetensors, got {path}")
     if not isinstance(encoder, Encoder):
-        raise TypeError(f"only built-in encoders are checkpointed, got {type(encoder).__name__}")
+        raise InputTypeError(
+            f"only built-in encoders are checkpointed, got {type(encoder).__name__}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     atomic_write(path, lambda temp: save_file(state, temp))

@@ -11,13 +11,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError, InputTypeError
+
 ImageShape = tuple[int, int, int]
 
 
 def _image_shape(value: object) -> ImageShape:
     shape = tuple(value) if isinstance(value, list | tuple) else ()
     if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
-        raise ValueError(f"image_shape must be three positive integers (C, H, W), got {value!r}")
+        raise InputError(f"image_shape must be three positive integers (C, H, W), got {value!r}")
     channels, height, width = shape
     return int(channels), int(height), int(width)
 
@@ -36,7 +38,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.image_shape = _image_shape(image_shape)
         if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
-            raise ValueError(f"feature_dim must be a positive integer, got {feature_dim!r}")
+            raise InputError(f"feature_dim must be a positive integer, got {feature_dim!r}")
         self.feature_dim = feature_dim
 
     def config(self) -> dict[str, object]:
@@ -49,7 +51,7 @@ class Encoder(nn.Module):
 
     def check_input(self, x: Tensor) -> None:
         if tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(
+            raise InputError(
                 f"{type(self).__name__} expects inputs of shape (N, *{self.image_shape}), "
                 f"got {tuple(x.shape)}"
             )
@@ -166,9 +168,9 @@ class Classifier(nn.Module):
         super().__init__()
         dim = getattr(encoder, "feature_dim", None)
         if not isinstance(dim, int):
-            raise TypeError("the encoder must expose an integer feature_dim")
+            raise InputTypeError("the encoder must expose an integer feature_dim")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+            raise InputError(f"num_classes must be a positive integer, got {num_classes!r}")
         self.encoder = encoder
         self.head = nn.Linear(dim, num_classes)
 

@@ -16,7 +16,7 @@ from ..schema import Array
 
 def head_arrays(head: nn.Linear) -> dict[str, Tensor]:
     weight = head.weight.detach()
-    bias = head.bias.detach() if head.bias is not None else torch.zeros(len(weight))
+    bias = head.bias.detach() if head.bias is not None else weight.new_zeros(len(weight))
     return {Array.WEIGHT: weight, Array.BIAS: bias}
 
 

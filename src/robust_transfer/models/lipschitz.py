@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .encoders import Encoder, ImageShape
 
 # Keeps 1/sqrt(.) finite for an all-zero input channel (whose scale then does not matter).
@@ -34,7 +35,7 @@ class AOLConv2d(nn.Module):
     def __init__(self, inputs: int, outputs: int, kernel_size: int = 3) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+            raise InputError(f"kernel_size must be odd, got {kernel_size}")
         self.weight = nn.Parameter(torch.empty(outputs, inputs, kernel_size, kernel_size))
         nn.init.kaiming_normal_(self.weight)
         self.bias = nn.Parameter(torch.zeros(outputs))

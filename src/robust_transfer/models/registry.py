@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from ..errors import InputError
 from .encoders import Encoder, ResNet18, SmallCNN
 from .lipschitz import LipschitzCNN
 
@@ -18,8 +19,8 @@ def build_encoder(arch: str, **config: object) -> Encoder:
     cls = ARCHITECTURES.get(arch)
     if cls is None:
         valid = ", ".join(ARCHITECTURES)
-        raise ValueError(f"unknown encoder architecture {arch!r}: expected one of {valid}")
+        raise InputError(f"unknown encoder architecture {arch!r}: expected one of {valid}")
     try:
         return cls(**config)  # type: ignore[arg-type]
     except TypeError as err:
-        raise ValueError(f"bad arguments for {arch!r}: {err}") from err
+        raise InputError(f"bad arguments for {arch!r}: {err}") from err

@@ -18,6 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import InputError, InputTypeError, MissingFileError
+from ..schema import Meta
 from .checkpoint import load_checkpoint
 
 _CHECKPOINT_SUFFIX = ".safetensors"
@@ -51,14 +52,14 @@ def _resolve_checkpoint(spec: str, base: Path) -> str:
     path = base / _checkpoint_path(spec)
     if not path.is_file():
         raise MissingFileError(f"checkpoint not found: {path}")
-    return str(path)
+    return f"{_CHECKPOINT_PREFIX}{path}"
 
 
 def _load_checkpoint(spec: str, options: Mapping[str, object]) -> LoadedEncoder:
     if options:
         raise InputError(f"a checkpoint takes no options, got {sorted(options)}")
     encoder, sidecar = load_checkpoint(_checkpoint_path(spec))
-    return LoadedEncoder(encoder, {"checkpoint": _checkpoint_path(spec), "sidecar": sidecar})
+    return LoadedEncoder(encoder, {Meta.CHECKPOINT: _checkpoint_path(spec), Meta.SIDECAR: sidecar})
 
 
 def _split_factory(spec: str) -> tuple[str, str]:
@@ -85,7 +86,7 @@ def _load_factory(spec: str, options: Mapping[str, object]) -> LoadedEncoder:
     model = factory(**options)
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"encoder spec {spec!r}: the factory returned {type(model).__name__}")
-    return LoadedEncoder(model.eval(), {"factory": spec})
+    return LoadedEncoder(model.eval(), {Meta.FACTORY: spec})
 
 
 _SOURCES: tuple[_Source, ...] = (
@@ -132,7 +133,7 @@ def resolve_encoder(spec: str, **options: object) -> LoadedEncoder:
     a factory."""
     source = _source(spec)
     loaded = source.load(source.resolve(spec, Path.cwd()), options)
-    return LoadedEncoder(loaded.module, {"source": spec, **loaded.info})
+    return LoadedEncoder(loaded.module, {Meta.SOURCE: spec, **loaded.info})
 
 
 def load_encoder(spec: str, **options: object) -> nn.Module:

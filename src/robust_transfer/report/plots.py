@@ -218,7 +218,10 @@ def adaptation_comparison(rows: Sequence[Record], title: str) -> Figure:
 
 def regression_losses(rows: Sequence[Record], title: str) -> Figure:
     """Regression heads: clean and adversarial loss next to their bounds."""
-    labels = [f"{r['encoder']}\n{r['threat']} {float(r['eps']):.3g}" for r in rows]  # type: ignore[arg-type]
+    labels = [
+        f"{r[Field.ENCODER]}\n{r[Field.THREAT]} {float(r[Field.EPS]):.3g}"  # type: ignore[arg-type]
+        for r in rows
+    ]
     figure, axes = _subplots(1, 1, (max(5.0, 1.3 * len(rows)), 3.8))
     ax = axes[0][0]
     keys = (Field.CLEAN_LOSS, Field.ADV_LOSS, Field.LOSS_BOUND, Field.CERTIFIED_LOSS_BOUND)

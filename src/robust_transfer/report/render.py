@@ -15,8 +15,19 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..atomic import atomic_write_bytes, atomic_write_text
-from ..schema import Array, Field, FindingField, Key, Record, Results, records_of
+from ..schema import (
+    STORE_DIR,
+    Array,
+    Field,
+    FindingField,
+    Key,
+    Record,
+    Results,
+    RuntimeField,
+    records_of,
+)
 from ..store import Store
+from ..threat import Norm
 from . import plots, tables
 
 _PROBE = "linear-probe"
@@ -39,7 +50,7 @@ def _scatter_panels(
     if not rows:
         return None
     norms = sorted({str(r[Field.THREAT]) for r in rows})
-    norm = "L2" if "L2" in norms else norms[0]
+    norm = Norm.L2.value if Norm.L2 in norms else norms[0]
     eps_values = sorted({float(r[Field.EPS]) for r in rows if r[Field.THREAT] == norm})  # type: ignore[arg-type]
     eps = eps_values[len(eps_values) // 2]
     panels = []
@@ -194,7 +205,7 @@ _INTRO = (
 
 def write_report(results: Results, out: Path) -> tuple[Path, Path]:
     """Write ``report.md`` (with ``figures/``) and a self-contained ``report.html``."""
-    store = Store(out / "store")
+    store = Store(out / STORE_DIR)
     figures = _Figures(out / "figures")
     sections = _sections(results, store, figures)
     by_name = {name: (caption, payload) for name, caption, payload in figures.items}
@@ -202,7 +213,7 @@ def write_report(results: Results, out: Path) -> tuple[Path, Path]:
     versions = results.get(Key.VERSIONS)
     version = versions.get("robust_transfer") if isinstance(versions, dict) else None
     runtime = results.get(Key.RUNTIME)
-    device = runtime.get("device") if isinstance(runtime, dict) else None
+    device = runtime.get(RuntimeField.DEVICE) if isinstance(runtime, dict) else None
     meta = (
         f"robust-transfer {version}, "
         f"git {results.get(Key.GIT_REVISION)}, device {device}, "

@@ -442,6 +442,14 @@ def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> Stud
                     f"unknown certifier {method!r} (known: {', '.join(certifier_names())})",
                 )
         certifiers = tuple(names)
+    chosen = certifier_names() if certifiers is None else certifiers
+    for key, spec in adaptations.items():
+        method = None if spec.radius is None else spec.radius.method
+        if method is not None and method != BEST and method not in chosen:
+            raise _fail(
+                f"adaptations.{key}.radius.method",
+                f"certifier {method!r} is not among the study's certifiers ({', '.join(chosen)})",
+            )
     cache = source.get("cache_dir")
     cache_dir = None if cache is None else base / _expect(cache, str, "cache_dir", "a path")
     return StudyConfig(

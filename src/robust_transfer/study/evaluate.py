@@ -25,7 +25,7 @@ from ..bounds import (
 )
 from ..certify import certify_all
 from ..losses import RegressionLoss, regression_loss
-from ..schema import Array, Arrays, per_method
+from ..schema import Array, Arrays, certificate_key, methods_in, per_method
 from ..threat import ThreatModel
 
 
@@ -90,10 +90,19 @@ def measure_shift(
     return arrays | certified_shifts(encoder, x, threat, certifiers)[0]
 
 
-def _certified_suffixes(shift: Mapping[str, Tensor]) -> list[str]:
-    """``""`` for the tightest certificate and ``"@METHOD"`` for each method present."""
-    prefix = str(Array.CERTIFIED_SHIFT)
-    return [name.removeprefix(prefix) for name in shift if name.startswith(prefix)]
+def _certified_names(shift: Mapping[str, Tensor]) -> list[tuple[str, str, str]]:
+    """(certified shift, loss bound, robust) array names of the tightest certificate, if
+    there is one, and of each method present."""
+    tightest: list[str | None] = [None] if Array.CERTIFIED_SHIFT in shift else []
+    methods = [*tightest, *methods_in(shift, Array.CERTIFIED_SHIFT)]
+    return [
+        (
+            certificate_key(Array.CERTIFIED_SHIFT, method),
+            certificate_key(Array.CERTIFIED_LOSS_BOUND, method),
+            certificate_key(Array.CERTIFIED_ROBUST, method),
+        )
+        for method in methods
+    ]
 
 
 def classification_theory(
@@ -116,13 +125,11 @@ def classification_theory(
         Array.LOSS_BOUND: adversarial_cross_entropy_bound(head, features, y, attacked),
         Array.PREDICTED_ROBUST: correct & (margin > attacked),
     }
-    for suffix in _certified_suffixes(shift):
-        certified = shift[Array.CERTIFIED_SHIFT + suffix]
-        arrays[Array.CERTIFIED_SHIFT + suffix] = certified
-        arrays[Array.CERTIFIED_LOSS_BOUND + suffix] = adversarial_cross_entropy_bound(
-            head, features, y, certified
-        )
-        arrays[Array.CERTIFIED_ROBUST + suffix] = correct & (margin > certified)
+    for shift_name, bound_name, robust_name in _certified_names(shift):
+        certified = shift[shift_name]
+        arrays[shift_name] = certified
+        arrays[bound_name] = adversarial_cross_entropy_bound(head, features, y, certified)
+        arrays[robust_name] = correct & (margin > certified)
     return arrays
 
 
@@ -243,8 +250,7 @@ def evaluate_regression(
         Array.SHIFT: shift[Array.SHIFT],
         Array.LOSS_BOUND: mean_bound(shift[Array.SHIFT]),
     }
-    for suffix in _certified_suffixes(shift):
-        certified = shift[Array.CERTIFIED_SHIFT + suffix]
-        arrays[Array.CERTIFIED_SHIFT + suffix] = certified
-        arrays[Array.CERTIFIED_LOSS_BOUND + suffix] = mean_bound(certified)
+    for shift_name, bound_name, _ in _certified_names(shift):
+        arrays[shift_name] = shift[shift_name]
+        arrays[bound_name] = mean_bound(shift[shift_name])
     return arrays

@@ -3,7 +3,7 @@ from the per-sample arrays of the store and nothing else."""
 
 from __future__ import annotations
 
-from ..schema import Array, Arrays, Field, Record, per_method
+from ..schema import Array, Arrays, Field, Record, certificate_key, methods_in, per_method
 
 # Float tolerance when comparing a measured loss with a bound computed from it.
 _TOLERANCE = 1e-4
@@ -32,20 +32,14 @@ def shift_summary(arrays: Arrays) -> Record:
     }
 
 
-def certified_methods(arrays: Arrays) -> list[str]:
-    """The certifiers whose per-method arrays are present, in stored order."""
-    prefix = f"{per_method(Array.CERTIFIED_SHIFT, '')}"
-    return [name.removeprefix(prefix) for name in arrays if name.startswith(prefix)]
-
-
 def _certified(arrays: Arrays, method: str | None) -> Record:
     """The certificate fields of the tightest certificate (``method=None``) or of one."""
 
     def array(name: Array) -> str:
-        return name if method is None else per_method(name, method)
+        return certificate_key(name, method)
 
     def field(name: Field) -> str:
-        return name if method is None else per_method(name, method)
+        return certificate_key(name, method)
 
     record: Record = {
         field(Field.CERTIFIED_SHIFT): _mean(arrays, array(Array.CERTIFIED_SHIFT)),
@@ -71,7 +65,7 @@ def aggregate(arrays: Arrays) -> Record:
     ``certified_*@METHOD`` each certifier's. ``certified_but_broken`` counts points
     certified yet broken by an attack: it must be 0, anything else is a bug.
     """
-    methods = certified_methods(arrays)
+    methods = methods_in(arrays, Array.CERTIFIED_SHIFT)
     record: Record = {
         **shift_summary(arrays),
         Field.CLEAN_ACC: _mean(arrays, Array.CORRECT),

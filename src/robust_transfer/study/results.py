@@ -15,9 +15,9 @@ import torchvision
 
 from .._version import __version__
 from ..atomic import atomic_write_text
-from ..errors import ConfigError
+from ..errors import ConfigError, ResultsFormatError
 from ..findings import findings
-from ..schema import RESULTS_FORMAT, Arrays, Field, Key, Record, Results
+from ..schema import RESULTS_FORMAT, STUDY_MARKER, Arrays, Field, Key, Meta, Record, Results
 from .config import StudyConfig
 from .records import aggregate
 from .runner import StudyRun, Unit
@@ -63,7 +63,8 @@ def record(run: StudyRun, unit: Unit, arrays: Arrays, meta: dict[str, object]) -
         Field.EPS: unit.threat.eps,
         Field.KIND: task.kind.value,
         Field.LOSS: None if task.loss is None else task.loss.value,
-        Field.WEIGHT_GAP: meta.get(Field.WEIGHT_GAP),
+        Field.WEIGHT_GAP: meta.get(Meta.WEIGHT_GAP),
+        Field.REFUSED: meta.get(Meta.REFUSED, {}),
         Field.LIPSCHITZ_L2: info.get(Field.LIPSCHITZ_L2),
         **aggregate(arrays),
         Field.STORE_KEY: list(unit.key()),
@@ -89,9 +90,6 @@ def results(run: StudyRun, started: float) -> Results:
     }
 
 
-_MARKER = "study.json"
-
-
 def claim(out: Path, config: StudyConfig) -> None:
     """Mark ``out`` as this study's folder; refuse one that holds another study's units
     (or this study's, written by another results format), whose stored results would
@@ -99,15 +97,19 @@ def claim(out: Path, config: StudyConfig) -> None:
     fingerprint = hashlib.sha256(
         json.dumps(config.source, sort_keys=True, default=str).encode()
     ).hexdigest()
-    marker = out / _MARKER
+    marker = out / STUDY_MARKER
     if marker.is_file():
-        stored = json.loads(marker.read_text())
-        if stored.get(Key.FORMAT) != RESULTS_FORMAT:
-            raise ConfigError(
-                f"{out} holds results of format {stored.get(Key.FORMAT, 1)!r}, this "
+        try:
+            stored = json.loads(marker.read_text())
+        except json.JSONDecodeError as err:
+            raise ResultsFormatError(f"{marker} is damaged: {err}; choose another folder") from err
+        if not isinstance(stored, dict) or stored.get(Key.FORMAT) != RESULTS_FORMAT:
+            found = stored.get(Key.FORMAT, 1) if isinstance(stored, dict) else None
+            raise ResultsFormatError(
+                f"{out} holds results of format {found!r}, this "
                 f"robust-transfer writes format {RESULTS_FORMAT}; choose another --out folder"
             )
-        if stored.get("fingerprint") != fingerprint:
+        if stored.get(Key.FINGERPRINT) != fingerprint:
             raise ConfigError(
                 f"{out} holds the results of a different study configuration; "
                 "choose another --out folder or delete this one"

@@ -30,7 +30,7 @@ from ..features import extract_features
 from ..losses import RegressionLoss
 from ..models import head_arrays, head_from_arrays, resolve_encoder
 from ..runtime import Runtime
-from ..schema import Array, Arrays, Field, Meta, StoreKind, per_method
+from ..schema import STORE_DIR, Array, Arrays, Field, Meta, StoreKind, per_method
 from ..store import Store
 from ..threat import ThreatModel
 from ..training.adapt import adapt, train_regression_probe
@@ -143,7 +143,7 @@ class StudyRun:
     log: Log = print
 
     def __post_init__(self) -> None:
-        self.store = Store(self.out / "store")
+        self.store = Store(self.out / STORE_DIR)
         self.encoders = _Encoders(
             self.config,
             self.cache_dir,
@@ -200,15 +200,17 @@ class StudyRun:
         self,
         key: tuple[str, ...],
         compute: Callable[[], tuple[Arrays, dict[str, object]]],
-    ) -> Arrays:
-        """The arrays stored under ``key``, computed and stored first if missing."""
+    ) -> tuple[Arrays, dict[str, object]]:
+        """The arrays and metadata stored under ``key``, computed and stored if missing."""
         loaded = self.store.load(key)
-        if loaded is not None:
-            return {name: value.to(self.runtime.device) for name, value in loaded[0].items()}
-        start = time.perf_counter()
-        arrays, meta = compute()
-        self.store.save(key, arrays, meta | {Meta.SECONDS: time.perf_counter() - start})
-        return arrays
+        if loaded is None:
+            start = time.perf_counter()
+            arrays, meta = compute()
+            meta = meta | {Meta.SECONDS: time.perf_counter() - start}
+            self.store.save(key, arrays, meta)
+            loaded = arrays, meta
+        arrays, meta = loaded
+        return {name: value.to(self.runtime.device) for name, value in arrays.items()}, meta
 
     def _shift(
         self,
@@ -232,7 +234,7 @@ class StudyRun:
             )
             return arrays, {}
 
-        return self._stored((kind, task, variant, *_threat_key(threat)), compute)
+        return self._stored((kind, task, variant, *_threat_key(threat)), compute)[0]
 
     def _certificates(
         self,
@@ -242,8 +244,9 @@ class StudyRun:
         encoder: nn.Module,
         x: Tensor,
         threat: ThreatModel,
-    ) -> Arrays:
-        """Every chosen certifier's bound on ``x``, once per (points, encoder, threat)."""
+    ) -> tuple[Arrays, dict[str, object]]:
+        """Every chosen certifier's bound on ``x``, once per (points, encoder, threat), and
+        the reasons of those that gave none."""
 
         def compute() -> tuple[Arrays, dict[str, object]]:
             arrays, refused = certified_shifts(encoder, x, threat, self.config.certifiers)
@@ -264,7 +267,7 @@ class StudyRun:
         task, variant, threat = unit.task.name, unit.encoder, unit.threat
         x_train = self._train_points(split)
         if rule.rule is RadiusRule.CERTIFIED:
-            certified = self._certificates(
+            certified, _ = self._certificates(
                 StoreKind.TRAIN_CERTIFICATES, task, variant, encoder, x_train, threat
             )
             name = (
@@ -345,7 +348,10 @@ class StudyRun:
         )
         task, threat = unit.task, unit.threat
         shift = self._shift(StoreKind.SHIFT, task.name, variant, encoder, x, threat)
-        shift |= self._certificates(StoreKind.CERTIFICATES, task.name, variant, encoder, x, threat)
+        certified, certified_meta = self._certificates(
+            StoreKind.CERTIFICATES, task.name, variant, encoder, x, threat
+        )
+        shift |= certified
         start = time.perf_counter()
         settings, seed = self.config.attack, self.config.seed
         if task.kind is TaskKind.REGRESSION:
@@ -364,5 +370,6 @@ class StudyRun:
             Meta.WEIGHT_GAP: float(weight_gap(head)),
             Meta.HEAD: {k: v for k, v in head_meta.items() if k != Meta.CONFIG},
             Meta.ADAPTATION_CONFIG: head_meta.get(Meta.CONFIG),
+            Meta.REFUSED: certified_meta.get(Meta.REFUSED, {}),
         }
         self.store.save(unit.key(), arrays, meta)

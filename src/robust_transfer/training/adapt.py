@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bounds import worst_case_logits
+from ..bounds import worst_case_cross_entropy
 from ..checks import (
     check_features,
     check_labels,
@@ -34,6 +34,7 @@ from ..checks import (
     parse_choice,
 )
 from ..data.dataset import ImageDataset
+from ..errors import InputError, InputTypeError
 from ..features import extract_features
 from ..losses import RegressionLoss
 from ..runtime import model_device
@@ -73,17 +74,17 @@ class AdaptConfig:
         for name in ("epochs", "batch_size", "trainable_stages"):
             check_positive_int(getattr(self, name), name)
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+            raise InputError(f"lr must be positive, got {self.lr!r}")
         for name in ("weight_decay", "anchor_weight"):
             if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be non-negative, got {getattr(self, name)!r}")
         if not 0.0 < self.robust_weight <= 1.0:
-            raise ValueError(f"robust_weight must lie in (0, 1], got {self.robust_weight!r}")
+            raise InputError(f"robust_weight must lie in (0, 1], got {self.robust_weight!r}")
         if self.protocol is AdaptProtocol.CERTIFIED_PROBE:
             if self.radius is None:
-                raise ValueError("the certified probe needs a radius")
+                raise InputError("the certified probe needs a radius")
             if not self.radius >= 0:
-                raise ValueError(f"radius must be non-negative, got {self.radius!r}")
+                raise InputError(f"radius must be non-negative, got {self.radius!r}")
 
     def to_dict(self) -> dict[str, object]:
         values = dataclasses.asdict(self)
@@ -130,9 +131,9 @@ def train_certified_probe(
         else check_per_sample(radius, n, "radius").to(features)
     )
     if not bool((radii >= 0).all()) or not bool(torch.isfinite(radii).all()):
-        raise ValueError(f"radius must be finite and non-negative, got {radius!r}")
+        raise InputError(f"radius must be finite and non-negative, got {radius!r}")
     if not 0.0 < robust_weight <= 1.0:
-        raise ValueError(f"robust_weight must lie in (0, 1], got {robust_weight!r}")
+        raise InputError(f"robust_weight must lie in (0, 1], got {robust_weight!r}")
     head = train_linear_probe(
         features, labels, num_classes=classes, weight_decay=weight_decay, max_iter=max_iter
     )
@@ -144,9 +145,8 @@ def train_certified_probe(
     def closure() -> Tensor:
         optimizer.zero_grad()
         logits = head(features)
-        worst = worst_case_logits(logits, head.weight, labels, radii)
         mixed = (1.0 - robust_weight) * F.cross_entropy(logits, labels) + (
-            robust_weight * F.cross_entropy(worst, labels)
+            robust_weight * worst_case_cross_entropy(logits, head.weight, labels, radii)
         )
         loss = mixed + 0.5 * weight_decay * head.weight.pow(2).sum()
         loss.backward()  # type: ignore[no-untyped-call]
@@ -184,15 +184,15 @@ def train_regression_probe(
     features = check_features(features)
     kind = RegressionLoss.parse(loss)
     if not isinstance(targets, Tensor) or not targets.is_floating_point():
-        raise TypeError("targets must be a floating point tensor")
+        raise InputTypeError("targets must be a floating point tensor")
     if targets.dim() == 1:
         targets = targets[:, None]
     if targets.dim() != 2 or targets.shape[0] != features.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"targets must have shape ({features.shape[0]}, K), got {tuple(targets.shape)}"
         )
     if weight_decay < 0:
-        raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
+        raise InputError(f"weight_decay must be non-negative, got {weight_decay}")
     design = torch.cat([features, torch.ones(len(features), 1)], dim=1).double()
     goal = targets.double()
     columns = []
@@ -219,7 +219,7 @@ def _stages(encoder: nn.Module) -> list[nn.Module]:
     else:
         found = [child for child in encoder.children() if any(True for _ in child.parameters())]
     if not found:
-        raise ValueError("the encoder has no parameterised stages to fine-tune")
+        raise InputError("the encoder has no parameterised stages to fine-tune")
     return found
 
 
@@ -288,9 +288,9 @@ def adapt(
 ) -> Adapted:
     """Adapt ``encoder`` to the labelled ``data`` with ``config.protocol``."""
     if not isinstance(encoder, nn.Module):
-        raise TypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
+        raise InputTypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
     if not isinstance(data, ImageDataset):
-        raise TypeError(f"data must be an ImageDataset, got {type(data).__name__}")
+        raise InputTypeError(f"data must be an ImageDataset, got {type(data).__name__}")
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     probes: dict[AdaptProtocol, Callable[[], nn.Linear]] = {
@@ -313,7 +313,7 @@ def adapt(
         stages = _stages(adapted)
         if config.protocol is AdaptProtocol.PARTIAL_FINETUNE:
             if config.trainable_stages > len(stages):
-                raise ValueError(
+                raise InputError(
                     f"trainable_stages={config.trainable_stages} but the encoder has "
                     f"{len(stages)} stages"
                 )

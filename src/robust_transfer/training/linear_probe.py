@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_features, check_labels, check_positive_int
+from ..errors import InputError
 
 
 def train_linear_probe(
@@ -35,7 +36,7 @@ def train_linear_probe(
     labels = check_labels(labels, n, num_classes=classes)
     check_positive_int(max_iter, "max_iter")
     if weight_decay < 0:
-        raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
+        raise InputError(f"weight_decay must be non-negative, got {weight_decay}")
     head = nn.Linear(dim, classes).to(features.device, features.dtype)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)

@@ -23,10 +23,11 @@ from torch import Tensor, nn
 
 from ..attacks import attack_classifier
 from ..attacks.engine import AscentSettings, maximize
-from ..bounds import certify, worst_case_logits
-from ..certify.lipschitz import lipschitz_shift
+from ..bounds import certify, worst_case_cross_entropy
+from ..certify import certified_shift
 from ..checks import parse_choice
 from ..data.dataset import ImageDataset
+from ..errors import InputError, InputTypeError
 from ..models import CheckpointError, Classifier, Encoder, build_encoder, load_checkpoint
 from ..models.checkpoint import save_checkpoint
 from ..noise import SampleNoise
@@ -57,7 +58,7 @@ _NEEDS_THREAT = {
 
 def _positive(value: object, name: str, kind: type = int) -> None:
     if isinstance(value, bool) or not isinstance(value, kind | int) or not value > 0:  # type: ignore[operator]
-        raise ValueError(f"{name} must be positive, got {value!r}")
+        raise InputError(f"{name} must be positive, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,11 @@ class PretrainConfig:
         if self.limit is not None:
             _positive(self.limit, "limit")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
         if self.threat is not None and not isinstance(self.threat, ThreatModel):
-            raise TypeError(f"threat must be a ThreatModel, got {type(self.threat).__name__}")
+            raise InputTypeError(f"threat must be a ThreatModel, got {type(self.threat).__name__}")
         if self.protocol in _NEEDS_THREAT and self.threat is None:
-            raise ValueError(f"protocol {self.protocol.value!r} needs a threat model")
+            raise InputError(f"protocol {self.protocol.value!r} needs a threat model")
 
     @property
     def architecture(self) -> str:
@@ -130,7 +131,7 @@ def _seed_from(generator: torch.Generator) -> int:
 
 def _threat(config: PretrainConfig) -> ThreatModel:
     if config.threat is None:
-        raise ValueError(f"protocol {config.protocol.value!r} needs a threat model")
+        raise InputError(f"protocol {config.protocol.value!r} needs a threat model")
     return config.threat
 
 
@@ -253,8 +254,8 @@ def _lipschitz_margin_loss(radius: float) -> ModelLoss:
 
     def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         if not isinstance(model, Classifier):
-            raise TypeError("the Lipschitz-margin loss trains a Classifier")
-        return F.cross_entropy(worst_case_logits(model(x), model.head.weight, y, radius), y)
+            raise InputTypeError("the Lipschitz-margin loss trains a Classifier")
+        return worst_case_cross_entropy(model(x), model.head.weight, y, radius)
 
     return loss
 
@@ -293,7 +294,7 @@ def pretrain(
     """Train an encoder on ``data`` (its training part) with ``config.protocol``, on
     ``runtime``'s device (default: :meth:`Runtime.detect`)."""
     if not isinstance(data, ImageDataset):
-        raise TypeError(f"data must be an ImageDataset, got {type(data).__name__}")
+        raise InputTypeError(f"data must be an ImageDataset, got {type(data).__name__}")
     if config.limit is not None:
         data = data.subset(torch.arange(min(config.limit, len(data))))
     start = time.perf_counter()
@@ -302,12 +303,11 @@ def pretrain(
     encoder = build_encoder(
         config.architecture, image_shape=data.image_shape, feature_dim=config.feature_dim
     )
-    image_numel = data.x[0].numel()
-    radius = (
-        lipschitz_shift(float(encoder.lipschitz_l2), _threat(config), image_numel)
-        if config.protocol is PretrainProtocol.LIPSCHITZ and encoder.lipschitz_l2 is not None
-        else 0.0
-    )
+    radius = 0.0
+    if config.protocol is PretrainProtocol.LIPSCHITZ:
+        # The feature radius the encoder's proven constant guarantees at the threat model.
+        bound = certified_shift(encoder, data.x[:1], _threat(config), "lipschitz")
+        radius = float(bound.max())
     supervised: dict[PretrainProtocol, Callable[[], ModelLoss]] = {
         PretrainProtocol.STANDARD: lambda: lambda m, x, y, g: F.cross_entropy(m(x), y),
         PretrainProtocol.ADVERSARIAL: lambda: _adversarial_loss(config),
