@@ -67,14 +67,6 @@ class Radius:
     method: str = BEST
     quantile: float = 0.5
 
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "rule": self.rule.value,
-            "value": self.value,
-            "method": self.method,
-            "quantile": self.quantile,
-        }
-
 
 @dataclass(frozen=True)
 class AdaptationSpec:
