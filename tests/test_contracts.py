@@ -16,9 +16,17 @@ from torch import Tensor, nn
 
 from robust_transfer import ThreatModel, attack_classifier, attack_representation
 from robust_transfer.attacks.regression import attack_regression
-from robust_transfer.certify import Refusal, certifier_names, get_certifier
+from robust_transfer.certify import (
+    Refusal,
+    certifier_names,
+    certify_all,
+    get_certifier,
+    register_certifier,
+)
+from robust_transfer.certify import base as certify_base
 from robust_transfer.models import LipschitzCNN, ResNet18
 from robust_transfer.noise import SampleNoise
+from robust_transfer.runtime import Runtime
 
 SEED = 5
 
@@ -287,3 +295,41 @@ def test_sample_ids_are_checked() -> None:
         attack_representation(encoder, x, threat, sample_ids=torch.zeros(4))
     with pytest.raises(ValueError, match="seed"):
         attack_representation(encoder, x, threat, seed=-1)
+
+
+class _Broken:
+    """A certifier whose bound is of the wrong shape: a bug the registry must catch."""
+
+    name = "broken-for-test"
+
+    def certify(self, encoder: nn.Module, x: Tensor, threat: ThreatModel) -> Tensor:
+        return torch.ones(len(x) + 1)
+
+
+def test_a_certifier_bound_is_checked_and_registration_is_guarded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    encoder, x = _fixture("linear", n=4)
+    # Registered for this test only: the registry is global.
+    monkeypatch.setitem(certify_base._REGISTRY, _Broken.name, _Broken())
+    with pytest.raises(ValueError, match=r"certifier 'broken-for-test'.* shape"):
+        certify_all(encoder, x, THREATS[1], ["broken-for-test"])
+    with pytest.raises(ValueError, match="already registered"):
+        register_certifier(_Broken())
+    with pytest.raises(ValueError, match="unknown certifier 'nope'"):
+        certify_all(encoder, x, THREATS[1], ["nope"])
+
+
+def test_runtime_is_checked() -> None:
+    assert Runtime.detect("cpu").to_dict() == {
+        "device": "cpu",
+        "precision": "fp32",
+        "rank": 0,
+        "world_size": 1,
+    }
+    with pytest.raises(ValueError, match="rank must lie"):
+        Runtime(torch.device("cpu"), rank=2, world_size=2)
+    with pytest.raises(TypeError, match="rank must be an integer"):
+        Runtime(torch.device("cpu"), rank=1.5, world_size=2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown device"):
+        Runtime.detect("tpu:0")

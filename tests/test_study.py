@@ -294,6 +294,8 @@ def test_certificates_per_method_and_radius_rule(study: tuple[Path, dict[str, An
         assert loaded is not None
         rules[encoder] = loaded[1]["radius_rule"]
     assert rules["lip"] == "certified (best)"
+    probes = [r for r in lip if r["adaptation"] == "certified-probe"]
+    assert all(r["radius_rule"] == "certified (best)" and r["radius"] > 0 for r in probes)
     assert rules["std"].startswith("quantile 0.5 of the attacked shift (no best certificate")
     refused = store.load(("certificates", "mnist-5-9", "std", "L2", "0.5"))
     assert refused is not None

@@ -87,6 +87,7 @@ def _broken(path: list[str | int], value: object) -> dict[str, Any]:
         (["adaptations", "lp", "radius_quantile"], 2.0, "must lie in"),
         (["adaptations", "lp", "radius"], 0.3, "only the certified probe takes a radius"),
         (["certifiers"], ["crown-magic"], r"certifiers\[0\]: unknown certifier"),
+        (["certifiers"], ["lipschitz", "lipschitz"], "named twice"),
         (["encoders", "std"], {"spec": "no_colon"}, r"encoders\.std\.spec: unknown encoder spec"),
         (["encoders", "std"], {"factory": "x.safetensors"}, "not found"),
         (["tasks", 0, "name"], "cifar-1000", "unknown task 'cifar-1000'"),
@@ -155,6 +156,7 @@ def test_certified_probe_radius_rules(radius: object, expected: tuple[object, ..
         ({"rule": "certified", "method": "ibp-x"}, r"radius\.method: unknown certifier"),
         ({"rule": "quantile", "quantile": 3}, r"radius\.quantile: must lie in"),
         ({"rule": "fixed", "value": -1.0}, "radius must be non-negative"),
+        ({"rule": "quantile", "value": 0.3}, r"radius\.value: only the fixed rule takes a value"),
     ],
 )
 def test_bad_radius_rules(radius: object, match: str) -> None:

@@ -44,9 +44,8 @@ def _runtime(args: argparse.Namespace) -> Runtime:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    run_study(
-        config, args.out, cache_dir=args.cache, runtime=_runtime(args), progress=not args.quiet
-    )
+    cache = args.cache or config.cache_dir or _default_cache()
+    run_study(config, args.out, cache_dir=cache, runtime=_runtime(args), progress=not args.quiet)
     return 0
 
 
@@ -57,7 +56,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     run_study(
         default_config(),
         args.out,
-        cache_dir=args.cache,
+        cache_dir=args.cache or _default_cache(),
         runtime=_runtime(args),
         progress=not args.quiet,
     )
@@ -280,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--cache",
             type=Path,
-            default=_default_cache(),
-            help="where pretrained encoders are cached (default: %(default)s)",
+            help="where pretrained encoders are cached (default: the config's cache_dir, "
+            f"else {_default_cache()})",
         )
         sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
         _device_option(sub)

@@ -205,7 +205,8 @@ def certified_transfer(records: Sequence[Record]) -> Finding:
             task, _, eps, encoder = key
             lines.append(
                 f"{encoder} on {task} L2 eps={eps:.4g}: certified {p:.3f} (probe) -> "
-                f"{c:.3f} (certified probe), attacked {_num(certified, 'attacked_robust_acc'):.3f}"
+                f"{c:.3f} (certified probe), attacked "
+                f"{_num(certified, Field.ATTACKED_ROBUST_ACC):.3f}"
             )
     summary = (
         f"Probe certified accuracy is non-zero in {nonzero} settings; the certified probe "

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 
 def _sample_seed(seed: int, stream: int, sample: int) -> int:
     digest = hashlib.blake2b(f"{seed}/{stream}/{sample}".encode(), digest_size=8).digest()
@@ -34,9 +36,9 @@ class SampleNoise:
 
     def __post_init__(self) -> None:
         if self.seed < 0 or self.ids.dim() != 1 or self.ids.is_floating_point():
-            raise ValueError("SampleNoise needs a non-negative seed and 1-D integer sample ids")
+            raise InputError("SampleNoise needs a non-negative seed and 1-D integer sample ids")
         if self.ids.numel() and int(self.ids.min()) < 0:
-            raise ValueError("sample ids must be non-negative")
+            raise InputError("sample ids must be non-negative")
 
     @classmethod
     def first(cls, seed: int, n: int) -> SampleNoise:

@@ -69,8 +69,10 @@ class Runtime:
         if not isinstance(self.device, torch.device):
             raise InputTypeError(f"device must be a torch.device, got {self.device!r}")
         object.__setattr__(self, "precision", parse_choice(Precision, self.precision, "precision"))
-        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int):
-            raise InputTypeError(f"world_size must be an integer, got {self.world_size!r}")
+        for name in ("rank", "world_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InputTypeError(f"{name} must be an integer, got {value!r}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise InputError(
                 f"rank must lie in [0, world_size), got rank {self.rank}, "
@@ -88,6 +90,8 @@ class Runtime:
             raise InputError(f"unknown device {device!r}: {err}") from err
         if chosen.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"device {device!r} asked for, but CUDA is not available here")
+        if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+            raise InputError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) here")
         return cls(chosen)
 
     def to_dict(self) -> dict[str, object]:

@@ -94,6 +94,8 @@ class Field(StrEnum):
     CERTIFIED_BUT_BROKEN = "certified_but_broken"  # points certified yet broken: must be 0
     CERTIFIERS = "certifiers"  # the methods that certified this unit, tightest first
     REFUSED = "refused"  # certifier -> why it gave no bound for this encoder
+    RADIUS = "radius"  # a certified probe's feature radius
+    RADIUS_RULE = "radius_rule"  # ... and how its rule set it
     STORE_KEY = "store_key"
     ATTACK = "attack"  # the command line's attack rows: which attack ran
     ROBUST_ACC = "robust_acc"  # ... and the robust accuracy it left

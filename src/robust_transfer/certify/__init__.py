@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from ..checks import check_images
+from ..checks import check_images, check_per_sample
 from ..errors import InputTypeError, RobustTransferError
 from ..runtime import eval_mode
 from ..threat import ThreatModel
@@ -51,7 +51,8 @@ def certify_all(
             if isinstance(outcome, Refusal):
                 refused[name] = outcome.reason
             else:
-                bounds[name] = outcome.detach().to(x.device)
+                where = f"certifier {name!r}'s bound"
+                bounds[name] = check_per_sample(outcome.detach(), len(x), where).float()
     return Certificates(bounds, refused)
 
 

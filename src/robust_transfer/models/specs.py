@@ -83,7 +83,10 @@ def _load_factory(spec: str, options: Mapping[str, object]) -> LoadedEncoder:
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise InputError(f"encoder spec {spec!r}: {module_name} has no callable {attribute!r}")
-    model = factory(**options)
+    try:
+        model = factory(**options)
+    except TypeError as err:
+        raise InputError(f"encoder spec {spec!r}: cannot call the factory: {err}") from err
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"encoder spec {spec!r}: the factory returned {type(model).__name__}")
     return LoadedEncoder(model.eval(), {Meta.FACTORY: spec})

@@ -281,6 +281,8 @@ def _radius(table: dict[str, Any], where: str) -> Radius:
     except ValueError as err:
         raise _fail(f"{where}.rule", str(err)) from err
     fixed = None
+    if "value" in value and rule is not RadiusRule.FIXED:
+        raise _fail(f"{where}.value", f"only the fixed rule takes a value, not {rule.value!r}")
     if rule is RadiusRule.FIXED:
         if "value" not in value:
             raise _fail(f"{where}.value", "the fixed rule needs a value")
@@ -433,6 +435,8 @@ def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> Stud
                     f"certifiers[{index}]",
                     f"unknown certifier {method!r} (known: {', '.join(certifier_names())})",
                 )
+        if len(set(names)) != len(names):
+            raise _fail("certifiers", f"a certifier is named twice: {names}")
         certifiers = tuple(names)
     chosen = certifier_names() if certifiers is None else certifiers
     for key, spec in adaptations.items():

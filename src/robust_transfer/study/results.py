@@ -15,6 +15,7 @@ import torchvision
 
 from .._version import __version__
 from ..atomic import atomic_write_text
+from ..certify import certifier_names
 from ..errors import ConfigError, ResultsFormatError
 from ..findings import findings
 from ..schema import RESULTS_FORMAT, STUDY_MARKER, Arrays, Field, Key, Meta, Record, Results
@@ -54,6 +55,8 @@ def record(run: StudyRun, unit: Unit, arrays: Arrays, meta: dict[str, object]) -
     """One unit's record: what it is, then the aggregation of its per-sample arrays."""
     info = run.encoders.info(unit.encoder)
     task = unit.task
+    head = meta.get(Meta.HEAD)
+    head = head if isinstance(head, dict) else {}
     return {
         Field.ENCODER: unit.encoder,
         Field.PRETRAINING: run.config.encoders[unit.encoder].pretraining,
@@ -65,6 +68,8 @@ def record(run: StudyRun, unit: Unit, arrays: Arrays, meta: dict[str, object]) -
         Field.LOSS: None if task.loss is None else task.loss.value,
         Field.WEIGHT_GAP: meta.get(Meta.WEIGHT_GAP),
         Field.REFUSED: meta.get(Meta.REFUSED, {}),
+        Field.RADIUS: head.get(Meta.RADIUS),
+        Field.RADIUS_RULE: head.get(Meta.RADIUS_RULE),
         Field.LIPSCHITZ_L2: info.get(Field.LIPSCHITZ_L2),
         **aggregate(arrays),
         Field.STORE_KEY: list(unit.key()),
@@ -94,8 +99,10 @@ def claim(out: Path, config: StudyConfig) -> None:
     """Mark ``out`` as this study's folder; refuse one that holds another study's units
     (or this study's, written by another results format), whose stored results would
     otherwise be resumed as if they were this study's."""
+    # The certifiers a default config runs depend on what is registered: part of it too.
+    certifiers = list(config.certifiers or certifier_names())
     fingerprint = hashlib.sha256(
-        json.dumps(config.source, sort_keys=True, default=str).encode()
+        json.dumps([config.source, certifiers], sort_keys=True, default=str).encode()
     ).hexdigest()
     marker = out / STUDY_MARKER
     if marker.is_file():
@@ -118,5 +125,7 @@ def claim(out: Path, config: StudyConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(
         marker,
-        json.dumps({"fingerprint": fingerprint, Key.NAME: config.name, Key.FORMAT: RESULTS_FORMAT}),
+        json.dumps(
+            {Key.FINGERPRINT: fingerprint, Key.NAME: config.name, Key.FORMAT: RESULTS_FORMAT}
+        ),
     )

@@ -306,7 +306,7 @@ def pretrain(
     radius = 0.0
     if config.protocol is PretrainProtocol.LIPSCHITZ:
         # The feature radius the encoder's proven constant guarantees at the threat model.
-        bound = certified_shift(encoder, data.x[:1], _threat(config), "lipschitz")
+        bound = certified_shift(encoder.eval(), data.x[:1], _threat(config), "lipschitz")
         radius = float(bound.max())
     supervised: dict[PretrainProtocol, Callable[[], ModelLoss]] = {
         PretrainProtocol.STANDARD: lambda: lambda m, x, y, g: F.cross_entropy(m(x), y),
