@@ -280,26 +280,36 @@ def test_certificates_per_method_and_radius_rule(study: tuple[Path, dict[str, An
     assert results["runtime"]["world_size"] == 1
     lip = [r for r in results["records"] if r["encoder"] == "lip"]
     assert lip
-    assert all(r["certifiers"] == ["lipschitz"] for r in lip)
     for r in lip:
+        assert r["certifiers"] == ["lipschitz", "ibp"]  # tightest first
         assert r["certified_robust_acc@lipschitz"] == r["certified_robust_acc"]
-        assert r["certified_but_broken@lipschitz"] == 0
+        assert r["certified_robust_acc@ibp"] <= r["certified_robust_acc"]
+        assert r["certified_but_broken@lipschitz"] == r["certified_but_broken@ibp"] == 0
+    # Every SmallCNN is certified too, by the layer-wise constant and IBP, uselessly.
     others = [r for r in results["records"] if r["encoder"] == "std"]
-    assert all(r["certifiers"] == [] and r["certified_robust_acc"] is None for r in others)
-    assert all("no proven Lipschitz constant" in r["refused"]["lipschitz"] for r in others)
+    assert all(set(r["certifiers"]) == {"lipschitz", "ibp"} for r in others)
+    assert all(r["refused"] == {} and r["certified_shift"] > r["max_shift"] for r in others)
     store = runner.Store(root / "out" / "store")
     rules = {}
     for encoder in ("std", "lip"):
         loaded = store.load(("heads", "mnist-5-9", encoder, "certified-probe", "L2", "0.5"))
         assert loaded is not None
         rules[encoder] = loaded[1]["radius_rule"]
-    assert rules["lip"] == "certified (best)"
+    # One epoch on 300 images leaves features so close together (median distance below
+    # the certified radius) that the certified rule falls back to the quantile, with the
+    # reason, for the Lipschitz encoder as for the standard one.
+    fallback = (
+        r"quantile 0.5 of the attacked shift \(the best certificate, [0-9.e+-]+, exceeds the "
+        r"median feature distance [0-9.e+-]+ and would certify nothing\)"
+    )
+    assert re.fullmatch(fallback, rules["lip"])
+    assert re.fullmatch(fallback, rules["std"])
     probes = [r for r in lip if r["adaptation"] == "certified-probe"]
-    assert all(r["radius_rule"] == "certified (best)" and r["radius"] > 0 for r in probes)
-    assert rules["std"].startswith("quantile 0.5 of the attacked shift (no best certificate")
-    refused = store.load(("certificates", "mnist-5-9", "std", "L2", "0.5"))
-    assert refused is not None
-    assert "lipschitz" in refused[1]["refused"]
+    assert all(r["radius_rule"] == rules["lip"] for r in probes if r["eps"] == 0.5)
+    assert all(r["radius"] > 0 for r in probes)
+    stored = store.load(("certificates", "mnist-5-9", "std", "L2", "0.5"))
+    assert stored is not None
+    assert stored[1]["refused"] == {}
 
 
 def test_results_of_an_older_format_are_refused(

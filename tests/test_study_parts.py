@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cnn_encoder, linear_encoder, random_head
+from conftest import linear_encoder, mlp_encoder, random_head
 from torch import nn
 
 from robust_transfer import ThreatModel, findings
@@ -70,16 +70,30 @@ def test_lipschitz_shift_is_an_upper_bound_that_attacks_respect() -> None:
     l2 = measure_shift(encoder, x, ThreatModel("L2", 0.1), strong, seed=0)
     assert (l2["shift"] >= 0.99 * l2["certified_shift"]).all()
     assert lipschitz_shift(2.0, ThreatModel("Linf", 0.1), 100) == pytest.approx(2.0)
-    with pytest.raises(NoCertificate, match=r"lipschitz: .* states no proven Lipschitz"):
-        certified_shift(cnn_encoder(), x, ThreatModel("L2", 0.1))
+    with pytest.raises(NoCertificate, match=r"lipschitz: .*unsupported layer _Opaque.*; ibp: "):
+        certified_shift(_Opaque(mlp_encoder(20)).eval(), x, ThreatModel("L2", 0.1))
     with pytest.raises(ValueError, match="lipschitz_l2"):
         lipschitz_shift(math.nan, ThreatModel("L2", 0.1), 10)
 
 
+class _Opaque(nn.Module):
+    """A module whose forward no certifier can read."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.inner(x)
+        return out
+
+
 def _classification_arrays(lipschitz: bool) -> dict[str, torch.Tensor]:
     matrix = torch.randn(6, 12)
-    encoder = linear_encoder(matrix)
-    if lipschitz:
+    encoder: nn.Module = linear_encoder(matrix)
+    if not lipschitz:
+        encoder = _Opaque(encoder).eval()
+    else:
         encoder.lipschitz_l2 = float(torch.linalg.matrix_norm(matrix, ord=2))  # type: ignore[assignment]
     head = random_head(6, 3, seed=1, scale=3.0)
     x = 0.35 + 0.3 * torch.rand(80, 12)
@@ -233,7 +247,26 @@ def test_records_carry_every_certifier_and_the_tightest() -> None:
     arrays["certified_robust@lipschitz"] = arrays["certified_robust"]
     arrays["certified_robust@loose"] = correct & (margin > loose)
     record = aggregate(arrays)
-    assert record["certifiers"] == ["lipschitz", "loose"]
+    assert record["certifiers"] == ["lipschitz", "loose", "ibp"]  # tightest first
     assert record["certified_robust_acc"] == record["certified_robust_acc@lipschitz"]
     assert record["certified_robust_acc@loose"] <= record["certified_robust_acc"]  # type: ignore[operator]
     assert record["certified_but_broken@loose"] == 0
+
+
+def test_certified_transfer_finding_counts_encoders_built_lipschitz_only() -> None:
+    def row(encoder: str, adaptation: str, certified: float, constant: float | None) -> dict:
+        return _record(
+            encoder=encoder,
+            threat="L2",
+            adaptation=adaptation,
+            certified_robust_acc=certified,
+            attacked_robust_acc=0.8,
+            lipschitz_l2=constant,
+        )
+
+    lipschitz = [row("lip", "linear-probe", 0.3, 1.0), row("lip", "certified-probe", 0.6, 1.0)]
+    loose = [row("cnn", "linear-probe", 0.0, None), row("cnn", "certified-probe", 0.0, None)]
+    finding = findings.certified_transfer(lipschitz + loose * 3)
+    assert finding.holds is True
+    assert "raises it in 1/1" in finding.evidence
+    assert findings.certified_transfer(loose).holds is None

@@ -50,6 +50,18 @@ def extract_features(
     return torch.cat(parts)
 
 
+def median_distance(features: Tensor) -> float:
+    """The median distance between the representations of two different inputs: the
+    scale of an encoder's feature geometry (shifts and radii far above it move any
+    point anywhere)."""
+    features = features.flatten(1).double()
+    if len(features) < 2:
+        raise InputError("the median distance needs at least two inputs")
+    distances = torch.cdist(features, features)
+    pairs = torch.triu_indices(len(features), len(features), offset=1)
+    return float(distances[pairs[0], pairs[1]].median())
+
+
 def _collate_inputs(items: list[object]) -> Tensor:
     inputs = [_first(item) for item in items]
     if not all(isinstance(v, Tensor) for v in inputs):

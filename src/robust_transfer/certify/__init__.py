@@ -23,9 +23,11 @@ from .base import (
     get_certifier,
     register_certifier,
 )
+from .ibp import IBPCertifier
 from .lipschitz import LipschitzCertifier, lipschitz_shift
 
 register_certifier(LipschitzCertifier())
+register_certifier(IBPCertifier())
 
 
 class NoCertificate(RobustTransferError, ValueError):
@@ -74,6 +76,7 @@ __all__ = [
     "BEST",
     "Certificates",
     "Certifier",
+    "IBPCertifier",
     "LipschitzCertifier",
     "NoCertificate",
     "Refusal",

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..threat import Norm, ThreatModel
 from .base import Refusal
+from .network import SAFETY, chain_lipschitz, decompose
 
 
 def lipschitz_shift(lipschitz_l2: float, threat: ThreatModel, input_numel: int) -> float:
@@ -34,17 +35,27 @@ def proven_lipschitz(encoder: nn.Module) -> float | None:
 
 
 class LipschitzCertifier:
-    """``L * eps`` (L2) or ``L * sqrt(n) * eps`` (Linf) for an encoder that states a
-    proven l2 Lipschitz constant ``L`` as its ``lipschitz_l2`` attribute (see
-    :class:`robust_transfer.models.Encoder`); the same bound for every sample."""
+    """``L * eps`` (L2) or ``L * sqrt(n) * eps`` (Linf), the same bound for every sample.
+
+    ``L`` is the smaller of two proven l2 Lipschitz constants, whichever exist: the one
+    the encoder states (``lipschitz_l2``, as :class:`~robust_transfer.models.LipschitzCNN`
+    does by construction), and the product of its layers' operator norms (exact spectral
+    norms of linear maps, a Fourier bound for convolutions, the actual norms of AOL
+    layers; see :mod:`.network`), exact for an affine encoder.
+    """
 
     name = "lipschitz"
 
     def certify(self, encoder: nn.Module, x: Tensor, threat: ThreatModel) -> Tensor | Refusal:
-        constant = proven_lipschitz(encoder)
-        if constant is None:
-            return Refusal(
-                f"{type(encoder).__name__} states no proven Lipschitz constant (lipschitz_l2)"
-            )
-        bound = lipschitz_shift(constant, threat, x[0].numel())
+        constants = []
+        stated = proven_lipschitz(encoder)
+        if stated is not None:
+            constants.append(stated)
+        ops = decompose(encoder, x)
+        if not isinstance(ops, Refusal):
+            constants.append(chain_lipschitz(ops, tuple(x.shape[1:])) * (1 + SAFETY))
+        if not constants:
+            reason = ops.reason if isinstance(ops, Refusal) else ""
+            return Refusal(f"no proven Lipschitz constant: {reason}")
+        bound = lipschitz_shift(min(constants), threat, x[0].numel())
         return torch.full((x.shape[0],), bound, dtype=torch.float32, device=x.device)

@@ -26,7 +26,7 @@ from ..certify.lipschitz import proven_lipschitz
 from ..data.sources import load_dataset
 from ..data.tasks import Split, get_task, stratified_split
 from ..errors import ConfigError
-from ..features import extract_features
+from ..features import extract_features, median_distance
 from ..losses import RegressionLoss
 from ..models import head_arrays, head_from_arrays, resolve_encoder
 from ..runtime import Runtime
@@ -276,12 +276,21 @@ class StudyRun:
                 else per_method(Array.CERTIFIED_SHIFT, rule.method)
             )
             if name in certified:
-                return float(certified[name].max()), f"certified ({rule.method})"
+                radius = float(certified[name].max())
+                scale = median_distance(extract_features(encoder, x_train))
+                if radius <= scale:
+                    return radius, f"certified ({rule.method})"
+                fallback = (
+                    f"the {rule.method} certificate, {radius:.3g}, exceeds the median "
+                    f"feature distance {scale:.3g} and would certify nothing"
+                )
+            else:
+                fallback = f"no {rule.method} certificate for this encoder"
         shift = self._shift(StoreKind.TRAIN_SHIFT, task, variant, encoder, x_train, threat)
         radius = float(shift[Array.SHIFT].float().quantile(rule.quantile))
         how = f"quantile {rule.quantile:g} of the attacked shift"
         if rule.rule is RadiusRule.CERTIFIED:
-            how += f" (no {rule.method} certificate for this encoder)"
+            how += f" ({fallback})"
         return radius, how
 
     def _adapted(self, split: Split, unit: Unit) -> tuple[nn.Module, nn.Linear, dict[str, object]]:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..attacks import attack_classifier
 from ..attacks.engine import AscentSettings, maximize
 from ..bounds import certify, worst_case_cross_entropy
-from ..certify import certified_shift
+from ..certify.lipschitz import lipschitz_shift, proven_lipschitz
 from ..checks import parse_choice
 from ..data.dataset import ImageDataset
 from ..errors import InputError, InputTypeError
@@ -305,9 +305,15 @@ def pretrain(
     )
     radius = 0.0
     if config.protocol is PretrainProtocol.LIPSCHITZ:
-        # The feature radius the encoder's proven constant guarantees at the threat model.
-        bound = certified_shift(encoder.eval(), data.x[:1], _threat(config), "lipschitz")
-        radius = float(bound.max())
+        # The feature radius the encoder's constant guarantees at the threat model: the
+        # constant it holds by construction, since its layers' norms change as it trains.
+        constant = proven_lipschitz(encoder)
+        if constant is None:
+            raise InputError(
+                f"protocol 'lipschitz' needs an encoder 1-Lipschitz by construction; "
+                f"{config.architecture!r} is not (use 'lipschitz-cnn')"
+            )
+        radius = lipschitz_shift(constant, _threat(config), data.x[0].numel())
     supervised: dict[PretrainProtocol, Callable[[], ModelLoss]] = {
         PretrainProtocol.STANDARD: lambda: lambda m, x, y, g: F.cross_entropy(m(x), y),
         PretrainProtocol.ADVERSARIAL: lambda: _adversarial_loss(config),

@@ -1,0 +1,169 @@
+"""The layer-wise Lipschitz and IBP certifiers against independent computations: explicit
+Jacobian matrices and their SVD, closed forms for affine maps, and many sampled points."""
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from robust_transfer import ThreatModel, attack_representation
+from robust_transfer.certify import Refusal, get_certifier
+from robust_transfer.certify.network import chain_interval, chain_lipschitz, decompose, run
+from robust_transfer.models import LipschitzCNN, ResNet18, SmallCNN
+
+
+def _jacobian_norm(module: nn.Module, x: Tensor) -> float:
+    """The exact l2 norm of a linear module's matrix, from its explicit Jacobian."""
+    jacobian = torch.autograd.functional.jacobian(lambda t: module(t).flatten(), x)
+    return float(torch.linalg.matrix_norm(jacobian.reshape(jacobian.shape[0], -1).double(), 2))
+
+
+def _layer_bound(module: nn.Module, x: Tensor) -> float:
+    ops = decompose(nn.Sequential(module).eval(), x)
+    assert not isinstance(ops, Refusal)
+    return chain_lipschitz(ops, tuple(x.shape[1:]))
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Conv2d(2, 4, 3, stride=2, padding=1),
+        nn.Conv2d(3, 2, 5, padding=0),
+        nn.Conv2d(2, 2, 1, stride=2, bias=False),
+        nn.AvgPool2d(2),
+        nn.AvgPool2d(3, stride=1),
+        nn.AdaptiveAvgPool2d(1),
+    ],
+    ids=str,
+)
+def test_linear_layer_norms_bound_the_exact_norm(module: nn.Module) -> None:
+    torch.manual_seed(0)
+    channels = module.in_channels if isinstance(module, nn.Conv2d) else 2
+    x = torch.rand(1, channels, 7, 7)
+    exact = _jacobian_norm(module, x)
+    bound = _layer_bound(module, x)
+    assert exact <= bound * (1 + 1e-6)
+    assert bound <= 2.5 * exact  # a bound, but not a vacuous one
+
+
+def test_affine_encoder_is_certified_exactly() -> None:
+    torch.manual_seed(1)
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(20, 6)).eval()
+    x = 0.3 + 0.4 * torch.rand(16, 20)
+    threat = ThreatModel("L2", 0.05)
+    bound = get_certifier("lipschitz").certify(encoder, x, threat)
+    assert not isinstance(bound, Refusal)
+    sigma = float(torch.linalg.matrix_norm(encoder[1].weight.detach(), ord=2))
+    assert torch.allclose(bound, torch.full((16,), sigma * threat.eps), rtol=1e-4)
+    attacked = attack_representation(encoder, x, threat, steps=100, restarts=2)
+    assert (attacked.shift >= 0.99 * bound).all()
+    # IBP of an affine map under Linf, the box inside [0, 1]: eps times the rows' l1 norms.
+    linf = ThreatModel("Linf", 0.01)
+    ibp = get_certifier("ibp").certify(encoder, x, linf)
+    assert not isinstance(ibp, Refusal)
+    exact = (linf.eps * encoder[1].weight.detach().abs().sum(dim=1)).norm()
+    assert torch.allclose(ibp, exact.expand(16), rtol=3e-4)
+    assert (ibp >= exact).all()
+
+
+def test_lipschitz_cnn_constant_uses_the_actual_layer_norms() -> None:
+    """Below the stated 1 (AOL layers' actual norms), and above every local Jacobian norm
+    found by power iteration at sampled points (an independent lower bound on L)."""
+    torch.manual_seed(2)
+    encoder = LipschitzCNN(image_shape=(1, 12, 12), feature_dim=8).eval()
+    x = torch.rand(4, 1, 12, 12)
+    ops = decompose(encoder, x)
+    assert not isinstance(ops, Refusal)
+    constant = chain_lipschitz(ops, (1, 12, 12))
+    assert constant < 1.0
+    for point in x:
+        jacobian = torch.autograd.functional.jacobian(
+            lambda t: encoder(t[None]).flatten(), point
+        ).reshape(8, -1)
+        assert float(torch.linalg.matrix_norm(jacobian, 2)) <= constant * (1 + 1e-5)
+    bound = get_certifier("lipschitz").certify(encoder, x, ThreatModel("L2", 0.5))
+    assert not isinstance(bound, Refusal)
+    assert float(bound[0]) == pytest.approx(0.5 * constant, rel=1e-4)
+
+
+def _pooling_cnn() -> nn.Module:
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 5),
+    )
+    model[1].running_mean.uniform_(-0.3, 0.3)
+    model[1].running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        _pooling_cnn,
+        lambda: SmallCNN(image_shape=(1, 12, 12), feature_dim=8),
+        lambda: LipschitzCNN(image_shape=(1, 12, 12), feature_dim=8),
+    ],
+    ids=["pooling-cnn", "small-cnn", "lipschitz-cnn"],
+)
+def test_ibp_intervals_hold_every_sampled_point(build: object) -> None:
+    """2000 random points of the box per input never leave the propagated interval."""
+    torch.manual_seed(4)
+    encoder = build().eval()  # type: ignore[operator]
+    x = torch.rand(3, 1, 12, 12)
+    eps = 0.05
+    ops = decompose(encoder, x)
+    assert not isinstance(ops, Refusal)
+    lower, upper = chain_interval(ops, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1))
+    for i in range(len(x)):
+        delta = (torch.rand(2000, *x.shape[1:]) * 2 - 1) * eps
+        with torch.no_grad():
+            features = encoder((x[i] + delta).clamp(0, 1)).flatten(1)
+        assert (features >= lower[i] - 1e-5).all()
+        assert (features <= upper[i] + 1e-5).all()
+
+
+def test_resnet_decomposes_and_is_certified() -> None:
+    torch.manual_seed(5)
+    encoder = ResNet18(image_shape=(3, 8, 8), feature_dim=4).eval()
+    for module in encoder.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(2, 3, 8, 8)
+    ops = decompose(encoder, x)
+    assert not isinstance(ops, Refusal)
+    with torch.no_grad():
+        assert torch.allclose(run(ops, x), encoder(x), atol=1e-5)
+    threat = ThreatModel("Linf", 1 / 255)
+    for method in ("lipschitz", "ibp"):
+        bound = get_certifier(method).certify(encoder, x, threat)
+        assert not isinstance(bound, Refusal)
+        attacked = attack_representation(encoder, x, threat, steps=10, restarts=2)
+        assert (attacked.shift <= bound).all()
+
+
+class _Gelu(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.gelu(x)
+
+
+def test_unsupported_layers_and_modes_are_refused_by_name() -> None:
+    x = torch.rand(2, 1, 6, 6)
+    refused = decompose(nn.Sequential(nn.Flatten(), nn.Linear(36, 4), _Gelu()), x)
+    assert isinstance(refused, Refusal)
+    assert "unsupported layer _Gelu" in refused.reason
+    train_mode = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    refused = decompose(train_mode, x)
+    assert isinstance(refused, Refusal)
+    assert "eval mode" in refused.reason
+    outcome = get_certifier("ibp").certify(
+        nn.Sequential(nn.Flatten(), _Gelu()), x, ThreatModel("L2", 0.1)
+    )
+    assert isinstance(outcome, Refusal)
