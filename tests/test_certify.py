@@ -3,6 +3,7 @@ Jacobian matrices and their SVD, closed forms for affine maps, and many sampled 
 
 import pytest
 import torch
+from test_contracts import ENCODERS
 from torch import Tensor, nn
 
 from robust_transfer import ThreatModel, attack_representation
@@ -88,20 +89,7 @@ def test_lipschitz_cnn_constant_uses_the_actual_layer_norms() -> None:
 
 def _pooling_cnn() -> nn.Module:
     torch.manual_seed(3)
-    model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(4, 6, 3, padding=1),
-        nn.ReLU(),
-        nn.AvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(6 * 3 * 3, 5),
-    )
-    model[1].running_mean.uniform_(-0.3, 0.3)
-    model[1].running_var.uniform_(0.5, 2.0)
-    return model.eval()
+    return ENCODERS["cnn-pooling"][0]()
 
 
 @pytest.mark.parametrize(
