@@ -155,3 +155,76 @@ def test_unsupported_layers_and_modes_are_refused_by_name() -> None:
         nn.Sequential(nn.Flatten(), _Gelu()), x, ThreatModel("L2", 0.1)
     )
     assert isinstance(outcome, Refusal)
+
+
+def _grid_extremes(encoder: nn.Module, x: Tensor, eps: float, steps: int = 201) -> Tensor:
+    """Per feature, the largest deviation from f(x) over a dense grid of the 2-D box."""
+    axis = torch.linspace(-eps, eps, steps)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2)
+    with torch.no_grad():
+        features = encoder((x + grid).clamp(0, 1))
+        return (features - encoder(x)).abs().amax(dim=0)
+
+
+def test_crown_contains_a_dense_grid_and_beats_ibp_on_a_small_relu_network() -> None:
+    """An independent oracle: a 2-input ReLU network evaluated on a 201 x 201 grid of the
+    Linf box. CROWN's per-sample bound must hold the grid's worst deviation, and with
+    these three hidden layers it must be tighter than IBP."""
+    torch.manual_seed(6)
+    encoder = nn.Sequential(
+        nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
+    ).eval()
+    threat = ThreatModel("Linf", 0.1)
+    x = torch.tensor([[0.5, 0.5], [0.3, 0.7], [0.05, 0.9]])
+    crown = get_certifier("crown").certify(encoder, x, threat)
+    ibp = get_certifier("ibp").certify(encoder, x, threat)
+    assert not isinstance(crown, Refusal)
+    assert not isinstance(ibp, Refusal)
+    for i in range(len(x)):
+        worst = _grid_extremes(encoder, x[i : i + 1], threat.eps)
+        assert float(worst.norm()) <= float(crown[i])
+    assert (crown < ibp).all()
+
+
+def test_crown_is_exact_for_an_affine_encoder() -> None:
+    torch.manual_seed(7)
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(12, 5)).eval()
+    x = 0.3 + 0.4 * torch.rand(6, 12)
+    weight = encoder[1].weight.detach()
+    linf = get_certifier("crown").certify(encoder, x, ThreatModel("Linf", 0.02))
+    assert not isinstance(linf, Refusal)
+    exact = (0.02 * weight.abs().sum(dim=1)).norm()
+    assert torch.allclose(linf, exact.expand(6), rtol=3e-4)
+    # Under L2 each feature's bound is eps ||w_j||_2: exact per feature.
+    l2 = get_certifier("crown").certify(encoder, x, ThreatModel("L2", 0.05))
+    assert not isinstance(l2, Refusal)
+    assert torch.allclose(l2, (0.05 * weight.norm(dim=1)).norm().expand(6), rtol=3e-4)
+
+
+def test_crown_is_sound_on_the_lipschitz_cnn_and_resnet() -> None:
+    torch.manual_seed(8)
+    for encoder, shape in (
+        (LipschitzCNN(image_shape=(1, 8, 8), feature_dim=6).eval(), (1, 8, 8)),
+        (ResNet18(image_shape=(3, 8, 8), feature_dim=4).eval(), (3, 8, 8)),
+    ):
+        x = torch.rand(3, *shape)
+        threat = ThreatModel("Linf", 2 / 255)
+        bound = get_certifier("crown").certify(encoder, x, threat)
+        assert not isinstance(bound, Refusal)
+        attacked = attack_representation(encoder, x, threat, steps=20, restarts=2)
+        assert (attacked.shift <= bound).all()
+        for i in range(len(x)):
+            delta = (torch.rand(500, *shape) * 2 - 1) * threat.eps
+            with torch.no_grad():
+                shifts = (encoder((x[i] + delta).clamp(0, 1)) - encoder(x[i : i + 1])).norm(dim=1)
+            assert (shifts <= bound[i]).all()
+
+
+def test_crown_runs_only_when_named() -> None:
+    from robust_transfer.certify import certify_all, default_certifier_names
+
+    assert "crown" not in default_certifier_names()
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
+    x = torch.rand(2, 4)
+    assert "crown" not in certify_all(encoder, x, ThreatModel("L2", 0.1)).bounds
+    assert "crown" in certify_all(encoder, x, ThreatModel("L2", 0.1), ["crown"]).bounds

@@ -20,14 +20,17 @@ from .base import (
     Certifier,
     Refusal,
     certifier_names,
+    default_certifier_names,
     get_certifier,
     register_certifier,
 )
+from .crown import CROWNCertifier
 from .ibp import IBPCertifier
 from .lipschitz import LipschitzCertifier, lipschitz_shift
 
 register_certifier(LipschitzCertifier())
 register_certifier(IBPCertifier())
+register_certifier(CROWNCertifier())
 
 
 class NoCertificate(RobustTransferError, ValueError):
@@ -37,14 +40,15 @@ class NoCertificate(RobustTransferError, ValueError):
 def certify_all(
     encoder: nn.Module, x: Tensor, threat: ThreatModel, methods: Sequence[str] | None = None
 ) -> Certificates:
-    """Run ``methods`` (default: every registered certifier) on ``x``; each gives a bound
-    per sample or a refusal. The encoder runs in eval mode."""
+    """Run ``methods`` (default: every registered certifier run by default, see
+    :func:`default_certifier_names`) on ``x``; each gives a bound per sample or a
+    refusal. The encoder runs in eval mode."""
     if not isinstance(encoder, nn.Module):
         raise InputTypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
     if not isinstance(threat, ThreatModel):
         raise InputTypeError(f"threat must be a ThreatModel, got {type(threat).__name__}")
     x = check_images(x)
-    names = certifier_names() if methods is None else tuple(methods)
+    names = default_certifier_names() if methods is None else tuple(methods)
     bounds: dict[str, Tensor] = {}
     refused: dict[str, str] = {}
     with eval_mode(encoder, purpose="certification"):
@@ -62,8 +66,9 @@ def certified_shift(
     encoder: nn.Module, x: Tensor, threat: ThreatModel, method: str = BEST
 ) -> Tensor:
     """Per-sample upper bound on ``||f(x') - f(x)||_2`` over ``B(x)`` by ``method`` (a
-    registered certifier's name), or with ``"best"`` the tightest per sample of all that
-    apply. Raises :class:`NoCertificate` with every certifier's reason when none applies."""
+    registered certifier's name), or with ``"best"`` the tightest per sample of the
+    default certifiers that apply. Raises :class:`NoCertificate` with every
+    certifier's reason when none applies."""
     certificates = certify_all(encoder, x, threat, None if method == BEST else [method])
     tightest = certificates.tightest()
     if tightest is None:
@@ -74,6 +79,7 @@ def certified_shift(
 
 __all__ = [
     "BEST",
+    "CROWNCertifier",
     "Certificates",
     "Certifier",
     "IBPCertifier",
@@ -83,6 +89,7 @@ __all__ = [
     "certified_shift",
     "certifier_names",
     "certify_all",
+    "default_certifier_names",
     "get_certifier",
     "lipschitz_shift",
     "register_certifier",

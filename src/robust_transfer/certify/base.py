@@ -29,6 +29,7 @@ class Refusal:
 
 class Certifier(Protocol):
     name: str
+    by_default: bool  # run when no certifiers are named (False for the expensive ones)
 
     def certify(self, encoder: nn.Module, x: Tensor, threat: ThreatModel) -> Tensor | Refusal:
         """A ``(N,)`` float tensor of upper bounds on the shift of each row of ``x``,
@@ -53,6 +54,11 @@ def register_certifier(certifier: Certifier, *, replace: bool = False) -> None:
 
 def certifier_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
+
+
+def default_certifier_names() -> tuple[str, ...]:
+    """The certifiers run when none are named: every registered one that is cheap."""
+    return tuple(name for name, certifier in _REGISTRY.items() if certifier.by_default)
 
 
 def get_certifier(name: str) -> Certifier:

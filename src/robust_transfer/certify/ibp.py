@@ -20,6 +20,7 @@ class IBPCertifier:
     tight for small eps on small networks; far from tight on deep ones."""
 
     name = "ibp"
+    by_default = True
 
     def certify(self, encoder: nn.Module, x: Tensor, threat: ThreatModel) -> Tensor | Refusal:
         ops = decompose(encoder, x)

@@ -45,6 +45,7 @@ class LipschitzCertifier:
     """
 
     name = "lipschitz"
+    by_default = True
 
     def certify(self, encoder: nn.Module, x: Tensor, threat: ThreatModel) -> Tensor | Refusal:
         constants = []

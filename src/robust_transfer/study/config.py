@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..attacks.settings import AttackSettings
-from ..certify import BEST, certifier_names
+from ..certify import BEST, certifier_names, default_certifier_names
 from ..checks import Choice, parse_choice
 from ..data.tasks import task_names
 from ..errors import ConfigError, RobustTransferError
@@ -438,7 +438,7 @@ def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> Stud
         if len(set(names)) != len(names):
             raise _fail("certifiers", f"a certifier is named twice: {names}")
         certifiers = tuple(names)
-    chosen = certifier_names() if certifiers is None else certifiers
+    chosen = default_certifier_names() if certifiers is None else certifiers
     for key, spec in adaptations.items():
         method = None if spec.radius is None else spec.radius.method
         if method is not None and method != BEST and method not in chosen:

@@ -15,7 +15,7 @@ import torchvision
 
 from .._version import __version__
 from ..atomic import atomic_write_text
-from ..certify import certifier_names
+from ..certify import default_certifier_names
 from ..errors import ConfigError, ResultsFormatError
 from ..findings import findings
 from ..schema import RESULTS_FORMAT, STUDY_MARKER, Arrays, Field, Key, Meta, Record, Results
@@ -100,7 +100,7 @@ def claim(out: Path, config: StudyConfig) -> None:
     (or this study's, written by another results format), whose stored results would
     otherwise be resumed as if they were this study's."""
     # The certifiers a default config runs depend on what is registered: part of it too.
-    certifiers = list(config.certifiers or certifier_names())
+    certifiers = list(config.certifiers or default_certifier_names())
     fingerprint = hashlib.sha256(
         json.dumps([config.source, certifiers], sort_keys=True, default=str).encode()
     ).hexdigest()
