@@ -270,3 +270,18 @@ def test_certified_transfer_finding_counts_encoders_built_lipschitz_only() -> No
     assert finding.holds is True
     assert "raises it in 1/1" in finding.evidence
     assert findings.certified_transfer(loose).holds is None
+
+
+def test_records_measure_tightness_and_flag_collapsed_heads() -> None:
+    arrays = _classification_arrays(lipschitz=True)
+    record = aggregate(arrays)
+    ratio = (arrays["certified_shift"] / arrays["shift"]).median()
+    assert record["certified_tightness"] == pytest.approx(float(ratio))
+    assert record["certified_tightness"] >= 1.0  # type: ignore[operator]
+    assert record["certified_tightness@lipschitz"] == record["certified_tightness"]
+    varied = arrays | {"prediction": torch.arange(len(arrays["label"])) % 3}
+    assert aggregate(varied)["collapsed_head"] is False
+    constant = arrays | {"prediction": torch.zeros_like(arrays["prediction"])}
+    assert aggregate(constant)["collapsed_head"] is True
+    one_label = constant | {"label": torch.zeros_like(arrays["label"])}
+    assert aggregate(one_label)["collapsed_head"] is False

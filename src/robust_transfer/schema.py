@@ -92,6 +92,8 @@ class Field(StrEnum):
     CERTIFIED_SHIFT = "certified_shift"  # mean of the tightest certified shift
     MEDIAN_MARGIN = "median_margin"
     CERTIFIED_BUT_BROKEN = "certified_but_broken"  # points certified yet broken: must be 0
+    CERTIFIED_TIGHTNESS = "certified_tightness"  # median certified / attacked shift (>= 1)
+    COLLAPSED_HEAD = "collapsed_head"  # the head predicts one class for every point
     CERTIFIERS = "certifiers"  # the methods that certified this unit, tightest first
     REFUSED = "refused"  # certifier -> why it gave no bound for this encoder
     RADIUS = "radius"  # a certified probe's feature radius
@@ -108,6 +110,7 @@ CERTIFIED_FIELDS = (
     Field.CERTIFIED_LOSS_BOUND,
     Field.CERTIFIED_LOSS_BOUND_EXCEEDED,
     Field.CERTIFIED_BUT_BROKEN,
+    Field.CERTIFIED_TIGHTNESS,
 )
 
 

@@ -8,7 +8,7 @@ decomposition is checked against the encoder itself on the inputs it is given, s
 certificate is never computed for a network other than the one that runs.
 
 Supported: ``nn.Sequential`` trees of Linear, Conv2d (any stride and padding, no
-dilation or groups), BatchNorm1d/2d in eval mode, ReLU, MaxPool2d, AvgPool2d,
+dilation or groups), BatchNorm1d/2d and Dropout in eval mode, ReLU, MaxPool2d, AvgPool2d,
 AdaptiveAvgPool2d to 1x1, Flatten, Identity, PixelUnshuffle, and the project's
 MaxMin, AOL layers and normalisation, and the project's encoders (SmallCNN,
 LipschitzCNN, ResNet18 with its residual blocks).
@@ -228,8 +228,12 @@ def _batchnorm(module: nn.BatchNorm1d | nn.BatchNorm2d) -> Affine | Refusal:
 
 
 def _avg_pool(module: nn.AvgPool2d) -> Affine | Refusal:
-    if module.ceil_mode or (not module.count_include_pad and module.padding != 0):
-        return Refusal("AvgPool2d with ceil_mode or padding excluded from the count")
+    if (
+        module.ceil_mode
+        or module.divisor_override is not None
+        or (not module.count_include_pad and module.padding != 0)
+    ):
+        return Refusal("AvgPool2d with ceil_mode, a divisor override or padding not counted")
     kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
     # ||A||_2 <= sqrt(||A||_1 ||A||_inf): rows sum to at most 1, columns to at most
     # ceil(k / s)^2 / k^2 (the windows an input falls in, each weighing 1 / k^2).
@@ -285,7 +289,7 @@ def _leaf(module: nn.Module) -> list[Op] | Refusal:
         return op if isinstance(op, Refusal) else [op]
     if isinstance(module, nn.Flatten | nn.PixelUnshuffle):
         return [_reshape(module)]
-    if isinstance(module, nn.Identity):
+    if isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not module.training):
         return []
     return Refusal(f"unsupported layer {type(module).__name__}")
 
@@ -329,7 +333,10 @@ def decompose(encoder: nn.Module, x: Tensor) -> list[Op] | Refusal:
         return ops
     with torch.no_grad():
         expected = encoder(x).flatten(1)
-        got = run(ops, x).flatten(1)
+        try:
+            got = run(ops, x).flatten(1)
+        except RuntimeError as err:  # e.g. a layer used on inputs of a shape it does not read
+            return Refusal(f"the decomposition of {type(encoder).__name__} fails: {err}")
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
         return Refusal(
             f"the decomposition of {type(encoder).__name__} does not reproduce its output "

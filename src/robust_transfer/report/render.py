@@ -197,9 +197,13 @@ _INTRO = (
     "margins, plus the task-agnostic perturbations of the representation attack), an upper "
     "bound on true robust accuracy. *predicted*: the criterion rho(x) > shift(x) with the "
     "attacked shift (an estimate). *certified*: the criterion with a certified shift, a "
-    "guarantee (only for encoders with a proven Lipschitz constant). *bound*: Result 1, "
-    "E[CE + max_j ||w_y - w_j|| shift], with the attacked shift (estimate) or certified "
-    "shift (guarantee). Accuracies are fractions."
+    "guarantee (the tightest per sample of the certifiers run: layer-wise Lipschitz "
+    "constant, IBP, CROWN when named); *cert./att. shift*: the median ratio of the "
+    "certified to the attacked shift, how far the guarantee is from what attacks reach. "
+    "*bound*: Result 1, E[CE + max_j ||w_y - w_j|| shift], with the attacked shift "
+    "(estimate) or certified shift (guarantee). *collapsed*: the head predicts one class "
+    "everywhere, so its robust and certified accuracies are only the majority share. "
+    "Accuracies are fractions."
 )
 
 

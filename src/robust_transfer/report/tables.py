@@ -24,7 +24,9 @@ SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
     (Field.LOSS_BOUND, "bound"),
     (Field.CERTIFIED_LOSS_BOUND, "cert. bound"),
     (Field.MEAN_SHIFT, "shift"),
+    (Field.CERTIFIED_TIGHTNESS, "cert./att. shift"),
     (Field.WEIGHT_GAP, "D(W)"),
+    (Field.COLLAPSED_HEAD, "collapsed"),
 )
 
 

@@ -49,11 +49,25 @@ def _certified(arrays: Arrays, method: str | None) -> Record:
             arrays, array(Array.CERTIFIED_LOSS_BOUND)
         ),
     }
+    bound = array(Array.CERTIFIED_SHIFT)
+    if bound in arrays:
+        ratio = arrays[bound].double() / arrays[Array.SHIFT].double().clamp_min(1e-12)
+        record[field(Field.CERTIFIED_TIGHTNESS)] = float(ratio.median())
     certified = array(Array.CERTIFIED_ROBUST)
     if certified in arrays and Array.ROBUST_ATTACKED in arrays:
         broken = arrays[certified] & ~arrays[Array.ROBUST_ATTACKED]
         record[field(Field.CERTIFIED_BUT_BROKEN)] = int(broken.sum())
     return record
+
+
+def _collapsed(arrays: Arrays) -> bool | None:
+    """A classification head that predicts one class for every point of a task with
+    several: its "robust" and "certified" accuracies are only the majority share."""
+    if Array.PREDICTION not in arrays or Array.LABEL not in arrays:
+        return None
+    predictions, labels = arrays[Array.PREDICTION], arrays[Array.LABEL]
+    one_class = bool((predictions == predictions[0]).all())
+    return one_class and not bool((labels == labels[0]).all())
 
 
 def aggregate(arrays: Arrays) -> Record:
@@ -78,6 +92,7 @@ def aggregate(arrays: Arrays) -> Record:
         Field.ADV_LOSS: _mean(arrays, Array.ADV_LOSS),
         Field.LOSS_BOUND: _mean(arrays, Array.LOSS_BOUND),
         Field.LOSS_BOUND_EXCEEDED: _exceeded(arrays, Array.LOSS_BOUND),
+        Field.COLLAPSED_HEAD: _collapsed(arrays),
         Field.MEDIAN_MARGIN: (
             float(arrays[Array.MARGIN].median()) if Array.MARGIN in arrays else None
         ),
