@@ -228,3 +228,37 @@ def test_crown_runs_only_when_named() -> None:
     x = torch.rand(2, 4)
     assert "crown" not in certify_all(encoder, x, ThreatModel("L2", 0.1)).bounds
     assert "crown" in certify_all(encoder, x, ThreatModel("L2", 0.1), ["crown"]).bounds
+
+
+def test_head_specific_margins_are_sound_and_never_looser() -> None:
+    """CROWN's margin bounds hold on a dense grid (independent oracle), and the study's
+    head-specific certificate contains the task-agnostic one."""
+    from robust_transfer.attacks.settings import AttackSettings
+    from robust_transfer.certify import margin_lower_bounds
+    from robust_transfer.study.evaluate import evaluate_classification, measure_shift
+
+    torch.manual_seed(9)
+    encoder = nn.Sequential(nn.Linear(2, 12), nn.ReLU(), nn.Linear(12, 6)).eval()
+    head = nn.Linear(6, 4).eval()
+    threat = ThreatModel("Linf", 0.05)
+    x = torch.rand(20, 2) * 0.8 + 0.1
+    margins = margin_lower_bounds(encoder, head, x, threat)
+    assert not isinstance(margins, Refusal)
+    axis = torch.linspace(-threat.eps, threat.eps, 101)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2)
+    with torch.no_grad():
+        predicted = head(encoder(x)).argmax(dim=1)
+        for i in range(len(x)):
+            logits = head(encoder((x[i] + grid).clamp(0, 1)))
+            true_margins = logits[:, predicted[i], None] - logits  # (grid, K)
+            others = torch.arange(4) != predicted[i]
+            assert (true_margins.amin(dim=0)[others] >= margins[i][others] - 1e-6).all()
+            assert torch.isinf(margins[i][predicted[i]])
+    settings = AttackSettings(steps=10, targeted_restarts=3, representation_steps=10)
+    y = predicted.clone()
+    shift = measure_shift(encoder, x, threat, settings, seed=0)
+    arrays = evaluate_classification(encoder, head, x, y, threat, shift, settings, seed=0)
+    head_certified = arrays["head_certified_robust"]
+    assert not (arrays["certified_robust"] & ~head_certified).any()
+    assert not (head_certified & ~arrays["robust_attacked"]).any()
+    assert int(head_certified.sum()) > int(arrays["certified_robust"].sum())

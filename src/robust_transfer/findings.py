@@ -227,7 +227,11 @@ def bound_tightness(records: Sequence[Record]) -> Finding:
         "representation attack did."
     )
     certified = [r for r in records if _num(r, Field.CERTIFIED_LOSS_BOUND_EXCEEDED) is not None]
-    broken = sum(int(_num(r, Field.CERTIFIED_BUT_BROKEN) or 0) for r in records)
+    broken = sum(
+        int(_num(r, Field.CERTIFIED_BUT_BROKEN) or 0)
+        + int(_num(r, Field.HEAD_CERTIFIED_BUT_BROKEN) or 0)
+        for r in records
+    )
     exceeded = [_num(r, Field.LOSS_BOUND_EXCEEDED) or 0.0 for r in records]
     ratios = [
         (_num(r, Field.LOSS_BOUND) or 0.0) / (_num(r, Field.ADV_LOSS) or 1.0)

@@ -50,6 +50,7 @@ class Array(StrEnum):
     CERTIFIED_SHIFT = "certified_shift"  # an upper bound on the worst shift
     CERTIFIED_LOSS_BOUND = "certified_loss_bound"  # Result 1 with a certified shift
     CERTIFIED_ROBUST = "certified_robust"  # the criterion with a certified shift
+    HEAD_CERTIFIED_ROBUST = "head_certified_robust"  # CROWN on this head's margins, or the above
     WEIGHT = "weight"  # a stored head's (K, m) weight
     BIAS = "bias"  # a stored head's (K,) bias
 
@@ -94,6 +95,8 @@ class Field(StrEnum):
     CERTIFIED_BUT_BROKEN = "certified_but_broken"  # points certified yet broken: must be 0
     CERTIFIED_TIGHTNESS = "certified_tightness"  # median certified / attacked shift (>= 1)
     COLLAPSED_HEAD = "collapsed_head"  # the head predicts one class for every point
+    HEAD_CERTIFIED_ROBUST_ACC = "head_certified_robust_acc"  # head-specific certificate
+    HEAD_CERTIFIED_BUT_BROKEN = "head_certified_but_broken"  # must be 0
     CERTIFIERS = "certifiers"  # the methods that certified this unit, tightest first
     REFUSED = "refused"  # certifier -> why it gave no bound for this encoder
     RADIUS = "radius"  # a certified probe's feature radius

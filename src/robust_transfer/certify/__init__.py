@@ -24,7 +24,7 @@ from .base import (
     get_certifier,
     register_certifier,
 )
-from .crown import CROWNCertifier
+from .crown import CROWNCertifier, margin_lower_bounds
 from .ibp import IBPCertifier
 from .lipschitz import LipschitzCertifier, lipschitz_shift
 
@@ -92,5 +92,6 @@ __all__ = [
     "default_certifier_names",
     "get_certifier",
     "lipschitz_shift",
+    "margin_lower_bounds",
     "register_certifier",
 ]

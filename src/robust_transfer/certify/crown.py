@@ -127,6 +127,29 @@ def _maximum(coef: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
     return torch.minimum(box, threat.eps * coef.flatten(2).norm(dim=-1))
 
 
+def _linear_upper(ops: list[Op], x: Tensor, threat: ThreatModel, start: Tensor) -> Tensor:
+    """Per sample and row ``r``, an upper bound on ``<start_r, f(x')>`` over the threat set
+    ∩ the box, ``start`` of shape (N, R, features); in chunks of samples."""
+    probe: Bounds = {}
+    with torch.no_grad():
+        _input_bounds(ops, x[:1], x[:1], probe)
+    widest = max(x[0].numel(), start.shape[2], *(b[0][0].numel() for b in probe.values()))
+    chunk = max(1, _CHUNK_ELEMENTS // (start.shape[1] * widest))
+    parts = []
+    for first in range(0, len(x), chunk):
+        part, rows = x[first : first + chunk], start[first : first + chunk]
+        store: Bounds = {}
+        with torch.no_grad():
+            low, high = (part - threat.eps).clamp(0, 1), (part + threat.eps).clamp(0, 1)
+            _input_bounds(ops, low, high, store)
+        coef, const = _backward(ops, rows, torch.zeros(rows.shape[:2], device=x.device), store)
+        coef, const = coef.detach(), const.detach()
+        # The linear bound at x itself, plus its largest change over the threat set.
+        at_x = (coef * part.unsqueeze(1)).flatten(2).sum(-1) + const
+        parts.append(at_x + _maximum(coef, part, threat))
+    return torch.cat(parts)
+
+
 class CROWNCertifier:
     """Per-sample shift bounds from CROWN's linear bounds with IBP intermediate bounds."""
 
@@ -140,37 +163,45 @@ class CROWNCertifier:
         with torch.no_grad():
             clean = encoder(x).flatten(1)
         features = clean.shape[1]
-        widest = max(x[0].numel(), features)
-        store_probe: Bounds = {}
-        _input_bounds(ops, x[:1], x[:1], store_probe)
-        widest = max(widest, *(b[0][0].numel() for b in store_probe.values()))
-        chunk = max(1, _CHUNK_ELEMENTS // (2 * features * widest))
-        bounds = []
-        for start in range(0, len(x), chunk):
-            part = x[start : start + chunk]
-            try:
-                bounds.append(self._chunk(ops, part, clean[start : start + chunk], threat))
-            except _Unsupported as err:
-                return Refusal(f"crown does not support {err}")
-        return torch.cat(bounds).float()
-
-    def _chunk(self, ops: list[Op], x: Tensor, clean: Tensor, threat: ThreatModel) -> Tensor:
-        store: Bounds = {}
-        box_low, box_high = (x - threat.eps).clamp(0, 1), (x + threat.eps).clamp(0, 1)
-        with torch.no_grad():
-            _input_bounds(ops, box_low, box_high, store)
-        features = clean.shape[1]
         eye = torch.eye(features, dtype=x.dtype, device=x.device)
-        start = torch.cat([eye, -eye]).expand(len(x), -1, -1).contiguous()
-        coef, const = _backward(
-            ops, start, torch.zeros(len(x), 2 * features, device=x.device), store
-        )
-        coef, const = coef.detach(), const.detach()
-        # The linear bounds at x itself, plus their largest change over the threat set.
-        at_x = (coef * x.unsqueeze(1)).flatten(2).sum(-1) + const
-        top = at_x + _maximum(coef, x, threat)
+        start = torch.cat([eye, -eye]).expand(len(x), -1, -1)
+        try:
+            top = _linear_upper(ops, x, threat, start)
+        except _Unsupported as err:
+            return Refusal(f"crown does not support {err}")
         upper, lower = top[:, :features], -top[:, features:]
         reach = torch.maximum(upper - clean, clean - lower).clamp_min(0.0)
         size = clean.norm(dim=1) + upper.abs().amax(dim=1) + lower.abs().amax(dim=1)
-        result: Tensor = reach.norm(dim=1) * (1 + SAFETY) + _ROUNDING * size
-        return result
+        bound: Tensor = reach.norm(dim=1) * (1 + SAFETY) + _ROUNDING * size
+        return bound.float()
+
+
+def margin_lower_bounds(
+    encoder: nn.Module, head: nn.Linear, x: Tensor, threat: ThreatModel
+) -> Tensor | Refusal:
+    """Head-specific: per sample and class ``j``, a lower bound on the margin
+    ``(w_yhat - w_j)^T f(x') + b_yhat - b_j`` of the clean prediction ``yhat`` over the
+    threat set ∩ the box, by CROWN on the encoder composed with the head's differences
+    (``+inf`` at ``j = yhat``). All positive: no point of the set changes the prediction.
+    One backward pass per class, not per feature: cheap enough for every head."""
+    ops = decompose(encoder, x)
+    if isinstance(ops, Refusal):
+        return ops
+    weight = head.weight.detach().to(x.dtype)
+    bias = (
+        head.bias.detach().to(x.dtype)
+        if head.bias is not None
+        else torch.zeros(len(weight), dtype=x.dtype, device=x.device)
+    )
+    with torch.no_grad():
+        predicted = head(encoder(x).flatten(1)).argmax(dim=1)
+    differences = weight[predicted][:, None, :] - weight[None, :, :]  # (N, K, features)
+    try:
+        top = _linear_upper(ops, x, threat, -differences)
+    except _Unsupported as err:
+        return Refusal(f"crown does not support {err}")
+    gaps = bias[predicted][:, None] - bias[None, :]
+    # Widened by the rounding margin of the bound's size, like the shift bounds.
+    margins = -top + gaps - _ROUNDING * (top.abs() + gaps.abs() + 1.0)
+    own = torch.nn.functional.one_hot(predicted, len(weight)).bool()
+    return margins.masked_fill(own, torch.inf)

@@ -19,6 +19,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
     (Field.ATTACKED_ROBUST_ACC, "attacked"),
     (Field.PREDICTED_ROBUST_ACC, "predicted"),
     (Field.CERTIFIED_ROBUST_ACC, "certified"),
+    (Field.HEAD_CERTIFIED_ROBUST_ACC, "head cert."),
     (Field.TASK_AGNOSTIC_ROBUST_ACC, "task-agn."),
     (Field.ADV_LOSS, "adv loss"),
     (Field.LOSS_BOUND, "bound"),

@@ -23,7 +23,7 @@ from ..bounds import (
     normalized_margin,
     squared_error_bound,
 )
-from ..certify import certify_all
+from ..certify import Refusal, certify_all, margin_lower_bounds
 from ..losses import RegressionLoss, regression_loss
 from ..schema import Array, Arrays, certificate_key, methods_in, per_method
 from ..threat import ThreatModel
@@ -152,6 +152,8 @@ def evaluate_classification(
     very encoder. ``robust_pgd`` means no PGD attack (cross-entropy, then targeted
     margins) broke the point; ``robust_attacked`` adds the task-agnostic perturbation;
     ``adv_loss`` is the largest cross-entropy seen at any attacked point (and the clean one).
+    ``head_certified_robust`` (where CROWN reads the encoder) certifies this head's
+    margins directly, or takes the task-agnostic certificate where that is tighter.
     """
     head = head.to(x.device).eval()
     model = nn.Sequential(encoder, head).eval()
@@ -197,6 +199,13 @@ def evaluate_classification(
     }
     if settings.autoattack:
         arrays[Array.ROBUST_AUTOATTACK] = attacks[-1].robust
+    margins = margin_lower_bounds(encoder, head, x, threat)
+    if not isinstance(margins, Refusal):
+        # The union of two sound certificates: never looser than the task-agnostic one.
+        head_certified = correct & (margins > 0).all(dim=1)
+        if Array.CERTIFIED_ROBUST in arrays:
+            head_certified = head_certified | arrays[Array.CERTIFIED_ROBUST]
+        arrays[Array.HEAD_CERTIFIED_ROBUST] = head_certified
     return arrays
 
 

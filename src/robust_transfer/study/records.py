@@ -93,6 +93,7 @@ def aggregate(arrays: Arrays) -> Record:
         Field.LOSS_BOUND: _mean(arrays, Array.LOSS_BOUND),
         Field.LOSS_BOUND_EXCEEDED: _exceeded(arrays, Array.LOSS_BOUND),
         Field.COLLAPSED_HEAD: _collapsed(arrays),
+        Field.HEAD_CERTIFIED_ROBUST_ACC: _mean(arrays, Array.HEAD_CERTIFIED_ROBUST),
         Field.MEDIAN_MARGIN: (
             float(arrays[Array.MARGIN].median()) if Array.MARGIN in arrays else None
         ),
@@ -104,4 +105,7 @@ def aggregate(arrays: Arrays) -> Record:
     }
     for method in methods:
         record |= _certified(arrays, method)
+    if Array.HEAD_CERTIFIED_ROBUST in arrays and Array.ROBUST_ATTACKED in arrays:
+        broken = arrays[Array.HEAD_CERTIFIED_ROBUST] & ~arrays[Array.ROBUST_ATTACKED]
+        record[Field.HEAD_CERTIFIED_BUT_BROKEN] = int(broken.sum())
     return record
