@@ -55,10 +55,6 @@ class Array(StrEnum):
     BIAS = "bias"  # a stored head's (K,) bias
 
 
-# The arrays that exist once per certifier, and as the tightest of all.
-CERTIFIED_ARRAYS = (Array.CERTIFIED_SHIFT, Array.CERTIFIED_LOSS_BOUND, Array.CERTIFIED_ROBUST)
-
-
 class Field(StrEnum):
     """Fields of a record: one row per (encoder, task, adaptation, threat, eps)."""
 
@@ -104,17 +100,6 @@ class Field(StrEnum):
     STORE_KEY = "store_key"
     ATTACK = "attack"  # the command line's attack rows: which attack ran
     ROBUST_ACC = "robust_acc"  # ... and the robust accuracy it left
-
-
-# The record fields that exist once per certifier, and as the tightest of all.
-CERTIFIED_FIELDS = (
-    Field.CERTIFIED_SHIFT,
-    Field.CERTIFIED_ROBUST_ACC,
-    Field.CERTIFIED_LOSS_BOUND,
-    Field.CERTIFIED_LOSS_BOUND_EXCEEDED,
-    Field.CERTIFIED_BUT_BROKEN,
-    Field.CERTIFIED_TIGHTNESS,
-)
 
 
 def per_method(name: Array | Field, method: str) -> str:

@@ -20,11 +20,20 @@ from torch import Tensor, nn
 
 from ..threat import Norm, ThreatModel
 from .base import Refusal
-from .network import SAFETY, Affine, MaxPool, Op, PairSort, ReLU, Residual, decompose
+from .network import (
+    ROUNDING,
+    Affine,
+    MaxPool,
+    Op,
+    PairSort,
+    ReLU,
+    Residual,
+    decompose,
+    shift_bound,
+)
 
 # Rows of linear bounds (2 x features) times a sample's largest layer, per chunk of samples.
 _CHUNK_ELEMENTS = 20_000_000
-_ROUNDING = 2e-6
 
 Bounds = dict[object, tuple[Tensor, Tensor]]
 
@@ -169,11 +178,7 @@ class CROWNCertifier:
             top = _linear_upper(ops, x, threat, start)
         except _Unsupported as err:
             return Refusal(f"crown does not support {err}")
-        upper, lower = top[:, :features], -top[:, features:]
-        reach = torch.maximum(upper - clean, clean - lower).clamp_min(0.0)
-        size = clean.norm(dim=1) + upper.abs().amax(dim=1) + lower.abs().amax(dim=1)
-        bound: Tensor = reach.norm(dim=1) * (1 + SAFETY) + _ROUNDING * size
-        return bound.float()
+        return shift_bound(clean, -top[:, features:], top[:, :features])
 
 
 def margin_lower_bounds(
@@ -202,6 +207,6 @@ def margin_lower_bounds(
         return Refusal(f"crown does not support {err}")
     gaps = bias[predicted][:, None] - bias[None, :]
     # Widened by the rounding margin of the bound's size, like the shift bounds.
-    margins = -top + gaps - _ROUNDING * (top.abs() + gaps.abs() + 1.0)
+    margins = -top + gaps - ROUNDING * (top.abs() + gaps.abs() + 1.0)
     own = torch.nn.functional.one_hot(predicted, len(weight)).bool()
     return margins.masked_fill(own, torch.inf)

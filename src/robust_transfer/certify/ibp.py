@@ -8,9 +8,7 @@ from torch import Tensor, nn
 
 from ..threat import ThreatModel
 from .base import Refusal
-from .network import SAFETY, chain_interval, decompose
-
-_ROUNDING = 2e-6
+from .network import chain_interval, decompose, shift_bound
 
 
 class IBPCertifier:
@@ -31,10 +29,4 @@ class IBPCertifier:
             lower, upper = chain_interval(
                 ops, (x - threat.eps).clamp(0.0, 1.0), (x + threat.eps).clamp(0.0, 1.0)
             )
-        reach = torch.maximum(upper - clean, clean - lower).clamp_min(0.0)
-        # Rounding of float32 layers (about 1e-7 of the values' size per layer): widen by
-        # a margin of the bound and of the features' size well above it.
-        size = clean.norm(dim=1) + upper.abs().amax(dim=1) + lower.abs().amax(dim=1)
-        slack = _ROUNDING * size
-        bound: Tensor = reach.norm(dim=1) * (1 + SAFETY) + slack
-        return bound.float()
+        return shift_bound(clean, lower, upper)

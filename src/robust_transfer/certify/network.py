@@ -33,6 +33,9 @@ Interval = tuple[Tensor, Tensor]
 # Float32 arithmetic of the encoder against float64 arithmetic of the bounds: a bound is
 # widened by this relative margin so that rounding can never make it too small.
 SAFETY = 1e-5
+# Rounding of float32 layers, about 1e-7 of the values' size per layer: interval and
+# linear bounds are widened by this share of the sizes involved, well above it.
+ROUNDING = 2e-6
 
 
 class Op:
@@ -136,6 +139,15 @@ class Residual(Op):
         short_low, short_high = chain_interval(self.shortcut, lower, upper)
         low, high = body_low + short_low, body_high + short_high
         return (torch.relu(low), torch.relu(high)) if self.after_relu else (low, high)
+
+
+def shift_bound(clean: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+    """Per sample, ``|| max(upper - f(x), f(x) - lower) ||_2``: a bound on the shift from
+    per-feature bounds ``[lower, upper]`` on ``f(x')``, widened against rounding."""
+    reach = torch.maximum(upper - clean, clean - lower).clamp_min(0.0)
+    size = clean.norm(dim=1) + upper.abs().amax(dim=1) + lower.abs().amax(dim=1)
+    bound: Tensor = reach.norm(dim=1) * (1 + SAFETY) + ROUNDING * size
+    return bound.float()
 
 
 def run(ops: Sequence[Op], x: Tensor) -> Tensor:
