@@ -119,6 +119,14 @@ def test_records_have_the_promised_keys_and_invariants(study: tuple[Path, dict[s
             continue
         assert 0.0 <= record["attacked_robust_acc"] <= record["pgd_robust_acc"]
         assert record["pgd_robust_acc"] <= record["clean_acc"]
+        assert 0.0 <= record["expected_robust_acc"] <= record["clean_acc"]
+        assert record["expected_error"] == pytest.approx(
+            record["expected_robust_acc"] - record["attacked_robust_acc"]
+        )
+        assert record["directional_share"] > 0.0
+        assert record["relative_shift"] == pytest.approx(
+            record["mean_shift"] / record["feature_scale"]
+        )
         if record["certified_robust_acc"] is not None:
             assert record["certified_robust_acc"] <= record["attacked_robust_acc"]
             assert record["certified_but_broken"] == 0

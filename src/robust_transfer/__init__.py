@@ -25,6 +25,7 @@ from .bounds import (
 )
 from .certify import NoCertificate, certified_shift, certify_all, lipschitz_shift
 from .errors import RobustTransferError
+from .expected import EncoderProfile, profile_encoder
 from .features import extract_features
 from .losses import RegressionLoss
 from .models import load_encoder
@@ -42,6 +43,7 @@ __all__ = [
     "ClassifierAttackResult",
     "ClassifierLoss",
     "CrossEntropyIncrease",
+    "EncoderProfile",
     "NoCertificate",
     "Norm",
     "RegressionAttackResult",
@@ -68,6 +70,7 @@ __all__ = [
     "load_encoder",
     "normalized_margin",
     "parse_eps",
+    "profile_encoder",
     "squared_error_bound",
     "train_linear_probe",
     "weight_gap",

@@ -51,6 +51,9 @@ class Array(StrEnum):
     CERTIFIED_LOSS_BOUND = "certified_loss_bound"  # Result 1 with a certified shift
     CERTIFIED_ROBUST = "certified_robust"  # the criterion with a certified shift
     HEAD_CERTIFIED_ROBUST = "head_certified_robust"  # CROWN on this head's margins, or the above
+    EXPECTED_ROBUST = "expected_robust"  # the first-order estimate from the encoder's profile
+    DIRECTIONAL_SHIFT = "directional_shift"  # its largest shift along a class difference
+    CURVATURE = "curvature"  # the profile's per-sample curvature factor for a threat
     WEIGHT = "weight"  # a stored head's (K, m) weight
     BIAS = "bias"  # a stored head's (K,) bias
 
@@ -93,6 +96,11 @@ class Field(StrEnum):
     COLLAPSED_HEAD = "collapsed_head"  # the head predicts one class for every point
     HEAD_CERTIFIED_ROBUST_ACC = "head_certified_robust_acc"  # head-specific certificate
     HEAD_CERTIFIED_BUT_BROKEN = "head_certified_but_broken"  # must be 0
+    EXPECTED_ROBUST_ACC = "expected_robust_acc"  # from the profile, no attack on the head
+    EXPECTED_ERROR = "expected_error"  # expected minus attacked robust accuracy
+    DIRECTIONAL_SHARE = "directional_share"  # median directional / attacked shift
+    FEATURE_SCALE = "feature_scale"  # median distance between two inputs' features
+    RELATIVE_SHIFT = "relative_shift"  # mean shift / feature scale: scale free
     CERTIFIERS = "certifiers"  # the methods that certified this unit, tightest first
     REFUSED = "refused"  # certifier -> why it gave no bound for this encoder
     RADIUS = "radius"  # a certified probe's feature radius
@@ -140,6 +148,7 @@ class Meta(StrEnum):
     CHECKPOINT = "checkpoint"  # ... the checkpoint file
     SIDECAR = "sidecar"  # ... and its sidecar
     FACTORY = "factory"  # ... or the factory
+    FEATURE_SCALE = "feature_scale"  # median distance between two inputs' features
 
 
 class StoreKind(StrEnum):
@@ -151,6 +160,7 @@ class StoreKind(StrEnum):
     CERTIFICATES = "certificates"  # every certifier's bound on the evaluation points
     TRAIN_CERTIFICATES = "train-certificates"  # ... on training points
     HEADS = "heads"  # a trained head (and a fine-tuned encoder's weights)
+    CURVATURE = "curvature"  # the expected robust accuracy's curvature factor per threat
 
 
 class Key(StrEnum):

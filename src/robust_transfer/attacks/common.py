@@ -86,10 +86,11 @@ def ascend_in_batches(
     progress: bool,
     desc: str,
     purpose: str,
+    starts: Tensor | None = None,
 ) -> BatchedAscent:
     """Run :func:`~.engine.maximize` over ``args.x`` in batches on the model's device, in
-    eval mode; ``extras`` (labels, targets) are cut into the same batches. Results come
-    back on ``x``'s device."""
+    eval mode; ``extras`` (labels, targets) and ``starts`` (first-restart points, instead
+    of random ones) are cut into the same batches. Results come back on ``x``'s device."""
     model, x = args.model, args.x
     device = model_device(model, x.device)
     x_adv_parts, output_parts, adv_output_parts = [], [], []
@@ -107,6 +108,7 @@ def ascend_in_batches(
                 args.settings,
                 args.noise.subset(rows),
                 rerun_successful=rerun_successful,
+                start=None if starts is None else starts[part].to(device),
             )
             with torch.no_grad():
                 adv = model(best.x_adv)

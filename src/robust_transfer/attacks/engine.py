@@ -56,11 +56,13 @@ def maximize(
     noise: SampleNoise,
     *,
     rerun_successful: bool,
+    start: Tensor | None = None,
 ) -> AscentResult:
     """Best iterate per row of ``x`` over ``settings.restarts`` random starts.
 
     Row ``i``'s start at restart ``r`` is drawn from ``noise`` (one id per row) and
-    stream ``r``, so it is the same whatever else is in the batch. With
+    stream ``r``, so it is the same whatever else is in the batch; ``start`` (points of
+    ``B(x)``), when given, replaces the first restart's random one. With
     ``rerun_successful=False`` a restart only attacks rows not yet successful.
     """
     n = x.shape[0]
@@ -77,7 +79,10 @@ def maximize(
         if rows.numel() == 0:
             break
         x0 = x[rows]
-        x_adv = threat.random_start(x0, noise.subset(rows), stream=restart)
+        if start is not None and restart == 0:
+            x_adv = threat.project(x0, start[rows])
+        else:
+            x_adv = threat.random_start(x0, noise.subset(rows), stream=restart)
         for t in range(settings.steps + 1):
             last = t == settings.steps
             with torch.set_grad_enabled(not last):

@@ -24,6 +24,7 @@ from ..bounds import (
     squared_error_bound,
 )
 from ..certify import Refusal, certify_all, margin_lower_bounds
+from ..expected import EncoderProfile
 from ..losses import RegressionLoss, regression_loss
 from ..schema import Array, Arrays, certificate_key, methods_in, per_method
 from ..threat import ThreatModel
@@ -145,6 +146,7 @@ def evaluate_classification(
     seed: int,
     sample_ids: Tensor | None = None,
     progress: bool = False,
+    profile: EncoderProfile | None = None,
 ) -> Arrays:
     """Per-sample outcome of a classification head, the attacks and Result 1 and 2.
 
@@ -158,6 +160,9 @@ def evaluate_classification(
     head = head.to(x.device).eval()
     model = nn.Sequential(encoder, head).eval()
     arrays = classification_theory(head, shift[Array.FEATURES], y, shift)
+    if profile is not None:
+        arrays[Array.EXPECTED_ROBUST] = profile.expected_robust(head, y, threat)
+        arrays[Array.DIRECTIONAL_SHIFT] = profile.directional_shift(head, threat)
     correct = arrays[Array.CORRECT]
     with torch.no_grad():
         logits_task_agnostic = head(shift[Array.FEATURES_ADV])

@@ -60,6 +60,16 @@ def _certified(arrays: Arrays, method: str | None) -> Record:
     return record
 
 
+def _directional_share(arrays: Arrays) -> float | None:
+    """The median share of the attacked shift that lies along one of the head's
+    class-difference directions: why the criterion, which compares margins with the
+    whole shift, predicts so little robustness."""
+    if Array.DIRECTIONAL_SHIFT not in arrays:
+        return None
+    share = arrays[Array.DIRECTIONAL_SHIFT].double() / arrays[Array.SHIFT].double().clamp_min(1e-12)
+    return float(share.median())
+
+
 def _collapsed(arrays: Arrays) -> bool | None:
     """A classification head that predicts one class for every point of a task with
     several: its "robust" and "certified" accuracies are only the majority share."""
@@ -94,6 +104,8 @@ def aggregate(arrays: Arrays) -> Record:
         Field.LOSS_BOUND_EXCEEDED: _exceeded(arrays, Array.LOSS_BOUND),
         Field.COLLAPSED_HEAD: _collapsed(arrays),
         Field.HEAD_CERTIFIED_ROBUST_ACC: _mean(arrays, Array.HEAD_CERTIFIED_ROBUST),
+        Field.EXPECTED_ROBUST_ACC: _mean(arrays, Array.EXPECTED_ROBUST),
+        Field.DIRECTIONAL_SHARE: _directional_share(arrays),
         Field.MEDIAN_MARGIN: (
             float(arrays[Array.MARGIN].median()) if Array.MARGIN in arrays else None
         ),
@@ -105,6 +117,9 @@ def aggregate(arrays: Arrays) -> Record:
     }
     for method in methods:
         record |= _certified(arrays, method)
+    expected, attacked = record[Field.EXPECTED_ROBUST_ACC], record[Field.ATTACKED_ROBUST_ACC]
+    if isinstance(expected, float) and isinstance(attacked, float):
+        record[Field.EXPECTED_ERROR] = expected - attacked
     if Array.HEAD_CERTIFIED_ROBUST in arrays and Array.ROBUST_ATTACKED in arrays:
         broken = arrays[Array.HEAD_CERTIFIED_ROBUST] & ~arrays[Array.ROBUST_ATTACKED]
         record[Field.HEAD_CERTIFIED_BUT_BROKEN] = int(broken.sum())

@@ -57,6 +57,13 @@ def record(run: StudyRun, unit: Unit, arrays: Arrays, meta: dict[str, object]) -
     task = unit.task
     head = meta.get(Meta.HEAD)
     head = head if isinstance(head, dict) else {}
+    aggregated = aggregate(arrays)
+    scale, shift = meta.get(Meta.FEATURE_SCALE), aggregated.get(Field.MEAN_SHIFT)
+    relative = (
+        shift / scale
+        if isinstance(scale, float) and scale > 0 and isinstance(shift, float)
+        else None
+    )
     return {
         Field.ENCODER: unit.encoder,
         Field.PRETRAINING: run.config.encoders[unit.encoder].pretraining,
@@ -71,7 +78,9 @@ def record(run: StudyRun, unit: Unit, arrays: Arrays, meta: dict[str, object]) -
         Field.RADIUS: head.get(Meta.RADIUS),
         Field.RADIUS_RULE: head.get(Meta.RADIUS_RULE),
         Field.LIPSCHITZ_L2: info.get(Field.LIPSCHITZ_L2),
-        **aggregate(arrays),
+        **aggregated,
+        Field.FEATURE_SCALE: scale,
+        Field.RELATIVE_SHIFT: relative,
         Field.STORE_KEY: list(unit.key()),
     }
 

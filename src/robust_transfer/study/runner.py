@@ -26,6 +26,7 @@ from ..certify.lipschitz import proven_lipschitz
 from ..data.sources import load_dataset
 from ..data.tasks import Split, get_task, stratified_split
 from ..errors import ConfigError
+from ..expected import EncoderProfile, profile_encoder
 from ..features import extract_features, median_distance
 from ..losses import RegressionLoss
 from ..models import head_arrays, head_from_arrays, resolve_encoder
@@ -144,6 +145,8 @@ class StudyRun:
 
     def __post_init__(self) -> None:
         self.store = Store(self.out / STORE_DIR)
+        # Units come grouped by (task, encoder variant): one profile in memory suffices.
+        self._profiled: tuple[tuple[str, str], EncoderProfile] | None = None
         self.encoders = _Encoders(
             self.config,
             self.cache_dir,
@@ -253,6 +256,23 @@ class StudyRun:
             return arrays, {Meta.REFUSED: refused}
 
         return self._stored((kind, task, variant, *_threat_key(threat)), compute)
+
+    def _profile(
+        self, task: str, variant: str, encoder: nn.Module, x: Tensor, threat: ThreatModel
+    ) -> EncoderProfile:
+        """The encoder's profile on ``x`` (recomputed per run: its Jacobian costs one
+        backward pass per feature) with the stored curvature factor of ``threat``."""
+        if self._profiled is None or self._profiled[0] != (task, variant):
+            profile = profile_encoder(encoder, x, batch_size=self.config.attack.batch_size)
+            self._profiled = ((task, variant), profile)
+        profile = self._profiled[1]
+
+        def compute() -> tuple[Arrays, dict[str, object]]:
+            return {Array.CURVATURE: profile.curvature_factor(threat)}, {}
+
+        key = (StoreKind.CURVATURE, task, variant, *_threat_key(threat))
+        profile.curvature[threat] = self._stored(key, compute)[0][Array.CURVATURE]
+        return profile
 
     def _radius(
         self, spec: AdaptationSpec, unit: Unit, encoder: nn.Module, split: Split
@@ -371,8 +391,9 @@ class StudyRun:
                 encoder, head, x, targets, loss, threat, shift, settings, seed=seed
             )
         else:
+            profile = self._profile(task.name, variant, encoder, x, threat)
             arrays = evaluate_classification(
-                encoder, head, x, y, threat, shift, settings, seed=seed
+                encoder, head, x, y, threat, shift, settings, seed=seed, profile=profile
             )
         meta: dict[str, object] = {
             Meta.SECONDS: time.perf_counter() - start,
@@ -380,5 +401,6 @@ class StudyRun:
             Meta.HEAD: {k: v for k, v in head_meta.items() if k != Meta.CONFIG},
             Meta.ADAPTATION_CONFIG: head_meta.get(Meta.CONFIG),
             Meta.REFUSED: certified_meta.get(Meta.REFUSED, {}),
+            Meta.FEATURE_SCALE: median_distance(shift[Array.FEATURES]),
         }
         self.store.save(unit.key(), arrays, meta)

@@ -1,0 +1,271 @@
+"""The expected robust accuracy (``robust_transfer.expected``) against independent
+computations: exact linear programs, a direct solver, exact answers for affine encoders
+and a much stronger attack on encoders of several families."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import cnn_encoder, linear_encoder, random_head
+from scipy.optimize import linprog, minimize
+from torch import nn
+
+from robust_transfer import ThreatModel, attack_classifier, expected, first_order
+from robust_transfer.errors import InputError, InputTypeError
+from robust_transfer.expected import CurvatureSettings, profile_encoder
+
+
+def _lp_drop(g: np.ndarray, x: np.ndarray, eps: float) -> float:
+    """max -g^T d over |d_i| <= eps, 0 <= x + d <= 1: a linear program."""
+    bounds = [(max(-eps, -xi), min(eps, 1 - xi)) for xi in x]
+    return -linprog(g, bounds=bounds, method="highs").fun
+
+
+def _solver_drop(g: np.ndarray, x: np.ndarray, eps: float) -> float:
+    """max -g^T d over ||d||_2 <= eps, 0 <= x + d <= 1, by SLSQP from several starts."""
+    best = 0.0
+    for seed in range(3):
+        start = np.random.default_rng(seed).uniform(-x, 1 - x) * 0.1
+        result = minimize(
+            lambda d: g @ d,
+            start,
+            jac=lambda d: g,
+            bounds=list(zip(-x, 1 - x, strict=True)),
+            constraints=[
+                {"type": "ineq", "fun": lambda d: eps**2 - d @ d, "jac": lambda d: -2 * d}
+            ],
+            method="SLSQP",
+            options={"maxiter": 500, "ftol": 1e-12},
+        )
+        best = max(best, -float(g @ result.x))
+    return best
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.3, 2.0])
+def test_first_order_drops_match_a_linear_program_and_a_solver(eps: float) -> None:
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(12, 9, generator=gen, dtype=torch.float64)
+    # Pixels at the box's faces, as on digit images, and inside it.
+    x = torch.rand(12, 9, generator=gen, dtype=torch.float64)
+    x[:, :3], x[:, 3:5] = 0.0, 1.0
+    g[0, 4] = 0.0
+    linf = first_order.drop(g, x, ThreatModel("Linf", eps))
+    l2 = first_order.drop(g, x, ThreatModel("L2", eps))
+    for i in range(len(g)):
+        gi, xi = g[i].numpy(), x[i].numpy()
+        assert float(linf[i]) == pytest.approx(_lp_drop(gi, xi, eps), abs=1e-9)
+        assert float(l2[i]) == pytest.approx(_solver_drop(gi, xi, eps), rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_first_order_optimum_is_feasible_and_reaches_the_drop(norm: str) -> None:
+    threat = ThreatModel(norm, 0.4)
+    gen = torch.Generator().manual_seed(2)
+    g, x = torch.randn(20, 30, generator=gen), torch.rand(20, 30, generator=gen).round()
+    value, delta = first_order.optimum(g, x, threat)
+    assert torch.all(x + delta >= -1e-7)
+    assert torch.all(x + delta <= 1 + 1e-7)
+    assert torch.all(threat.norms(delta) <= threat.eps * (1 + 1e-5))
+    assert torch.allclose(-(g * delta).sum(1), value, rtol=1e-4, atol=1e-5)
+
+
+def _digits(n: int = 120) -> tuple[torch.Tensor, torch.Tensor]:
+    from robust_transfer.data.builtin import load_sklearn_digits
+
+    data = load_sklearn_digits(size=12)
+    return data.x[:n], data.y[:n]
+
+
+def _probe(encoder: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> nn.Linear:
+    from robust_transfer import train_linear_probe
+
+    with torch.no_grad():
+        features = encoder(x).flatten(1)
+    return train_linear_probe(features, labels, weight_decay=1e-3)
+
+
+@pytest.mark.parametrize(("norm", "eps"), [("Linf", 0.05), ("L2", 0.5)])
+def test_affine_encoders_get_the_exact_answer(norm: str, eps: float) -> None:
+    """For an affine encoder the margins are affine in the input: the exact worst case
+    is a linear program per class, solved here without the profile's code."""
+    x, y = _digits(60)
+    torch.manual_seed(3)
+    matrix = torch.randn(10, x[0].numel()) / 12
+    encoder = nn.Sequential(nn.Flatten(), linear_encoder(matrix))
+    head = _probe(encoder, x, y)
+    threat = ThreatModel(norm, eps)
+    profile = profile_encoder(encoder, x)
+    estimate = profile.expected_robust(head, y, threat)
+    torch.testing.assert_close(
+        profile.curvature_factor(threat), torch.ones(len(x)), atol=1e-4, rtol=0
+    )
+    composite = (head.weight @ matrix).double().numpy()
+    logits = head(encoder(x))
+    flat = x.flatten(1).double().numpy()
+    for i in range(len(x)):
+        pred = int(logits[i].argmax())
+        robust = pred == int(y[i])
+        for j in range(logits.shape[1]):
+            if j == pred or not robust:
+                continue
+            margin = float(logits[i, pred] - logits[i, j])
+            g = composite[pred] - composite[j]
+            worst = _lp_drop(g, flat[i], eps) if norm == "Linf" else _solver_drop(g, flat[i], eps)
+            if abs(margin - worst) < 1e-4:
+                pytest.skip("a margin on the boundary to rounding")
+            robust = robust and margin > worst
+        assert bool(estimate[i]) == robust, i
+
+
+def test_a_new_head_costs_no_encoder_pass() -> None:
+    x, y = _digits(50)
+    calls = []
+    encoder = nn.Sequential(cnn_encoder(), nn.Tanh())
+    encoder[0][0] = nn.Conv2d(1, 8, 3, padding=1)
+    encoder.register_forward_hook(lambda *_: calls.append(1))
+    profile = profile_encoder(encoder, x)
+    threat = ThreatModel("Linf", 0.1)
+    profile.curvature_factor(threat)
+    before = len(calls)
+    for seed in range(5):
+        head = random_head(12, 4, seed=seed)
+        profile.expected_robust(head, y % 4, threat, check=False)
+        profile.directional_shift(head, threat)
+    assert len(calls) == before
+    # The check: one forward pass (of the points expected robust), no backward pass.
+    for seed in range(5):
+        head = random_head(12, 4, seed=seed, scale=0.1)
+        estimate = profile.expected_robust(head, y % 4, threat)
+        unchecked = profile.expected_robust(head, y % 4, threat, check=False)
+        assert not bool((estimate & ~unchecked).any())
+    assert len(calls) - before <= 5
+    assert profile.backward_passes == 12
+
+
+def test_the_span_route_for_wide_encoders_agrees_with_the_full_jacobian(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    x, y = _digits(40)
+    encoder = nn.Sequential(cnn_encoder(), nn.ReLU())
+    encoder[0][0] = nn.Conv2d(1, 8, 3, padding=1)
+    head = random_head(12, 5, seed=4, scale=3.0)
+    threat = ThreatModel("L2", 0.5)
+    full = profile_encoder(encoder, x)
+    assert full.backward_passes == 12
+    monkeypatch.setattr(expected, "FULL_JACOBIAN_LIMIT", 0)
+    lazy = profile_encoder(encoder, x)
+    assert lazy.backward_passes == 0
+    torch.testing.assert_close(
+        lazy.curvature_factor(threat), full.curvature_factor(threat), atol=1e-4, rtol=1e-4
+    )
+    # The curvature's principal directions (2 of them), then the head's 4 differences.
+    assert lazy.backward_passes == 2
+    assert torch.equal(
+        lazy.expected_robust(head, y % 5, threat), full.expected_robust(head, y % 5, threat)
+    )
+    assert lazy.backward_passes == 2 + 4
+    lazy.expected_robust(head, y % 5, threat)
+    assert lazy.backward_passes == 2 + 4
+
+
+def _families() -> dict[str, nn.Module]:
+    """Encoders unlike the built-in CNNs: saturating activations, width, normalisation
+    layers, residual blocks. Trained briefly so that their features carry the task."""
+
+    class Residual(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return z + self.inner(z)
+
+    torch.manual_seed(5)
+    return {
+        "tanh-mlp": nn.Sequential(
+            nn.Flatten(), nn.Linear(144, 64), nn.Tanh(), nn.Linear(64, 32), nn.Tanh()
+        ),
+        "wide-bn-cnn": nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=2, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(128, 48),
+        ),
+        "residual-gelu": nn.Sequential(nn.Flatten(), nn.Linear(144, 48), Residual(48), nn.ELU()),
+    }
+
+
+def _pretrain(encoder: nn.Module, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
+    features = encoder(x[:2]).flatten(1).shape[1]
+    model = nn.Sequential(encoder, nn.Linear(features, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return encoder.eval().requires_grad_(False)
+
+
+def test_held_out_heads_on_unseen_encoder_families() -> None:
+    """The held-out protocol: encoders pretrained on digits 0-4, heads fit on digits 5-9
+    for label sets the estimator never saw (5 classes, parity, 3 bins), compared with a
+    strong attack (50 steps, cross-entropy then targeted at every other class)."""
+    from robust_transfer.data.builtin import load_sklearn_digits
+
+    data = load_sklearn_digits(size=12)
+    low, high = data.y < 5, data.y >= 5
+    x_pre, y_pre = data.x[low][:600], data.y[low][:600]
+    x_high, y_high = data.x[high], data.y[high] - 5
+    x_fit, y_fit, x_eval, y_eval = x_high[:500], y_high[:500], x_high[500:620], y_high[500:620]
+    label_sets = {
+        "five": lambda v: v,
+        "parity": lambda v: v % 2,
+        "bins": lambda v: torch.tensor([0, 0, 1, 2, 2])[v],
+    }
+    errors = []
+    for name, encoder in _families().items():
+        encoder = _pretrain(encoder, x_pre, y_pre)
+        profile = profile_encoder(encoder, x_eval)
+        for threat in (ThreatModel("Linf", 0.02), ThreatModel("L2", 0.2)):
+            for label, relabel in label_sets.items():
+                head = _probe(encoder, x_fit, relabel(y_fit))
+                y = relabel(y_eval)
+                estimate = float(profile.expected_robust(head, y, threat).float().mean())
+                model = nn.Sequential(encoder, head).eval()
+                robust = torch.ones(len(y), dtype=torch.bool)
+                for loss, restarts in (("ce", 1), ("targeted", int(head.out_features) - 1)):
+                    result = attack_classifier(
+                        model, x_eval, y, threat, loss=loss, steps=50, restarts=restarts, seed=1
+                    )
+                    robust &= result.robust
+                errors.append(
+                    (name, str(threat), label, 100 * (estimate - float(robust.float().mean())))
+                )
+    worst = max(abs(e[3]) for e in errors)
+    mean = sum(abs(e[3]) for e in errors) / len(errors)
+    assert mean <= 2.5, errors
+    assert worst <= 8.0, errors
+
+
+def test_bad_input_is_refused() -> None:
+    x, y = _digits(10)
+    profile = profile_encoder(nn.Sequential(nn.Flatten(), nn.Linear(144, 6)), x)
+    threat = ThreatModel("Linf", 0.1)
+    with pytest.raises(InputTypeError, match=r"torch\.nn\.Linear"):
+        profile.expected_robust(nn.Sequential(nn.Linear(6, 3)), y % 3, threat)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="6 features"):
+        profile.expected_robust(nn.Linear(5, 3), y % 3, threat)
+    with pytest.raises(InputError):
+        profile.expected_robust(nn.Linear(6, 3), y[:4] % 3, threat)
+    with pytest.raises(InputTypeError, match="ThreatModel"):
+        profile.expected_robust(nn.Linear(6, 3), y % 3, "Linf")  # type: ignore[arg-type]
+    with pytest.raises(InputError):
+        profile_encoder(nn.Linear(144, 6), x * 2)
+    with pytest.raises(InputError):
+        CurvatureSettings(directions=0)
