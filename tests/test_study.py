@@ -153,7 +153,10 @@ def test_reports_are_written(study: tuple[Path, dict[str, Any]]) -> None:
         json.dumps(results["records"])
     )
     markdown = (out / "report.md").read_text()
-    assert "## Findings" in markdown
+    assert markdown.index("## Expected robust accuracy: the answer first") < markdown.index(
+        "## Findings"
+    )
+    assert "expected-vs-attacked" in markdown
     assert "## Task mnist-5-9" in markdown
     assert "## Regression task dsprites-latents" in markdown
     images = re.findall(r"\]\((figures/[^)]+\.png)\)", markdown)
@@ -232,7 +235,9 @@ def test_cli_single_steps(
     assert [row["eps"] for row in rows] == [0.5, 1.0]
     assert all(row["max_shift"] <= row["certified_shift"] + 1e-5 for row in rows)
     assert cli.main(["bound", *common, "--head", head]) == 0
-    assert "certified_robust_acc" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "certified_robust_acc" in printed
+    assert "expected_robust_acc" in printed
     assert cli.main(["attack", *common, "--head", head, "--loss", "targeted"]) == 0
     assert "pgd-targeted" in capsys.readouterr().out
     assert cli.main(["report", str(root / "out")]) == 0

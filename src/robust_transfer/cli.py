@@ -20,6 +20,7 @@ from .bounds import weight_gap
 from .data.dataset import ImageDataset
 from .data.sources import load_dataset
 from .errors import InputError, MissingFileError, ResultsFormatError, RobustTransferError
+from .expected import profile_encoder
 from .models import load_encoder, load_head
 from .models.specs import FORMS
 from .pipeline import run_study
@@ -141,6 +142,8 @@ _VULNERABILITY_FIELDS = (
 )
 _BOUND_FIELDS = (
     Field.CLEAN_ACC,
+    Field.EXPECTED_ROBUST_ACC,
+    Field.DIRECTIONAL_SHARE,
     Field.MEAN_SHIFT,
     Field.MEDIAN_MARGIN,
     Field.PREDICTED_ROBUST_ACC,
@@ -182,9 +185,12 @@ def _labelled(args: argparse.Namespace) -> tuple[nn.Module, nn.Linear, Tensor, T
 
 def _cmd_bound(args: argparse.Namespace) -> int:
     encoder, head, x, y = _labelled(args)
+    profile = profile_encoder(encoder, x, batch_size=args.batch_size)
     rows = []
     for threat, shift in _shift_rows(args, encoder, x):
         arrays = classification_theory(head, shift[Array.FEATURES], y, shift)
+        arrays[Array.EXPECTED_ROBUST] = profile.expected_robust(head, y, threat)
+        arrays[Array.DIRECTIONAL_SHIFT] = profile.directional_shift(head, threat)
         record = {Field.WEIGHT_GAP: float(weight_gap(head))} | aggregate(arrays)
         rows.append(_row(threat, record, (*_BOUND_FIELDS, Field.WEIGHT_GAP)))
     return _emit(rows, args)
@@ -289,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
         "vulnerability", help="the task-independent representation shift of an encoder"
     )
     _single_step_options(vulnerability, head=False)
-    bound = commands.add_parser("bound", help="loss bound and robustness criterion for a head")
+    bound = commands.add_parser(
+        "bound", help="loss bound, robustness criterion and expected robust accuracy for a head"
+    )
     _single_step_options(bound, head=True)
     attack = commands.add_parser("attack", help="PGD robust accuracy of encoder + head")
     _single_step_options(attack, head=True)

@@ -84,6 +84,7 @@ Series = tuple[tuple[str, str, str, str], ...]
 _ACCURACY_SERIES: Series = (
     (Field.CLEAN_ACC, "clean", "-", "grey"),
     (Field.ATTACKED_ROBUST_ACC, "attacked (PGD + task-agnostic)", "-", "C3"),
+    (Field.EXPECTED_ROBUST_ACC, "expected (encoder profile, head not attacked)", "-", "C4"),
     (Field.PREDICTED_ROBUST_ACC, "predicted (criterion, attacked shift)", "--", "C0"),
     (Field.CERTIFIED_ROBUST_ACC, "certified (criterion, certified shift)", ":", "C2"),
     (Field.TASK_AGNOSTIC_ROBUST_ACC, "task-agnostic perturbations", "-.", "C1"),
@@ -141,6 +142,32 @@ def robust_accuracy(rows: Sequence[Record], title: str) -> Figure:
 def loss_bounds(rows: Sequence[Record], title: str) -> Figure:
     """Result 1: bounds vs the measured adversarial loss (log scale), per encoder."""
     return _small_multiples(rows, _LOSS_SERIES, title, "loss (mean over points)", log=True)
+
+
+def expected_vs_attacked(rows: Sequence[Record], title: str) -> Figure:
+    """Every classification unit: the expected robust accuracy (from the encoder's
+    profile) and the paper's criterion against the attacked robust accuracy."""
+    figure, axes = _subplots(1, 1, (5.0, 4.6))
+    ax = axes[0][0]
+    attacked = _values(rows, Field.ATTACKED_ROBUST_ACC)
+    for key, label, marker, color in (
+        (Field.PREDICTED_ROBUST_ACC, "criterion, attacked shift", "x", "C0"),
+        (Field.TASK_AGNOSTIC_ROBUST_ACC, "task-agnostic perturbation", "+", "C1"),
+        (Field.EXPECTED_ROBUST_ACC, "expected (profile)", "o", "C4"),
+    ):
+        ax.scatter(attacked, _values(rows, key), s=14, marker=marker, color=color, label=label)
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="estimate = attacked")
+    ax.set(
+        xlim=(-0.02, 1.02),
+        ylim=(-0.02, 1.02),
+        xlabel="attacked robust accuracy",
+        ylabel="estimated robust accuracy",
+        title=title,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
 
 
 def margin_vs_shift(panels: Sequence[tuple[str, dict[str, Tensor]]], title: str) -> Figure:

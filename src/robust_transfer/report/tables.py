@@ -17,6 +17,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
     (Field.CLEAN_ACC, "clean"),
     (Field.PGD_ROBUST_ACC, "PGD"),
     (Field.ATTACKED_ROBUST_ACC, "attacked"),
+    (Field.EXPECTED_ROBUST_ACC, "expected"),
     (Field.PREDICTED_ROBUST_ACC, "predicted"),
     (Field.CERTIFIED_ROBUST_ACC, "certified"),
     (Field.HEAD_CERTIFIED_ROBUST_ACC, "head cert."),
@@ -28,6 +29,25 @@ SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
     (Field.CERTIFIED_TIGHTNESS, "cert./att. shift"),
     (Field.WEIGHT_GAP, "D(W)"),
     (Field.COLLAPSED_HEAD, "collapsed"),
+)
+
+
+# The report's opening table: what a user came for, per encoder and threat.
+EXPECTED_COLUMNS: tuple[tuple[str, str], ...] = (
+    (Field.ENCODER, "encoder"),
+    (Field.TASK, "task"),
+    (Field.ADAPTATION, "adaptation"),
+    (Field.THREAT, "threat"),
+    (Field.EPS, "eps"),
+    (Field.CLEAN_ACC, "clean"),
+    (Field.EXPECTED_ROBUST_ACC, "expected"),
+    (Field.ATTACKED_ROBUST_ACC, "attacked"),
+    (Field.EXPECTED_ERROR, "expected - attacked"),
+    (Field.PREDICTED_ROBUST_ACC, "criterion"),
+    (Field.CERTIFIED_ROBUST_ACC, "certified"),
+    (Field.DIRECTIONAL_SHARE, "directional share"),
+    (Field.MEAN_SHIFT, "shift"),
+    (Field.RELATIVE_SHIFT, "shift / feature scale"),
 )
 
 
