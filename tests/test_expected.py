@@ -101,21 +101,23 @@ def test_affine_encoders_get_the_exact_answer(norm: str, eps: float) -> None:
         profile.curvature_factor(threat), torch.ones(len(x)), atol=1e-4, rtol=0
     )
     composite = (head.weight @ matrix).double().numpy()
-    logits = head(encoder(x))
+    with torch.no_grad():
+        logits = head(encoder(x))
     flat = x.flatten(1).double().numpy()
     for i in range(len(x)):
         pred = int(logits[i].argmax())
-        robust = pred == int(y[i])
+        robust, on_boundary = pred == int(y[i]), False
         for j in range(logits.shape[1]):
             if j == pred or not robust:
                 continue
             margin = float(logits[i, pred] - logits[i, j])
             g = composite[pred] - composite[j]
             worst = _lp_drop(g, flat[i], eps) if norm == "Linf" else _solver_drop(g, flat[i], eps)
-            if abs(margin - worst) < 1e-4:
-                pytest.skip("a margin on the boundary to rounding")
+            # A margin within rounding of its exact drop may go either way.
+            on_boundary = on_boundary or abs(margin - worst) < 1e-4
             robust = robust and margin > worst
-        assert bool(estimate[i]) == robust, i
+        if not on_boundary:
+            assert bool(estimate[i]) == robust, i
 
 
 def test_a_new_head_costs_no_encoder_pass() -> None:

@@ -189,8 +189,8 @@ def _cmd_bound(args: argparse.Namespace) -> int:
     rows = []
     for threat, shift in _shift_rows(args, encoder, x):
         arrays = classification_theory(head, shift[Array.FEATURES], y, shift)
-        arrays[Array.EXPECTED_ROBUST] = profile.expected_robust(head, y, threat)
-        arrays[Array.DIRECTIONAL_SHIFT] = profile.directional_shift(head, threat)
+        expected, directional = profile.assess(head, y, threat)
+        arrays[Array.EXPECTED_ROBUST], arrays[Array.DIRECTIONAL_SHIFT] = expected, directional
         record = {Field.WEIGHT_GAP: float(weight_gap(head))} | aggregate(arrays)
         rows.append(_row(threat, record, (*_BOUND_FIELDS, Field.WEIGHT_GAP)))
     return _emit(rows, args)

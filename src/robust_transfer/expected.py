@@ -30,6 +30,7 @@ from .attacks.common import ascend_in_batches, check_attack_args
 from .attacks.engine import Objective
 from .checks import check_images, check_labels, check_positive_int
 from .errors import InputError, InputTypeError
+from .features import extract_features
 from .runtime import eval_mode, model_device
 from .threat import ThreatModel
 
@@ -53,6 +54,23 @@ class CurvatureSettings:
     def __post_init__(self) -> None:
         check_positive_int(self.directions, "curvature directions")
         check_positive_int(self.steps, "curvature steps")
+
+
+@dataclass(frozen=True)
+class HeadDrops:
+    """A head on the profiled points: its prediction, and per class ``j`` the margin
+    ``m_j`` (0 at the predicted class), its corrected first-order drop (0 there too) and
+    ``w_yhat - w_j`` in the profile's orthonormal basis (N, C, r)."""
+
+    prediction: Tensor
+    margins: Tensor
+    drops: Tensor
+    coefficients: Tensor
+
+    def directional_shift(self) -> Tensor:
+        # The basis spans every class difference, so coefficient norms are the gaps.
+        gaps = torch.linalg.vector_norm(self.coefficients, dim=2)
+        return torch.where(gaps > 0, self.drops / gaps.clamp(min=1e-30), 0.0).amax(dim=1)
 
 
 @dataclass
@@ -104,9 +122,10 @@ class EncoderProfile:
         self.basis = torch.cat([self.basis, added], dim=1)
         self.backward_passes += added.shape[1]
 
-    def _class_gradients(self, head: nn.Linear) -> tuple[Tensor, Tensor, Tensor]:
-        """The prediction, the margins ``m_j`` (0 at the predicted class) and the
-        coefficients of ``w_yhat - w_j`` in the stored basis (N, C, r)."""
+    def head_drops(self, head: nn.Linear, threat: ThreatModel) -> HeadDrops:
+        """Margins and corrected first-order drops of ``head`` on the profiled points."""
+        if not isinstance(threat, ThreatModel):
+            raise InputTypeError(f"threat must be a ThreatModel, got {type(threat).__name__}")
         _check_head(head, self.features.shape[1])
         weight, bias = head.weight.detach().to(self.basis), head.bias.detach().to(self.basis)
         self._extend(weight[1:] - weight[:1])
@@ -114,31 +133,21 @@ class EncoderProfile:
         prediction = logits.argmax(dim=1)
         margins = logits.gather(1, prediction[:, None]) - logits
         in_basis = weight @ self.basis
-        return prediction, margins, in_basis[prediction][:, None, :] - in_basis[None]
-
-    def margins_and_drops(
-        self, head: nn.Linear, threat: ThreatModel
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The prediction per sample and, per sample and class ``j``, the margin ``m_j``
-        of the predicted class over ``j`` (0 at the predicted class) and its
-        curvature-corrected first-order drop (0 at the predicted class)."""
-        prediction, margins, coefficients = self._class_gradients(head)
+        coefficients = in_basis[prediction][:, None, :] - in_basis[None]
         drops = torch.empty_like(margins)
         chunk = max(1, 2**24 // max(1, coefficients.shape[1] * self.rows.shape[2]))
         for start in range(0, len(margins), chunk):
             part = slice(start, start + chunk)
             g = torch.einsum("ncr,nrd->ncd", coefficients[part], self.rows[part])
             drops[part] = first_order.drop(g, self.flat_x[part, None, :], threat)
-        return prediction, margins, drops * self.curvature_factor(threat)[:, None]
+        factor = self.curvature_factor(threat)[:, None]
+        return HeadDrops(prediction, margins, drops * factor, coefficients)
 
     def directional_shift(self, head: nn.Linear, threat: ThreatModel) -> Tensor:
         """Per sample: the largest (corrected first-order) shift of the features along a
         unit class-difference direction ``(w_yhat - w_j) / ||w_yhat - w_j||`` of the head,
         the part of the total shift the head can feel."""
-        prediction, _, drops = self.margins_and_drops(head, threat)
-        weight = head.weight.detach().to(self.basis)
-        gaps = torch.linalg.vector_norm(weight[prediction][:, None, :] - weight[None], dim=2)
-        return torch.where(gaps > 0, drops / gaps.clamp(min=1e-30), 0.0).amax(dim=1)
+        return self.head_drops(head, threat).directional_shift()
 
     def expected_robust(
         self, head: nn.Linear, y: Tensor, threat: ThreatModel, *, check: bool = True
@@ -150,22 +159,32 @@ class EncoderProfile:
         threatened class; a point misclassified there is not robust, whatever the
         estimate said (encoders whose features saturate fool first order most).
         """
-        if not isinstance(threat, ThreatModel):
-            raise InputTypeError(f"threat must be a ThreatModel, got {type(threat).__name__}")
-        prediction, margins, drops = self.margins_and_drops(head, threat)
+        return self._expected(self.head_drops(head, threat), head, y, threat, check=check)
+
+    def assess(self, head: nn.Linear, y: Tensor, threat: ThreatModel) -> tuple[Tensor, Tensor]:
+        """:meth:`expected_robust` (checked) and :meth:`directional_shift` from one pass
+        over the head's drops."""
+        drops = self.head_drops(head, threat)
+        return self._expected(drops, head, y, threat, check=True), drops.directional_shift()
+
+    def _expected(
+        self, drops: HeadDrops, head: nn.Linear, y: Tensor, threat: ThreatModel, *, check: bool
+    ) -> Tensor:
+        margins, prediction = drops.margins, drops.prediction
         y = check_labels(y, len(margins), num_classes=margins.shape[1]).to(margins.device)
         own = nn.functional.one_hot(prediction, margins.shape[1]).bool()
-        robust = (prediction == y) & ((margins > drops) | own).all(dim=1)
+        robust = (prediction == y) & ((margins > drops.drops) | own).all(dim=1)
         if check and bool(robust.any()):
             rows = robust.nonzero().flatten()
-            slack = torch.where(own, torch.inf, margins - drops)[rows]
-            threatened = slack.argmin(dim=1)
-            _, _, coefficients = self._class_gradients(head)
-            picked = coefficients[rows, threatened]  # (R, r)
+            slack = torch.where(own, torch.inf, margins - drops.drops)[rows]
+            picked = drops.coefficients[rows, slack.argmin(dim=1)]  # (R, r)
             g = torch.einsum("nr,nrd->nd", picked, self.rows[rows])
             _, delta = first_order.optimum(g, self.flat_x[rows], threat)
-            x_worst = (self.flat_x[rows] + delta).view(-1, *self.x.shape[1:])
-            robust[rows] = _predict(self.encoder, head, x_worst, self.batch_size) == y[rows]
+            x_worst = (self.flat_x[rows] + delta).clamp(0.0, 1.0).view(-1, *self.x.shape[1:])
+            features = extract_features(self.encoder, x_worst, batch_size=self.batch_size)
+            with torch.no_grad():
+                logits = head(features.to(head.weight.device))
+            robust[rows] = logits.argmax(dim=1).to(y.device) == y[rows]
         return robust
 
     def curvature_factor(self, threat: ThreatModel) -> Tensor:
@@ -213,16 +232,6 @@ def _check_head(head: object, features: int) -> None:
         )
     if head.out_features < 2:
         raise InputError("the head needs at least two classes")
-
-
-def _predict(encoder: nn.Module, head: nn.Linear, x: Tensor, batch_size: int) -> Tensor:
-    device = model_device(encoder, x.device)
-    with eval_mode(encoder, purpose="the first-order check"), torch.no_grad():
-        logits = [
-            head.to(device)(encoder(x[i : i + batch_size].to(device)).flatten(1)).to(x.device)
-            for i in range(0, len(x), batch_size)
-        ]
-    return torch.cat(logits).argmax(dim=1)
 
 
 def _rows(encoder: nn.Module, x: Tensor, directions: Tensor, batch_size: int) -> Tensor:
@@ -309,20 +318,10 @@ def profile_encoder(
     and each head adds the span of its class-difference directions (at most one
     backward pass per class, once).
     """
-    if not isinstance(encoder, nn.Module):
-        raise InputTypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
     x = check_images(x)
-    check_positive_int(batch_size, "batch_size")
-    device = model_device(encoder, x.device)
-    with eval_mode(encoder, purpose="profiling"), torch.no_grad():
-        features = torch.cat(
-            [
-                encoder(x[i : i + batch_size].to(device)).flatten(1).to(x.device)
-                for i in range(0, len(x), batch_size)
-            ]
-        )
+    features = extract_features(encoder, x, batch_size=batch_size).to(x)
     k, d = features.shape[1], x[0].numel()
-    empty = EncoderProfile(
+    profile = EncoderProfile(
         encoder,
         x,
         features,
@@ -332,7 +331,7 @@ def profile_encoder(
         batch_size,
     )
     if directions is not None:
-        empty._extend(directions)
+        profile._extend(directions)
     elif len(x) * k * d <= FULL_JACOBIAN_LIMIT:
-        empty._extend(torch.eye(k, dtype=x.dtype, device=x.device))
-    return empty
+        profile._extend(torch.eye(k, dtype=x.dtype, device=x.device))
+    return profile

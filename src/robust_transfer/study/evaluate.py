@@ -161,8 +161,8 @@ def evaluate_classification(
     model = nn.Sequential(encoder, head).eval()
     arrays = classification_theory(head, shift[Array.FEATURES], y, shift)
     if profile is not None:
-        arrays[Array.EXPECTED_ROBUST] = profile.expected_robust(head, y, threat)
-        arrays[Array.DIRECTIONAL_SHIFT] = profile.directional_shift(head, threat)
+        expected, directional = profile.assess(head, y, threat)
+        arrays[Array.EXPECTED_ROBUST], arrays[Array.DIRECTIONAL_SHIFT] = expected, directional
     correct = arrays[Array.CORRECT]
     with torch.no_grad():
         logits_task_agnostic = head(shift[Array.FEATURES_ADV])
