@@ -48,7 +48,7 @@ class CurvatureSettings:
     directions of the features (each with both signs), ``steps`` ascent steps each."""
 
     directions: int = 2
-    steps: int = 10
+    steps: int = 5
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attacks import attack_classifier, attack_representation
+from ..attacks import ClassifierAttackResult, attack_classifier, attack_representation
 from ..attacks.reference import attack_autoattack
 from ..attacks.regression import attack_regression
 from ..attacks.settings import AttackSettings
@@ -134,6 +134,38 @@ def classification_theory(
     return arrays
 
 
+def study_pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    settings: AttackSettings,
+    *,
+    seed: int,
+    sample_ids: Tensor | None = None,
+    progress: bool = False,
+) -> tuple[ClassifierAttackResult, ClassifierAttackResult]:
+    """The study's PGD on one classifier: cross-entropy, then targeted margins (one
+    runner-up class per restart)."""
+    ce, targeted = (
+        attack_classifier(
+            model,
+            x,
+            y,
+            threat,
+            loss=loss,
+            steps=settings.steps,
+            restarts=restarts,
+            seed=seed,
+            batch_size=settings.batch_size,
+            progress=progress,
+            sample_ids=sample_ids,
+        )
+        for loss, restarts in (("ce", settings.restarts), ("targeted", settings.targeted_restarts))
+    )
+    return ce, targeted
+
+
 def evaluate_classification(
     encoder: nn.Module,
     head: nn.Linear,
@@ -166,21 +198,8 @@ def evaluate_classification(
     correct = arrays[Array.CORRECT]
     with torch.no_grad():
         logits_task_agnostic = head(shift[Array.FEATURES_ADV])
-    ce, targeted = (
-        attack_classifier(
-            model,
-            x,
-            y,
-            threat,
-            loss=loss,
-            steps=settings.steps,
-            restarts=restarts,
-            seed=seed,
-            batch_size=settings.batch_size,
-            progress=progress,
-            sample_ids=sample_ids,
-        )
-        for loss, restarts in (("ce", settings.restarts), ("targeted", settings.targeted_restarts))
+    ce, targeted = study_pgd(
+        model, x, y, threat, settings, seed=seed, sample_ids=sample_ids, progress=progress
     )
     attacks = [ce, targeted]
     if settings.autoattack:

@@ -1,0 +1,390 @@
+"""What the theory saves: K heads on one encoder, amortised vs attacking every head.
+
+For each built-in encoder named, over the default study's eps grid (both threat
+models): the amortised path (``profile_encoder`` once, its curvature factor once per
+threat, then per-head arithmetic and one checking forward pass) against the study's
+PGD on every head and against AutoAttack "standard" on every head. Heads are linear
+probes on held-out label sets of digits 5-9 (random groupings of the five classes into
+2-5 labels; the estimator was never tuned on them). Every time and every robust
+accuracy comes from this one run. AutoAttack runs on ``--aa-heads`` heads and the
+first ``--aa-points`` points at every eps (its cost per head and threat is the mean of
+those runs, scaled to ``--points`` points); the accuracy table compares each estimate
+with the study's PGD on every head and with PGD and AutoAttack together on that subset.
+
+A wide encoder: a ResNet-18 (512 features) pretrained here on digits 0-4, profiled with
+the full Jacobian and with the span route (no Jacobian up front, each head adds its
+class-difference directions), against the study's PGD on 5 heads.
+
+    python benchmarks/bench_expected.py [--points 200] [--encoders standard,simclr]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from robust_transfer import (
+    AttackSettings,
+    ThreatModel,
+    extract_features,
+    profile_encoder,
+    train_linear_probe,
+)
+from robust_transfer.attacks.reference import attack_autoattack
+from robust_transfer.data.tasks import get_task
+from robust_transfer.schema import Array
+from robust_transfer.study.config import default_config
+from robust_transfer.study.evaluate import classification_theory, measure_shift, study_pgd
+from robust_transfer.training.pretrain import PretrainConfig, cached_pretrain
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(__file__).resolve().parent / ".cache"
+T = TypeVar("T")
+
+ESTIMATES = {
+    "expected": Array.EXPECTED_ROBUST,
+    "predicted (criterion, attacked shift)": Array.PREDICTED_ROBUST,
+    "task-agnostic perturbation": Array.ROBUST_TASK_AGNOSTIC,
+    "certified (task-agnostic)": Array.CERTIFIED_ROBUST,
+}
+
+
+def timed(run: Callable[..., T], *args: object, **kwargs: object) -> tuple[T, float]:
+    start = time.perf_counter()
+    value = run(*args, **kwargs)
+    return value, time.perf_counter() - start
+
+
+def label_sets(classes: int, count: int, seed: int) -> list[Tensor]:
+    """``count`` distinct groupings of ``classes`` labels into 2..classes new labels."""
+    generator = torch.Generator().manual_seed(seed)
+    found: list[Tensor] = [torch.arange(classes)]
+    seen = {tuple(found[0].tolist())}
+    while len(found) < count:
+        groups = int(torch.randint(2, classes + 1, (1,), generator=generator))
+        mapping = torch.randint(0, groups, (classes,), generator=generator)
+        if len(mapping.unique()) < 2:
+            continue
+        canonical = torch.unique(mapping, return_inverse=True)[1]
+        # Relabel by first appearance so that equal partitions compare equal.
+        order = {int(v): i for i, v in enumerate(dict.fromkeys(canonical.tolist()))}
+        key = tuple(order[int(v)] for v in canonical)
+        if key not in seen:
+            seen.add(key)
+            found.append(torch.tensor(key))
+    return found
+
+
+@dataclass
+class Heads:
+    """Linear probes for each label set, and the test labels they are scored on."""
+
+    heads: list[nn.Linear]
+    labels: list[Tensor]
+
+
+def fit_heads(encoder: nn.Module, count: int, points: int, seed: int) -> tuple[Tensor, Heads]:
+    split = get_task("mnist-5-9").downstream
+    train, test = split.train, split.test
+    features = extract_features(encoder, train.x)
+    heads, labels = [], []
+    for mapping in label_sets(len(train.classes), count, seed):
+        heads.append(train_linear_probe(features, mapping[train.y]).eval())
+        labels.append(mapping[test.y[:points]])
+    return test.x[:points], Heads(heads, labels)
+
+
+def accuracy(robust: Tensor) -> float:
+    return 100.0 * float(robust.float().mean())
+
+
+@dataclass
+class Errors:
+    """Per estimator: signed errors in points over (head, threat) pairs."""
+
+    against: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, estimate: Tensor, reference: Tensor) -> None:
+        self.against.setdefault(name, []).append(accuracy(estimate) - accuracy(reference))
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {
+                "mean_abs": sum(abs(e) for e in errors) / len(errors),
+                "worst_abs": max(abs(e) for e in errors),
+                "mean_signed": sum(errors) / len(errors),
+                "pairs": len(errors),
+            }
+            for name, errors in self.against.items()
+        }
+
+
+def bench_encoder(
+    name: str, threats: tuple[ThreatModel, ...], settings: AttackSettings, args: argparse.Namespace
+) -> dict[str, object]:
+    config = default_config()
+    spec = config.encoders[name]
+    assert spec.pretrain is not None
+    assert spec.pretrain_task is not None
+    pretrain = get_task(spec.pretrain_task).pretrain
+    assert pretrain is not None
+    encoder = cached_pretrain(spec.pretrain, pretrain.train, CACHE).encoder.eval()
+    x, heads = fit_heads(encoder, max(args.heads), args.points, args.seed)
+
+    profile, t_jacobian = timed(profile_encoder, encoder, x)
+    t_curvature = sum(timed(profile.curvature_factor, threat)[1] for threat in threats)
+    shifts, t_shift = {}, 0.0
+    for threat in threats:
+        shifts[threat], seconds = timed(measure_shift, encoder, x, threat, settings, seed=args.seed)
+        t_shift += seconds
+
+    t_head, t_theory, t_pgd, t_aa = [], [], [], []
+    vs_pgd, vs_aa = Errors(), Errors()
+    subset = slice(0, args.aa_points)
+    for index, (head, y) in enumerate(zip(heads.heads, heads.labels, strict=True)):
+        model = nn.Sequential(encoder, head).eval()
+        head_seconds = theory_seconds = pgd_seconds = 0.0
+        for threat in threats:
+            shift = shifts[threat]
+            (expected, _), seconds = timed(profile.assess, head, y, threat)
+            head_seconds += seconds
+            arrays, seconds = timed(classification_theory, head, shift[Array.FEATURES], y, shift)
+            theory_seconds += seconds
+            with torch.no_grad():
+                agnostic = head(shift[Array.FEATURES_ADV]).argmax(dim=1) == y
+            arrays[Array.EXPECTED_ROBUST] = expected
+            arrays[Array.ROBUST_TASK_AGNOSTIC] = arrays[Array.CORRECT] & agnostic
+            (ce, targeted), seconds = timed(
+                study_pgd, model, x, y, threat, settings, seed=args.seed
+            )
+            pgd_seconds += seconds
+            robust_pgd = ce.robust & targeted.robust
+            for estimator, key in ESTIMATES.items():
+                if key in arrays:
+                    vs_pgd.add(estimator, arrays[key], robust_pgd)
+            if index < args.aa_heads:
+                aa, seconds = timed(attack_autoattack, model, x[subset], y[subset], threat)
+                t_aa.append(seconds * len(x) / len(x[subset]))
+                reference = robust_pgd[subset] & aa.robust
+                for estimator, key in ESTIMATES.items():
+                    if key in arrays:
+                        vs_aa.add(estimator, arrays[key][subset], reference)
+                vs_aa.add("study PGD", robust_pgd[subset], reference)
+        t_head.append(head_seconds)
+        t_theory.append(theory_seconds)
+        t_pgd.append(pgd_seconds)
+        print(f"{name}: head {index + 1}/{len(heads.heads)} done", flush=True)
+
+    aa_per_head = len(threats) * sum(t_aa) / max(1, len(t_aa))
+    once = t_jacobian + t_curvature
+    rows = []
+    for k in args.heads:
+        expected_path = once + sum(t_head[:k])
+        full_path = expected_path + t_shift + sum(t_theory[:k])
+        pgd, aa = sum(t_pgd[:k]), k * aa_per_head
+        rows.append(
+            {
+                "heads": k,
+                "expected_path_s": expected_path,
+                "full_amortised_path_s": full_path,
+                "study_pgd_s": pgd,
+                "autoattack_s": aa,
+                "pgd_over_expected": pgd / expected_path,
+                "autoattack_over_expected": aa / expected_path,
+                "autoattack_over_full": aa / full_path,
+            }
+        )
+    return {
+        "encoder": name,
+        "points": len(x),
+        "once_per_encoder_s": {
+            "jacobian": t_jacobian,
+            "curvature_all_threats": t_curvature,
+            "representation_attack_and_certificates": t_shift,
+        },
+        "per_head_over_grid_s": {
+            "expected": sum(t_head) / len(t_head),
+            "study_pgd": sum(t_pgd) / len(t_pgd),
+            "autoattack": aa_per_head,
+        },
+        "timing": rows,
+        "errors_vs_study_pgd": vs_pgd.summary(),
+        "errors_vs_autoattack": vs_aa.summary(),
+    }
+
+
+def bench_wide(
+    threats: tuple[ThreatModel, ...], settings: AttackSettings, args: argparse.Namespace
+) -> dict[str, object]:
+    pretrain = get_task("mnist-5-9").pretrain
+    assert pretrain is not None
+    config = PretrainConfig(
+        protocol="standard", arch="resnet18", feature_dim=512, epochs=1, limit=args.wide_train
+    )
+    encoder = cached_pretrain(config, pretrain.train, CACHE).encoder.eval()
+    x, heads = fit_heads(encoder, 5, args.wide_points, args.seed)
+    features = int(extract_features(encoder, x[:1]).shape[1])
+
+    full, t_full = timed(profile_encoder, encoder, x)
+    t_full_curvature = sum(timed(full.curvature_factor, threat)[1] for threat in threats)
+    span, t_span = timed(profile_encoder, encoder, x, directions=torch.zeros(0, features))
+    t_span_curvature = sum(timed(span.curvature_factor, threat)[1] for threat in threats)
+    t_span_heads, t_pgd, errors = 0.0, 0.0, Errors()
+    for head, y in zip(heads.heads, heads.labels, strict=True):
+        model = nn.Sequential(encoder, head).eval()
+        for threat in threats:
+            (expected, _), seconds = timed(span.assess, head, y, threat)
+            t_span_heads += seconds
+            (ce, targeted), seconds = timed(
+                study_pgd, model, x, y, threat, settings, seed=args.seed
+            )
+            t_pgd += seconds
+            robust = ce.robust & targeted.robust
+            errors.add("expected (span route)", expected, robust)
+            errors.add("expected (full Jacobian)", full.expected_robust(head, y, threat), robust)
+    return {
+        "encoder": "ResNet-18 (CIFAR layout, 1x28x28), standard pretraining on digits 0-4",
+        "features": features,
+        "points": len(x),
+        "full_jacobian_once_s": t_full + t_full_curvature,
+        "full_jacobian_backward_passes": full.backward_passes,
+        "span_route_once_s": t_span + t_span_curvature,
+        "span_route_five_heads_s": t_span_heads,
+        "span_route_backward_passes_five_heads": span.backward_passes,
+        "study_pgd_five_heads_s": t_pgd,
+        "full_once_over_pgd_five_heads": (t_full + t_full_curvature) / t_pgd,
+        "span_once_plus_five_heads_over_pgd_five_heads": (t_span + t_span_curvature + t_span_heads)
+        / t_pgd,
+        "errors_vs_study_pgd": errors.summary(),
+    }
+
+
+def markdown(record: dict[str, object]) -> str:
+    settings = record["settings"]
+    assert isinstance(settings, dict)
+    lines = [
+        "# What the theory saves: amortised expected robust accuracy vs attacking each head",
+        "",
+        f"Reproduce: `{settings['command']}`. {settings['device']}, "
+        f"{settings['threads']} threads, torch {settings['torch']}, {settings['machine']}. "
+        f"Threats: {', '.join(settings['threats'])} (the default study's grid). "
+        "Heads: linear probes on held-out groupings of digits 5-9.",
+        "",
+    ]
+    encoders = record["encoders"]
+    assert isinstance(encoders, list)
+    for result in encoders:
+        lines += [
+            f"## {result['encoder']} ({result['points']} points)",
+            "",
+            f"Once per encoder: {json.dumps(_rounded(result['once_per_encoder_s']))} s. "
+            f"Per head over the grid: {json.dumps(_rounded(result['per_head_over_grid_s']))} s.",
+            "",
+            "| heads | expected path s | + attack, certificates, criterion s | study PGD s "
+            "| AutoAttack s | PGD / expected | AutoAttack / expected | AutoAttack / full |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in result["timing"]:
+            lines.append(
+                f"| {row['heads']} | {row['expected_path_s']:.1f} "
+                f"| {row['full_amortised_path_s']:.1f} | {row['study_pgd_s']:.1f} "
+                f"| {row['autoattack_s']:.0f} | {row['pgd_over_expected']:.1f}x "
+                f"| {row['autoattack_over_expected']:.0f}x | {row['autoattack_over_full']:.0f}x |"
+            )
+        lines += ["", _error_table(result), ""]
+    wide = record.get("wide")
+    if isinstance(wide, dict):
+        lines += [
+            f"## {wide['encoder']}: {wide['features']} features, {wide['points']} points",
+            "",
+            f"- Full Jacobian once ({wide['full_jacobian_backward_passes']} backward passes) "
+            f"plus curvature: {wide['full_jacobian_once_s']:.0f} s; the study's PGD on 5 "
+            f"heads: {wide['study_pgd_five_heads_s']:.0f} s "
+            f"(ratio {wide['full_once_over_pgd_five_heads']:.2f}).",
+            f"- Span route: curvature once {wide['span_route_once_s']:.0f} s, 5 heads "
+            f"{wide['span_route_five_heads_s']:.0f} s "
+            f"({wide['span_route_backward_passes_five_heads']} backward passes in all; "
+            f"ratio to PGD {wide['span_once_plus_five_heads_over_pgd_five_heads']:.2f}).",
+            "",
+            _error_table({"errors_vs_study_pgd": wide["errors_vs_study_pgd"]}),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _error_table(result: dict[str, object]) -> str:
+    lines = [
+        "| estimate | reference | mean abs. error (points) | worst | mean signed | pairs |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for key, reference in (
+        ("errors_vs_study_pgd", "study PGD, every head"),
+        ("errors_vs_autoattack", "PGD + AutoAttack, subset"),
+    ):
+        table = result.get(key, {})
+        assert isinstance(table, dict)
+        for name, e in table.items():
+            lines.append(
+                f"| {name} | {reference} | {e['mean_abs']:.2f} | {e['worst_abs']:.1f} "
+                f"| {e['mean_signed']:+.2f} | {e['pairs']} |"
+            )
+    return "\n".join(lines)
+
+
+def _rounded(values: object) -> object:
+    assert isinstance(values, dict)
+    return {key: round(value, 2) for key, value in values.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=int, default=200)
+    parser.add_argument("--heads", type=int, nargs="+", default=[1, 5, 20])
+    parser.add_argument("--encoders", default="standard,simclr")
+    parser.add_argument("--aa-heads", type=int, default=2)
+    parser.add_argument("--aa-points", type=int, default=100)
+    parser.add_argument("--wide-points", type=int, default=32, help="0 skips the ResNet-18")
+    parser.add_argument("--wide-train", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    config = default_config()
+    threats = next(task for task in config.tasks if task.name == "mnist-5-9").threats
+    record: dict[str, object] = {
+        "settings": {
+            "command": " ".join(
+                ["python benchmarks/bench_expected.py", *(sys.argv[1:] if argv is None else argv)]
+            ),
+            "threats": [str(t) for t in threats],
+            "attack": dataclasses.asdict(config.attack),
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": platform.platform(),
+        },
+        "encoders": [
+            bench_encoder(name, threats, config.attack, args) for name in args.encoders.split(",")
+        ],
+    }
+    if args.wide_points > 0:
+        record["wide"] = bench_wide(threats, config.attack, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_expected.json").write_text(json.dumps(record, indent=2) + "\n")
+    (args.out / "bench_expected.md").write_text(markdown(record) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()
