@@ -152,6 +152,8 @@ def bench_encoder(
     t_head, t_theory, t_pgd, t_aa = [], [], [], []
     vs_pgd, vs_aa = Errors(), Errors()
     subset = slice(0, args.aa_points)
+    # AutoAttack's targeted attacks need at least 4 classes.
+    aa_heads = [i for i, head in enumerate(heads.heads) if head.out_features >= 4][: args.aa_heads]
     for index, (head, y) in enumerate(zip(heads.heads, heads.labels, strict=True)):
         model = nn.Sequential(encoder, head).eval()
         head_seconds = theory_seconds = pgd_seconds = 0.0
@@ -173,7 +175,7 @@ def bench_encoder(
             for estimator, key in ESTIMATES.items():
                 if key in arrays:
                     vs_pgd.add(estimator, arrays[key], robust_pgd)
-            if index < args.aa_heads:
+            if index in aa_heads:
                 aa, seconds = timed(attack_autoattack, model, x[subset], y[subset], threat)
                 t_aa.append(seconds * len(x) / len(x[subset]))
                 reference = robust_pgd[subset] & aa.robust

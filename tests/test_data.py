@@ -213,3 +213,22 @@ def test_first_points_of_a_split_cover_every_class() -> None:
     split = get_task("mnist-5-9").downstream
     for part in (split.train, split.test):
         assert set(part.y[:100].tolist()) == set(range(5))
+
+
+def test_stratified_sample_is_seeded_and_keeps_class_shares() -> None:
+    from robust_transfer.data.sources import load_dataset
+    from robust_transfer.data.tasks import stratified_sample
+    from robust_transfer.errors import DataError
+
+    mnist = load_dataset("mnist")  # sorted by class: the first 200 are all zeros
+    sample = stratified_sample(mnist, 200, seed=0)
+    counts = torch.bincount(sample.y, minlength=10)
+    expected = torch.bincount(mnist.y, minlength=10) * 200 / len(mnist)
+    assert (counts - expected).abs().max() <= 1.0
+    assert torch.equal(sample.y, stratified_sample(mnist, 200, seed=0).y)
+    assert not torch.equal(sample.y, stratified_sample(mnist, 200, seed=1).y)
+    assert len(stratified_sample(mnist, 10**6)) == len(mnist)
+    test = load_dataset("task:mnist-5-9")
+    assert test.classes == load_dataset("task:mnist-5-9:train").classes
+    with pytest.raises(DataError, match="train or test"):
+        load_dataset("task:mnist-5-9:val")

@@ -18,7 +18,9 @@ from .attacks.reference import attack_autoattack
 from .attacks.settings import AttackSettings
 from .bounds import weight_gap
 from .data.dataset import ImageDataset
+from .data.sources import FORMS as DATA_FORMS
 from .data.sources import load_dataset
+from .data.tasks import stratified_sample
 from .errors import InputError, MissingFileError, ResultsFormatError, RobustTransferError
 from .expected import profile_encoder
 from .models import load_encoder, load_head
@@ -78,8 +80,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> ImageDataset:
-    data = load_dataset(args.data)
-    return data.subset(list(range(min(args.n, len(data)))))
+    return stratified_sample(load_dataset(args.data), args.n, seed=args.seed)
 
 
 def _threat(norm: str) -> str:
@@ -110,7 +111,14 @@ def _emit(rows: list[Record], args: argparse.Namespace) -> int:
 
 
 def _encoder(args: argparse.Namespace, runtime: Runtime) -> nn.Module:
-    return load_encoder(args.encoder).to(runtime.device).eval()
+    encoder = load_encoder(
+        args.encoder,
+        args.checkpoint,
+        layer=args.layer,
+        resize=args.resize,
+        trust_checkpoint=args.trust_checkpoint,
+    )
+    return encoder.to(runtime.device).eval()
 
 
 def _shift_rows(
@@ -243,6 +251,20 @@ def _single_step_options(parser: argparse.ArgumentParser, *, head: bool) -> None
         required=True,
         help=f"an encoder spec: {FORMS}",
     )
+    parser.add_argument(
+        "--checkpoint", help="weights for the encoder's architecture (.safetensors or .pt)"
+    )
+    parser.add_argument(
+        "--layer", help="cut the features at this module ('penultimate': the last linear input)"
+    )
+    parser.add_argument(
+        "--resize", action="store_true", help="resize inputs to the encoder's input size"
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow pickled weights that need code execution (only for trusted files)",
+    )
     _device_option(parser)
     if head:
         parser.add_argument(
@@ -251,11 +273,16 @@ def _single_step_options(parser: argparse.ArgumentParser, *, head: bool) -> None
     parser.add_argument(
         "--data",
         required=True,
-        help="mnist | digits8x8 | dsprites | torchvision:NAME | folder:PATH | FILE.npz | FILE.pt",
+        help=f"a data spec: {DATA_FORMS}",
     )
     parser.add_argument("--threat", type=_threat, default="Linf", help="Linf or L2")
     parser.add_argument("--eps", type=_eps, nargs="+", default=[0.1], help="radii, e.g. 8/255 0.1")
-    parser.add_argument("--n", type=int, default=500, help="the first N points of the data")
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=500,
+        help="N points of the data: a seeded sample, classes in proportion",
+    )
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--restarts", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=250)

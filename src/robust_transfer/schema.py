@@ -148,6 +148,9 @@ class Meta(StrEnum):
     CHECKPOINT = "checkpoint"  # ... the checkpoint file
     SIDECAR = "sidecar"  # ... and its sidecar
     FACTORY = "factory"  # ... or the factory
+    ZOO = "zoo"  # ... or the model zoo (torchvision, timm, robustbench, open_clip)
+    INPUT_SIZE = "input_size"  # the (C, H, W) a zoo encoder takes
+    LAYER = "layer"  # the layer its features are cut at
     FEATURE_SCALE = "feature_scale"  # median distance between two inputs' features
 
 

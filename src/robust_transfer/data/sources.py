@@ -11,6 +11,7 @@ from .dataset import ImageDataset
 from .dsprites import render_dsprites
 from .files import load_array_file
 from .folder import load_image_folder
+from .tasks import get_task
 from .torchvision_sets import load_torchvision
 
 _DSPRITES_N, _DSPRITES_SEED = 3000, 0
@@ -23,7 +24,7 @@ _BUILTIN: dict[str, Callable[[], ImageDataset]] = {
 
 FORMS = (
     f"{' | '.join(_BUILTIN)} | torchvision:NAME (root=..., train=..., download=...) | "
-    "folder:PATH (size=...) | FILE.npz | FILE.pt"
+    "folder:PATH (size=...) | task:NAME[:train|test] | FILE.npz | FILE.pt"
 )
 
 
@@ -39,6 +40,17 @@ def load_dataset(spec: str, **kwargs: object) -> ImageDataset:
     if colon and prefix == "folder":
         options = {"size": 64} | kwargs
         return load_image_folder(rest, **options)  # type: ignore[arg-type]
+    if colon and prefix == "task":
+        return _task_split(rest)
     if Path(spec).suffix in {".npz", ".pt"}:
         return load_array_file(spec)
     raise DataError(f"unknown data spec {spec!r}: expected {FORMS}")
+
+
+def _task_split(rest: str) -> ImageDataset:
+    """A built-in task's downstream data: ``NAME`` (its test part) or ``NAME:train``."""
+    name, _, part = rest.partition(":")
+    if part not in {"", "train", "test"}:
+        raise DataError(f"task data spec 'task:{rest}': the part must be train or test")
+    split = get_task(name).downstream
+    return split.train if part == "train" else split.test

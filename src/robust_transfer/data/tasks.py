@@ -95,6 +95,21 @@ def stratified_split(
     )
 
 
+def stratified_sample(data: ImageDataset, n: int, *, seed: int = SPLIT_SEED) -> ImageDataset:
+    """``n`` items (all if fewer) in a seeded, shuffled order in which every prefix holds
+    each class in proportion to its size: "the first N points" of a class-sorted source
+    would be one class."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=generator)
+    labels = data.y[order]
+    position = torch.zeros(len(data), dtype=torch.float64)
+    for label in torch.unique(labels).tolist():
+        members = (labels == label).nonzero().squeeze(1)
+        position[members] = (torch.arange(len(members), dtype=torch.float64) + 0.5) / len(members)
+    chosen = order[torch.argsort(position, stable=True)[: min(n, len(data))]]
+    return data.subset(chosen, name=data.name)
+
+
 TaskBuilder = Callable[[], Task]
 
 _MNIST_LOW = range(0, 5)

@@ -5,13 +5,18 @@ encoders through :func:`resolve_encoder`. Forms today:
 
 - ``PATH.safetensors`` (or ``checkpoint:PATH``): a checkpoint of this library, checked
   against its sidecar's SHA-256;
-- ``package.module:factory``: any importable callable returning an ``nn.Module``.
+- ``package.module:factory``: any importable callable returning an ``nn.Module``;
+- ``torchvision:NAME[:WEIGHTS]``, ``timm:NAME[:TAG]``, ``robustbench:NAME:DATASET:THREAT``,
+  ``open_clip:ARCH[:PRETRAINED]``: model zoos (:mod:`robust_transfer.models.zoo`).
+
+Every form takes :class:`~robust_transfer.models.zoo.LoadOptions`: weights of one's
+own (``checkpoint``), the layer to cut at, resizing, and trust in pickled files.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +24,10 @@ from torch import nn
 
 from ..errors import InputError, InputTypeError, MissingFileError
 from ..schema import Meta
+from . import zoo
 from .checkpoint import load_checkpoint
+from .weights import load_weights_into
+from .zoo import LoadOptions, ZooEncoder
 
 _CHECKPOINT_SUFFIX = ".safetensors"
 _CHECKPOINT_PREFIX = "checkpoint:"
@@ -41,7 +49,7 @@ class _Source:
     # (spec, folder that relative paths start from) -> the spec with an absolute path,
     # after checking what can be checked without loading (a file exists, the syntax)
     resolve: Callable[[str, Path], str]
-    load: Callable[[str, Mapping[str, object]], LoadedEncoder]
+    load: Callable[[str, LoadOptions], LoadedEncoder]
 
 
 def _checkpoint_path(spec: str) -> str:
@@ -55,11 +63,21 @@ def _resolve_checkpoint(spec: str, base: Path) -> str:
     return f"{_CHECKPOINT_PREFIX}{path}"
 
 
-def _load_checkpoint(spec: str, options: Mapping[str, object]) -> LoadedEncoder:
-    if options:
-        raise InputError(f"a checkpoint takes no options, got {sorted(options)}")
+def _cut(model: nn.Module, spec: str, options: LoadOptions) -> nn.Module:
+    """``model``, or its features at ``options.layer``."""
+    if options.layer is None:
+        return model
+    return ZooEncoder(model, name=spec, layer=options.layer)
+
+
+def _load_checkpoint(spec: str, options: LoadOptions) -> LoadedEncoder:
+    if options.extra or options.checkpoint is not None or options.resize:
+        raise InputError("a checkpoint of this library takes only a layer to cut at")
     encoder, sidecar = load_checkpoint(_checkpoint_path(spec))
-    return LoadedEncoder(encoder, {Meta.CHECKPOINT: _checkpoint_path(spec), Meta.SIDECAR: sidecar})
+    return LoadedEncoder(
+        _cut(encoder, spec, options),
+        {Meta.CHECKPOINT: _checkpoint_path(spec), Meta.SIDECAR: sidecar},
+    )
 
 
 def _split_factory(spec: str) -> tuple[str, str]:
@@ -74,7 +92,7 @@ def _resolve_factory(spec: str, base: Path) -> str:
     return spec
 
 
-def _load_factory(spec: str, options: Mapping[str, object]) -> LoadedEncoder:
+def _load_factory(spec: str, options: LoadOptions) -> LoadedEncoder:
     module_name, attribute = _split_factory(spec)
     try:
         module = importlib.import_module(module_name)
@@ -84,15 +102,43 @@ def _load_factory(spec: str, options: Mapping[str, object]) -> LoadedEncoder:
     if not callable(factory):
         raise InputError(f"encoder spec {spec!r}: {module_name} has no callable {attribute!r}")
     try:
-        model = factory(**options)
+        model = factory(**options.extra)
     except TypeError as err:
         raise InputError(f"encoder spec {spec!r}: cannot call the factory: {err}") from err
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"encoder spec {spec!r}: the factory returned {type(model).__name__}")
-    return LoadedEncoder(model.eval(), {Meta.FACTORY: spec})
+    if options.checkpoint is not None:
+        load_weights_into(model, options.checkpoint, trust_checkpoint=options.trust_checkpoint)
+    return LoadedEncoder(_cut(model.eval(), spec, options), {Meta.FACTORY: spec})
+
+
+def _zoo_source(name: str, form: str, loader: Callable[[str, LoadOptions], ZooEncoder]) -> _Source:
+    prefix = f"{name}:"
+
+    def resolve(spec: str, base: Path) -> str:
+        if spec == prefix or spec.split(":", 1)[1].startswith(":"):
+            raise InputError(f"encoder spec {spec!r}: expected {form}")
+        return spec
+
+    def load(spec: str, options: LoadOptions) -> LoadedEncoder:
+        encoder = loader(spec, options)
+        info: dict[str, object] = {
+            Meta.ZOO: name,
+            Meta.INPUT_SIZE: list(encoder.input_size or ()),
+            Meta.LAYER: encoder.layer or "output",
+        }
+        if options.checkpoint is not None:
+            info[Meta.CHECKPOINT] = str(options.checkpoint)
+        return LoadedEncoder(encoder, info)
+
+    return _Source(name, form, lambda spec: spec.startswith(prefix), resolve, load)
 
 
 _SOURCES: tuple[_Source, ...] = (
+    _zoo_source("torchvision", "'torchvision:NAME[:WEIGHTS]'", zoo.load_torchvision),
+    _zoo_source("timm", "'timm:NAME[:TAG]'", zoo.load_timm),
+    _zoo_source("robustbench", "'robustbench:NAME:DATASET:THREAT'", zoo.load_robustbench),
+    _zoo_source("open_clip", "'open_clip:ARCH[:PRETRAINED]'", zoo.load_open_clip),
     _Source(
         "checkpoint",
         "a .safetensors checkpoint",
@@ -131,15 +177,51 @@ def resolve_spec(spec: str, base: Path | None = None) -> str:
     return _source(spec).resolve(spec, Path.cwd() if base is None else base)
 
 
-def resolve_encoder(spec: str, **options: object) -> LoadedEncoder:
-    """The encoder ``spec`` names, in eval mode, with its provenance; ``options`` go to
-    a factory."""
+def resolve_encoder(
+    spec: str,
+    checkpoint: str | Path | None = None,
+    *,
+    layer: str | None = None,
+    resize: bool = False,
+    trust_checkpoint: bool = False,
+    **options: object,
+) -> LoadedEncoder:
+    """The encoder ``spec`` names, in eval mode, with its provenance.
+
+    ``checkpoint``: a weights file for the architecture (safetensors, or a weights-only
+    pickle; a pickle that needs code is refused unless ``trust_checkpoint``). ``layer``:
+    the module to take pooled features from (``"penultimate"``: the input of the last
+    linear layer). ``resize``: resize inputs to the encoder's input size. ``options``
+    go to a factory (or a zoo loader, e.g. RobustBench's ``model_dir``).
+    """
     source = _source(spec)
-    loaded = source.load(source.resolve(spec, Path.cwd()), options)
-    return LoadedEncoder(loaded.module, {Meta.SOURCE: spec, **loaded.info})
+    load_options = LoadOptions(
+        checkpoint=None if checkpoint is None else Path(checkpoint),
+        layer=layer,
+        resize=resize,
+        trust_checkpoint=trust_checkpoint,
+        extra=options,
+    )
+    loaded = source.load(source.resolve(spec, Path.cwd()), load_options)
+    return LoadedEncoder(loaded.module.eval(), {Meta.SOURCE: spec, **loaded.info})
 
 
-def load_encoder(spec: str, **options: object) -> nn.Module:
-    """The encoder ``spec`` names (see the module docstring for the forms), in eval mode;
-    ``options`` go to a factory."""
-    return resolve_encoder(spec, **options).module
+def load_encoder(
+    spec: str,
+    checkpoint: str | Path | None = None,
+    *,
+    layer: str | None = None,
+    resize: bool = False,
+    trust_checkpoint: bool = False,
+    **options: object,
+) -> nn.Module:
+    """The encoder ``spec`` names (see the module docstring for the forms), in eval
+    mode; the arguments are :func:`resolve_encoder`'s."""
+    return resolve_encoder(
+        spec,
+        checkpoint,
+        layer=layer,
+        resize=resize,
+        trust_checkpoint=trust_checkpoint,
+        **options,
+    ).module

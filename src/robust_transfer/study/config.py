@@ -41,6 +41,8 @@ class EncoderSpec:
     pretrain: PretrainConfig | None = None
     pretrain_task: str | None = None
     source: str | None = None
+    # resolve_encoder's keyword arguments (weights, layer, resize, ...)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def pretraining(self) -> str:
@@ -213,6 +215,27 @@ def _converted(table: Mapping[str, Any], where: str) -> dict[str, Any]:
     return converted
 
 
+# What an encoder spec may be given besides its source (resolve_encoder's arguments).
+_LOAD_KEYS = {"weights", "layer", "resize", "trust_checkpoint", "options"}
+
+
+def _load_options(table: Mapping[str, Any], base: Path, where: str) -> dict[str, Any]:
+    options: dict[str, Any] = dict(
+        _expect(table.get("options", {}), dict, f"{where}.options", "a table")
+    )
+    if "weights" in table:
+        path = base / _expect(table["weights"], str, f"{where}.weights", "a file path")
+        if not path.is_file():
+            raise _fail(f"{where}.weights", f"weights file not found: {path}")
+        options["checkpoint"] = str(path)
+    if "layer" in table:
+        options["layer"] = _expect(table["layer"], str, f"{where}.layer", "a module name")
+    for flag in ("resize", "trust_checkpoint"):
+        if flag in table:
+            options[flag] = _expect(table[flag], bool, f"{where}.{flag}", "true or false")
+    return options
+
+
 def _encoder(name: str, value: object, base: Path, seed: int) -> EncoderSpec:
     where = f"encoders.{name}"
     table = dict(_expect(value, dict, where, "a table"))
@@ -221,8 +244,9 @@ def _encoder(name: str, value: object, base: Path, seed: int) -> EncoderSpec:
         raise _fail(where, "give exactly one of 'protocol', 'spec', 'checkpoint' or 'factory'")
     (key,) = sources
     if key != "protocol":
-        _unknown_keys(table, {key}, where)
+        _unknown_keys(table, {key, *_LOAD_KEYS}, where)
         spec = _expect(table[key], str, f"{where}.{key}", "an encoder spec")
+        options = _load_options(table, base, where)
         if key == "checkpoint" and not spec.startswith("checkpoint:"):
             spec = f"checkpoint:{spec}"
         try:
@@ -232,7 +256,7 @@ def _encoder(name: str, value: object, base: Path, seed: int) -> EncoderSpec:
             raise _fail(f"{where}.{key}", str(err)) from err
         if key != "spec" and kind != key:
             raise _fail(f"{where}.{key}", f"{spec!r} names a {kind}, not a {key}")
-        return EncoderSpec(name=name, source=resolved)
+        return EncoderSpec(name=name, source=resolved, options=options)
     task = _expect(table.pop("pretrain_task", None), str, f"{where}.pretrain_task", "a task name")
     if task not in task_names():
         raise _fail(

@@ -119,7 +119,7 @@ class _Encoders:
                 Meta.PRETRAIN_SECONDS: result.seconds,
             }
         else:
-            loaded = resolve_encoder(str(spec.source))
+            loaded = resolve_encoder(str(spec.source), **spec.options)
             encoder = loaded.module
             info |= loaded.info
         info[Field.LIPSCHITZ_L2] = proven_lipschitz(encoder)

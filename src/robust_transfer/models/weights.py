@@ -1,0 +1,99 @@
+"""Reading weights users bring (zoo checkpoints, their own files) without running code.
+
+safetensors files hold only tensors. Any other file is read as a pickle with
+``torch.load(weights_only=True)``, which refuses every object that would need code to
+rebuild; such a file is read in full only when the user says they trust it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from ..errors import CheckpointError, MissingFileError
+
+TRUST_HINT = (
+    "it is a pickle that needs code execution to load, which can run arbitrary code; "
+    "convert it to safetensors, or, only if you trust its source, pass "
+    "trust_checkpoint=True (--trust-checkpoint on the command line)"
+)
+# Keys a whole-model checkpoint often nests its weights under.
+_NESTED = ("state_dict", "model_state_dict", "model", "net")
+
+
+def read_weights(path: str | Path, *, trust_checkpoint: bool = False) -> object:
+    """The object a weights file holds: a safetensors file's tensors, or what a
+    weights-only ``torch.load`` returns (a full unpickling with ``trust_checkpoint``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from err
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+    except pickle.UnpicklingError as err:
+        # The weights-only unpickler names the class or function it would have to run.
+        if not trust_checkpoint and "Unsupported global" in str(err):
+            raise CheckpointError(f"{path}: refused: {TRUST_HINT}") from err
+        raise CheckpointError(f"{path}: corrupted or not a torch file: {_last_line(err)}") from err
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(f"{path}: corrupted or not a torch file: {_last_line(err)}") from err
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def state_dict_of(content: object, path: str | Path) -> dict[str, Tensor]:
+    """The tensor mapping inside a checkpoint: the mapping itself, or under one of the
+    usual keys (``state_dict``, ``model``, ...); ``module.`` prefixes (DataParallel) go."""
+    for key in _NESTED:
+        if isinstance(content, Mapping) and isinstance(content.get(key), Mapping):
+            content = content[key]
+            break
+    if isinstance(content, nn.Module):
+        content = content.state_dict()
+    if not isinstance(content, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in content.items()
+    ):
+        raise CheckpointError(f"{path}: holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in content.items()}
+
+
+def load_weights_into(
+    module: nn.Module,
+    path: str | Path,
+    *,
+    trust_checkpoint: bool = False,
+    strip: tuple[str, ...] = (),
+) -> list[str]:
+    """Load the state dict of ``path`` into ``module``; every parameter and buffer of
+    ``module`` must be in it. Keys starting with a prefix of ``strip`` lose it first (a
+    whole CLIP model's ``visual.`` for its image tower). Returns the keys not used
+    (e.g. a classifier's head when the module is its encoder)."""
+    state = state_dict_of(read_weights(path, trust_checkpoint=trust_checkpoint), path)
+    for prefix in strip:
+        if any(key.startswith(prefix) for key in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(f"{path}: does not fit the architecture: {err}") from err
+    if result.missing_keys:
+        shown = ", ".join(result.missing_keys[:5])
+        raise CheckpointError(
+            f"{path}: lacks {len(result.missing_keys)} of the architecture's weights "
+            f"(e.g. {shown}): a checkpoint of another architecture?"
+        )
+    return list(result.unexpected_keys)
