@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from robust_transfer import cli
 from robust_transfer.errors import ResultsFormatError
 from robust_transfer.pipeline import run_study
+from robust_transfer.schema import RESULTS_FILE
 from robust_transfer.study import runner
 from robust_transfer.study.config import ConfigError, parse_config
 
@@ -354,3 +355,25 @@ def test_cli_keeps_the_traceback_of_a_bug(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setitem(cli._COMMANDS, "demo", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["demo"])
+
+
+def test_cli_transfer_runs_a_one_task_study_from_a_checkpoint(
+    study: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    root, _ = study
+    checkpoint = next(
+        path
+        for path in (root / "cache").glob("standard-*.safetensors")
+        if json.loads(path.with_suffix(".json").read_text())["config"]["image_shape"] == [1, 28, 28]
+    )
+    out = tmp_path / "transfer"
+    args = ["transfer", "--encoder", str(checkpoint), "--data", "task:mnist-5-9", "--out"]
+    options = ["--n", "16", "--steps", "2", "--linf", "1/20", "--l2", "--quiet"]
+    assert cli.main([*args, str(out), *options, "--adaptations", "linear-probe"]) == 0
+    results = json.loads((out / RESULTS_FILE).read_text())
+    (record,) = results["records"]
+    assert record["task"] == "mnist-5-9"
+    assert record["adaptation"] == "linear-probe"
+    assert 0.0 <= record["expected_robust_acc"] <= 1.0
+    assert (out / "report.html").is_file()
+    assert cli.main([*args, str(tmp_path / "none"), "--linf", "--l2"]) == 2

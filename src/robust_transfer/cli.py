@@ -30,7 +30,7 @@ from .report.render import write_report
 from .report.tables import text
 from .runtime import Runtime
 from .schema import RESULTS_FILE, Array, Arrays, Field, Record, check_results
-from .study.config import default_config, default_config_text, load_config
+from .study.config import default_config, default_config_text, load_config, parse_config
 from .study.evaluate import classification_theory, measure_shift
 from .study.records import aggregate, shift_summary
 from .threat import Norm, ThreatModel, parse_eps
@@ -63,6 +63,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         runtime=_runtime(args),
         progress=not args.quiet,
     )
+    return 0
+
+
+def _transfer_config(args: argparse.Namespace) -> dict[str, object]:
+    """A one-task study, as TOML would give it, from the command line's options."""
+    encoder: dict[str, object] = {"spec": args.encoder}
+    if args.checkpoint:
+        encoder["weights"] = str(Path(args.checkpoint).resolve())
+    if args.layer:
+        encoder["layer"] = args.layer
+    encoder |= {"resize": args.resize, "trust_checkpoint": args.trust_checkpoint}
+    threats = {norm: eps for norm, eps in (("Linf", args.linf), ("L2", args.l2)) if eps}
+    if not threats:
+        raise InputError("give at least one radius with --linf or --l2")
+    name, colon, _ = args.data.removeprefix("task:").partition(":")
+    builtin = args.data.startswith("task:") and not colon
+    task = {"name": name} if builtin else {"name": "transfer", "data": args.data}
+    return {
+        "name": "transfer",
+        "seed": args.seed,
+        "eval_points": args.n,
+        "radius_points": min(100, args.n),
+        "attack": {"steps": args.steps, "autoattack": args.autoattack},
+        "encoders": {"encoder": encoder},
+        "adaptations": {name: {"protocol": name} for name in args.adaptations},
+        "tasks": [task | {"threats": threats}],
+    }
+
+
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    config = parse_config(_transfer_config(args), base=Path.cwd())
+    cache = args.cache or _default_cache()
+    run_study(config, args.out, cache_dir=cache, runtime=_runtime(args), progress=not args.quiet)
     return 0
 
 
@@ -245,12 +278,8 @@ def _device_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _single_step_options(parser: argparse.ArgumentParser, *, head: bool) -> None:
-    parser.add_argument(
-        "--encoder",
-        required=True,
-        help=f"an encoder spec: {FORMS}",
-    )
+def _encoder_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--encoder", required=True, help=f"an encoder spec: {FORMS}")
     parser.add_argument(
         "--checkpoint", help="weights for the encoder's architecture (.safetensors or .pt)"
     )
@@ -265,6 +294,10 @@ def _single_step_options(parser: argparse.ArgumentParser, *, head: bool) -> None
         action="store_true",
         help="allow pickled weights that need code execution (only for trusted files)",
     )
+
+
+def _single_step_options(parser: argparse.ArgumentParser, *, head: bool) -> None:
+    _encoder_options(parser)
     _device_option(parser)
     if head:
         parser.add_argument(
@@ -332,6 +365,31 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument(
         "--autoattack", action="store_true", help="AutoAttack 'standard' instead of PGD"
     )
+    transfer = commands.add_parser(
+        "transfer",
+        help="an encoder and a downstream data set to the full report (probe, shift, bounds, "
+        "criterion, expected robust accuracy, certificates, attacks) in one command",
+    )
+    _encoder_options(transfer)
+    transfer.add_argument(
+        "--data", required=True, help=f"a data spec, split 80/20 per class: {DATA_FORMS}"
+    )
+    transfer.add_argument("--out", required=True, help="output folder (as a study's)")
+    transfer.add_argument("--linf", nargs="*", default=["2/255", "4/255", "8/255"])
+    transfer.add_argument("--l2", nargs="*", default=["0.25", "0.5", "1.0"])
+    transfer.add_argument(
+        "--adaptations",
+        nargs="+",
+        default=["linear-probe", "certified-probe"],
+        help="adaptation protocols (linear-probe, certified-probe, fine-tune, lp-ft, ...)",
+    )
+    transfer.add_argument("--n", type=int, default=500, help="evaluation points")
+    transfer.add_argument("--steps", type=int, default=10, help="PGD steps on each head")
+    transfer.add_argument("--autoattack", action="store_true", help="AutoAttack on every head")
+    transfer.add_argument("--seed", type=int, default=0)
+    transfer.add_argument("--cache", type=Path, help="where pretrained encoders are cached")
+    transfer.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    _device_option(transfer)
     report = commands.add_parser("report", help="redraw report.html / report.md of a study")
     report.add_argument("dir", help="the study's output folder")
     return parser
@@ -341,6 +399,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run,
     "demo": _cmd_demo,
     "report": _cmd_report,
+    "transfer": _cmd_transfer,
     "vulnerability": _cmd_vulnerability,
     "bound": _cmd_bound,
     "attack": _cmd_attack,
