@@ -135,10 +135,6 @@ def _zoo_source(name: str, form: str, loader: Callable[[str, LoadOptions], ZooEn
 
 
 _SOURCES: tuple[_Source, ...] = (
-    _zoo_source("torchvision", "'torchvision:NAME[:WEIGHTS]'", zoo.load_torchvision),
-    _zoo_source("timm", "'timm:NAME[:TAG]'", zoo.load_timm),
-    _zoo_source("robustbench", "'robustbench:NAME:DATASET:THREAT'", zoo.load_robustbench),
-    _zoo_source("open_clip", "'open_clip:ARCH[:PRETRAINED]'", zoo.load_open_clip),
     _Source(
         "checkpoint",
         "a .safetensors checkpoint",
@@ -146,6 +142,10 @@ _SOURCES: tuple[_Source, ...] = (
         _resolve_checkpoint,
         _load_checkpoint,
     ),
+    _zoo_source("torchvision", "'torchvision:NAME[:WEIGHTS]'", zoo.load_torchvision),
+    _zoo_source("timm", "'timm:NAME[:TAG]'", zoo.load_timm),
+    _zoo_source("robustbench", "'robustbench:NAME:DATASET:THREAT'", zoo.load_robustbench),
+    _zoo_source("open_clip", "'open_clip:ARCH[:PRETRAINED]'", zoo.load_open_clip),
     _Source(
         "factory",
         "'package.module:factory'",
