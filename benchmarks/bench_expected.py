@@ -44,7 +44,7 @@ from robust_transfer import (
 from robust_transfer.attacks.reference import attack_autoattack
 from robust_transfer.data.tasks import get_task
 from robust_transfer.schema import Array
-from robust_transfer.study.config import default_config
+from robust_transfer.study.config import StudyConfig, default_config
 from robust_transfer.study.evaluate import classification_theory, measure_shift, study_pgd
 from robust_transfer.training.pretrain import PretrainConfig, cached_pretrain
 
@@ -131,9 +131,9 @@ class Errors:
 
 
 def bench_encoder(
-    name: str, threats: tuple[ThreatModel, ...], settings: AttackSettings, args: argparse.Namespace
+    name: str, config: StudyConfig, threats: tuple[ThreatModel, ...], args: argparse.Namespace
 ) -> dict[str, object]:
-    config = default_config()
+    settings = config.attack
     spec = config.encoders[name]
     assert spec.pretrain is not None
     assert spec.pretrain_task is not None
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "machine": platform.platform(),
         },
         "encoders": [
-            bench_encoder(name, threats, config.attack, args) for name in args.encoders.split(",")
+            bench_encoder(name, config, threats, args) for name in args.encoders.split(",")
         ],
     }
     if args.wide_points > 0:

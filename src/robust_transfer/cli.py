@@ -87,7 +87,7 @@ def _transfer_config(args: argparse.Namespace) -> dict[str, object]:
         "radius_points": min(100, args.n),
         "attack": {"steps": args.steps, "autoattack": args.autoattack},
         "encoders": {"encoder": encoder},
-        "adaptations": {name: {"protocol": name} for name in args.adaptations},
+        "adaptations": {protocol: {"protocol": protocol} for protocol in args.adaptations},
         "tasks": [task | {"threats": threats}],
     }
 
