@@ -26,6 +26,8 @@ from robust_transfer.data import (
     stratified_split,
     task_names,
 )
+from robust_transfer.data.sources import load_split
+from robust_transfer.errors import DataError
 
 
 def test_builtin_digits() -> None:
@@ -97,6 +99,16 @@ def test_fashion_mnist_from_raw_idx_files(tmp_path: Path) -> None:
     assert data.y.tolist() == [0, 1, 2, 3, 9]
     full = load_torchvision("fashion-mnist", tmp_path, train=False)
     torch.testing.assert_close(full.x[:, 0], torch.from_numpy(images).float() / 255)
+    # The same through data specs: the part named in the spec, options as keywords.
+    spec = load_dataset("torchvision:fashion-mnist:train", root=tmp_path, size=16, limit=5)
+    torch.testing.assert_close(spec.x, data.x)
+    assert load_dataset("torchvision:fashion-mnist", root=tmp_path).name == "fashion-mnist/test"
+    with pytest.raises(DataError, match="must be train or test"):
+        load_dataset("torchvision:fashion-mnist:validation", root=tmp_path)
+    with pytest.raises(DataError, match="bad options"):
+        load_dataset("torchvision:fashion-mnist", root=tmp_path, colour=True)
+    with pytest.raises(DataError, match="takes no options"):
+        load_dataset("mnist", root=tmp_path)
 
 
 def test_cifar10_from_python_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,6 +167,28 @@ def test_image_folder(tmp_path: Path) -> None:
         load_image_folder(tmp_path, size=8)
     with pytest.raises(FileNotFoundError):
         load_image_folder(tmp_path / "none", size=8)
+
+
+def test_train_and_test_folders_make_one_split(tmp_path: Path) -> None:
+    """Intel Image Classification's layout: seg_train/<class>, seg_test/<class>."""
+    for part, count in (("seg_train", 4), ("seg_test", 6)):
+        for name, colour in (("forest", (0, 200, 0)), ("sea", (0, 0, 200))):
+            (tmp_path / part / name).mkdir(parents=True)
+            for k in range(count):
+                Image.new("RGB", (12, 12), colour).save(tmp_path / part / name / f"{k}.png")
+    split = load_split(
+        f"folder:{tmp_path / 'seg_train'}", f"folder:{tmp_path / 'seg_test'}", size=8
+    )
+    assert (len(split.train), len(split.test)) == (8, 12)
+    # Folders come sorted by class; the held-out order must not be.
+    assert sorted(split.test.y[:2].tolist()) == [0, 1]
+    assert sorted(split.test.y.tolist()) == [0] * 6 + [1] * 6
+    whole = load_split(f"folder:{tmp_path / 'seg_test'}", size=8)
+    assert (len(whole.train), len(whole.test)) == (10, 2)
+    (tmp_path / "seg_test" / "desert").mkdir()
+    Image.new("RGB", (12, 12)).save(tmp_path / "seg_test" / "desert" / "0.png")
+    with pytest.raises(DataError, match="classes differ"):
+        load_split(f"folder:{tmp_path / 'seg_train'}", f"folder:{tmp_path / 'seg_test'}", size=8)
 
 
 def test_array_files(tmp_path: Path) -> None:

@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from sklearn.linear_model import LogisticRegression
 
 from robust_transfer import cli
+from robust_transfer.data.tasks import get_task, stratified_sample
 from robust_transfer.errors import ResultsFormatError
+from robust_transfer.features import extract_features
+from robust_transfer.models import load_encoder, load_head
 from robust_transfer.pipeline import run_study
 from robust_transfer.schema import RESULTS_FILE
 from robust_transfer.study import runner
@@ -357,15 +361,87 @@ def test_cli_keeps_the_traceback_of_a_bug(monkeypatch: pytest.MonkeyPatch) -> No
         cli.main(["demo"])
 
 
+def test_cli_probe_trains_and_saves_a_head(
+    study: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _ = study
+    checkpoint = str(_mnist_checkpoint(root, "standard"))
+    data = ["--data", "task:mnist-5-9:train", "--test-data", "task:mnist-5-9:test"]
+    base = ["probe", "--encoder", checkpoint, *data, "--n", "400", "--quiet"]
+    out = tmp_path / "probe"
+    assert cli.main([*base, "--out", str(out)]) == 0
+    record = json.loads((out / cli.PROBE_FILE).read_text())
+    head = load_head(out / cli.HEAD_FILE)
+    assert (record["train_points"], record["test_points"]) == (400, 500)
+    # Recomputed from the saved files alone: the accuracy the command reported.
+    test = get_task("mnist-5-9").downstream.test
+    encoder = load_encoder(checkpoint)
+    predicted = head(extract_features(encoder, test.x)).argmax(dim=1)
+    assert float((predicted == test.y).float().mean()) == pytest.approx(record["test_acc"])
+    # A second solver of the same convex objective (mean CE + wd/2 ||W||^2, bias free)
+    # finds no better head: the saved one is the optimum, not a stopped iterate.
+    train = stratified_sample(get_task("mnist-5-9").downstream.train, 400, seed=0)
+    features = extract_features(encoder, train.x).double().numpy()
+    wd = record["config"]["weight_decay"]
+    reference = LogisticRegression(C=1.0 / (len(features) * wd), tol=1e-10, max_iter=10_000)
+    reference.fit(features, train.y.numpy())
+
+    def objective(weight: np.ndarray, bias: np.ndarray) -> float:
+        logits = torch.from_numpy(features @ weight.T + bias)
+        loss = torch.nn.functional.cross_entropy(logits, train.y)
+        return float(loss) + 0.5 * wd * float((weight**2).sum())
+
+    ours = objective(head.weight.double().numpy(), head.bias.double().numpy())
+    assert ours <= objective(reference.coef_, reference.intercept_) + 1e-4
+    assert (
+        cli.main(
+            [
+                "bound",
+                "--encoder",
+                checkpoint,
+                "--head",
+                str(out / cli.HEAD_FILE),
+                "--data",
+                "task:mnist-5-9",
+                "--n",
+                "20",
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    # The certified probe: a fixed radius, or the median attacked shift at an eps.
+    certified = [*base, "--protocol", "certified-probe", "--out"]
+    assert cli.main([*certified, str(tmp_path / "c"), "--eps", "0.1", "--steps", "3"]) == 0
+    record = json.loads((tmp_path / "c" / cli.PROBE_FILE).read_text())
+    assert record["config"]["radius"] > 0
+    assert record["radius_rule"].startswith("median attacked shift of 200 training points")
+    for wrong, message in (
+        ([*certified, str(tmp_path / "d")], "needs --radius R or --eps E"),
+        ([*base, "--out", str(tmp_path / "e"), "--radius", "1"], "certified probe's radius only"),
+        ([*base, "--out", str(out / cli.PROBE_FILE)], "is a file, not a folder"),
+    ):
+        assert cli.main(wrong) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def _mnist_checkpoint(root: Path, protocol: str) -> Path:
+    """A cached encoder of the small study pretrained on 28 x 28 digits."""
+    return next(
+        path
+        for path in (root / "cache").glob(f"{protocol}-*.safetensors")
+        if json.loads(path.with_suffix(".json").read_text())["config"]["image_shape"] == [1, 28, 28]
+    )
+
+
 def test_cli_transfer_runs_a_one_task_study_from_a_checkpoint(
     study: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:
     root, _ = study
-    checkpoint = next(
-        path
-        for path in (root / "cache").glob("standard-*.safetensors")
-        if json.loads(path.with_suffix(".json").read_text())["config"]["image_shape"] == [1, 28, 28]
-    )
+    checkpoint = _mnist_checkpoint(root, "standard")
     out = tmp_path / "transfer"
     args = ["transfer", "--encoder", str(checkpoint), "--data", "task:mnist-5-9", "--out"]
     options = ["--n", "16", "--steps", "2", "--linf", "1/20", "--l2", "--quiet"]
@@ -377,3 +453,11 @@ def test_cli_transfer_runs_a_one_task_study_from_a_checkpoint(
     assert 0.0 <= record["expected_robust_acc"] <= 1.0
     assert (out / "report.html").is_file()
     assert cli.main([*args, str(tmp_path / "none"), "--linf", "--l2"]) == 2
+    # Training and held-out data named apart: the held-out points are the evaluation's.
+    parts = ["--data", "task:mnist-5-9:train", "--test-data", "task:mnist-5-9:test"]
+    own = ["transfer", "--encoder", str(checkpoint), *parts, "--out", str(tmp_path / "own")]
+    assert cli.main([*own, *options, "--adaptations", "linear-probe"]) == 0
+    (record,) = json.loads((tmp_path / "own" / RESULTS_FILE).read_text())["records"]
+    assert (record["task"], record["n"]) == ("transfer", 16)
+    builtin_and_test = [*args, str(tmp_path / "x"), "--test-data", "task:mnist-5-9:test"]
+    assert cli.main(builtin_and_test) == 2

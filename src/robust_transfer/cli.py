@@ -19,11 +19,13 @@ from .attacks.settings import AttackSettings
 from .bounds import weight_gap
 from .data.dataset import ImageDataset
 from .data.sources import FORMS as DATA_FORMS
-from .data.sources import load_dataset
+from .data.sources import load_dataset, load_split
 from .data.tasks import stratified_sample
 from .errors import InputError, MissingFileError, ResultsFormatError, RobustTransferError
 from .expected import profile_encoder
+from .features import extract_features
 from .models import load_encoder, load_head
+from .models.heads import save_head
 from .models.specs import FORMS
 from .pipeline import run_study
 from .report.render import write_report
@@ -31,9 +33,10 @@ from .report.tables import text
 from .runtime import Runtime
 from .schema import RESULTS_FILE, Array, Arrays, Field, Record, check_results
 from .study.config import default_config, default_config_text, load_config, parse_config
-from .study.evaluate import classification_theory, measure_shift
+from .study.evaluate import attacked_shift, classification_theory, measure_shift
 from .study.records import aggregate, shift_summary
 from .threat import Norm, ThreatModel, parse_eps
+from .training.adapt import AdaptConfig, AdaptProtocol, adapt
 
 
 def _default_cache() -> Path:
@@ -79,7 +82,11 @@ def _transfer_config(args: argparse.Namespace) -> dict[str, object]:
         raise InputError("give at least one radius with --linf or --l2")
     name, colon, _ = args.data.removeprefix("task:").partition(":")
     builtin = args.data.startswith("task:") and not colon
-    task = {"name": name} if builtin else {"name": "transfer", "data": args.data}
+    task: dict[str, object] = {"name": name} if builtin else {"name": "transfer", "data": args.data}
+    if args.test_data:
+        if builtin:
+            raise InputError("a built-in task has its own test data: drop --test-data")
+        task["test_data"] = args.test_data
     return {
         "name": "transfer",
         "seed": args.seed,
@@ -96,6 +103,80 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     config = parse_config(_transfer_config(args), base=Path.cwd())
     cache = args.cache or _default_cache()
     run_study(config, args.out, cache_dir=cache, runtime=_runtime(args), progress=not args.quiet)
+    return 0
+
+
+PROBE_FILE, HEAD_FILE = "probe.json", "head.safetensors"
+_PROBES = (AdaptProtocol.LINEAR_PROBE, AdaptProtocol.CERTIFIED_PROBE)
+
+
+def _probe_radius(
+    args: argparse.Namespace, encoder: nn.Module, x_train: Tensor
+) -> tuple[float | None, str | None]:
+    """The certified probe's feature radius: ``--radius``, or the median attacked shift
+    of training points at ``--threat``/``--eps`` (the study's quantile rule)."""
+    if args.protocol != AdaptProtocol.CERTIFIED_PROBE:
+        if args.radius is not None or args.eps is not None:
+            raise InputError("--radius and --eps set the certified probe's radius only")
+        return None, None
+    if (args.radius is None) == (args.eps is None):
+        raise InputError("the certified probe needs --radius R or --eps E (one of them)")
+    if args.radius is not None:
+        return args.radius, "fixed"
+    threat = ThreatModel(args.threat, args.eps)
+    settings = AttackSettings(representation_steps=args.steps, batch_size=args.batch_size)
+    points = x_train[: args.radius_points]
+    shift = attacked_shift(
+        encoder, points, threat, settings, seed=args.seed, progress=not args.quiet
+    )
+    radius = float(shift[Array.SHIFT].float().median())
+    return radius, f"median attacked shift of {len(points)} training points at {threat}"
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
+    runtime = _runtime(args)
+    encoder = _encoder(args, runtime)
+    split = load_split(args.data, args.test_data)
+    train = stratified_sample(split.train, args.n, seed=args.seed)
+    radius, how = _probe_radius(args, encoder, train.x.to(runtime.device))
+    config = AdaptConfig(
+        protocol=args.protocol,
+        seed=args.seed,
+        weight_decay=args.weight_decay,
+        radius=radius,
+        robust_weight=args.robust_weight,
+    )
+    adapted = adapt(encoder, train, config, progress=not args.quiet)
+    features = extract_features(encoder, split.test.x, batch_size=args.batch_size)
+    with torch.no_grad():
+        predicted = adapted.head(features.to(adapted.head.weight.device)).argmax(dim=1).cpu()
+    record: dict[str, object] = {
+        "encoder": args.encoder,
+        "checkpoint": args.checkpoint,
+        "layer": args.layer,
+        "resize": args.resize,
+        "data": args.data,
+        "test_data": args.test_data,
+        "classes": list(train.classes),
+        "features": adapted.head.in_features,
+        "train_points": len(train),
+        "test_points": len(split.test),
+        "train_acc": adapted.metrics["train_acc"],
+        "test_acc": float((predicted == split.test.y).float().mean()),
+        "radius_rule": how,
+        "seconds": adapted.metrics["seconds"],
+        "config": config.to_dict(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    head = save_head(adapted.head, out / HEAD_FILE, {"classes": json.dumps(record["classes"])})
+    atomic_write_text(out / PROBE_FILE, json.dumps(record, indent=2) + "\n")
+    row: Record = {"protocol": config.protocol.value, "radius": radius}
+    row |= {key: record[key] for key in ("train_points", "test_points", "train_acc", "test_acc")}
+    print(text([row], [(key, key) for key in row]))
+    print(f"head: {head}\n      {out / PROBE_FILE}")
     return 0
 
 
@@ -390,6 +471,37 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--cache", type=Path, help="where pretrained encoders are cached")
     transfer.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     _device_option(transfer)
+    transfer.add_argument("--test-data", help="held-out data (then --data is all training)")
+    probe = commands.add_parser(
+        "probe", help="train a linear or certified probe on an encoder and save the head"
+    )
+    _encoder_options(probe)
+    probe.add_argument("--data", required=True, help=f"training data: {DATA_FORMS}")
+    probe.add_argument(
+        "--test-data", help="held-out data (default: 20%% of --data per class, kept out)"
+    )
+    probe.add_argument(
+        "--out", required=True, help=f"folder for {HEAD_FILE} (weight, bias) and {PROBE_FILE}"
+    )
+    probe.add_argument(
+        "--protocol", choices=[p.value for p in _PROBES], default=AdaptProtocol.LINEAR_PROBE.value
+    )
+    probe.add_argument("--radius", type=float, help="certified probe: feature-space radius")
+    probe.add_argument(
+        "--eps",
+        type=_eps,
+        help="certified probe: radius = median attacked shift at this eps (with --threat)",
+    )
+    probe.add_argument("--threat", type=_threat, default="Linf", help="Linf or L2 (with --eps)")
+    probe.add_argument("--steps", type=int, default=20, help="representation attack steps")
+    probe.add_argument("--radius-points", type=int, default=200)
+    probe.add_argument("--weight-decay", type=float, default=1e-4)
+    probe.add_argument("--robust-weight", type=float, default=0.5)
+    probe.add_argument("--n", type=int, default=50_000, help="at most N training points")
+    probe.add_argument("--batch-size", type=int, default=250)
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--quiet", action="store_true", help="no progress bars")
+    _device_option(probe)
     report = commands.add_parser("report", help="redraw report.html / report.md of a study")
     report.add_argument("dir", help="the study's output folder")
     return parser
@@ -400,6 +512,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": _cmd_demo,
     "report": _cmd_report,
     "transfer": _cmd_transfer,
+    "probe": _cmd_probe,
     "vulnerability": _cmd_vulnerability,
     "bound": _cmd_bound,
     "attack": _cmd_attack,

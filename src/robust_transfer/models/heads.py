@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from ..atomic import atomic_write_bytes
 from ..errors import InputError, MissingFileError
 from ..schema import Array
 
@@ -52,3 +53,12 @@ def load_head(path: str | Path) -> nn.Linear:
     except (SafetensorError, OSError) as err:
         raise InputError(f"cannot read head {path}: {err}") from err
     return head_from_arrays(tensors, str(path))
+
+
+def save_head(head: nn.Linear, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``head`` as :func:`load_head` reads it (atomically: a kill leaves the old
+    file or the new one); ``metadata`` goes into the safetensors header."""
+    arrays = {name: value.detach().cpu().contiguous() for name, value in head_arrays(head).items()}
+    path = Path(path)
+    atomic_write_bytes(path, save(arrays, metadata=dict(metadata or {})))
+    return path

@@ -98,6 +98,8 @@ class TaskSpec:
     threats: tuple[ThreatModel, ...]
     loss: RegressionLoss | None = None
     data: str | None = None
+    test_data: str | None = None  # held-out data; without it ``data`` is split 80/20
+    data_options: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,17 @@ _TOP = {
     "adaptations",
     "tasks",
 }
-_TASK_KEYS = {"name", "kind", "loss", "encoders", "adaptations", "threats", "data"}
+_TASK_KEYS = {
+    "name",
+    "kind",
+    "loss",
+    "encoders",
+    "adaptations",
+    "threats",
+    "data",
+    "test_data",
+    "data_options",
+}
 # 'spec' takes any encoder spec; 'checkpoint' and 'factory' only that kind of spec.
 _ENCODER_SOURCES = {"protocol", "spec", "checkpoint", "factory"}
 
@@ -337,6 +349,22 @@ def _adaptation(name: str, value: object, seed: int) -> AdaptationSpec:
     return AdaptationSpec(name=name, settings=table, radius=rule)
 
 
+_DATA_KEYS = ("data", "test_data")
+
+
+def _data_spec(value: object, where: str, base: Path) -> str | None:
+    """A task's data spec, a file in it made absolute from ``base`` and checked."""
+    if value is None:
+        return None
+    spec: str = _expect(value, str, where, "a data set spec")
+    if not spec.endswith((".npz", ".pt")):
+        return spec
+    path = base / spec
+    if not path.is_file():
+        raise _fail(where, f"no such file: {path}")
+    return str(path)
+
+
 def _task(
     index: int,
     value: object,
@@ -361,20 +389,18 @@ def _task(
             raise _fail(f"{where}.loss", str(err)) from err
     elif "loss" in table:
         raise _fail(f"{where}.loss", "only regression tasks take a loss")
-    data = table.get("data")
-    if data is not None:
-        data = _expect(data, str, f"{where}.data", "a data set spec")
-        if data.endswith((".npz", ".pt")):
-            path = base / data
-            if not path.is_file():
-                raise _fail(f"{where}.data", f"no such file: {path}")
-            data = str(path)
-    elif name not in task_names():
-        raise _fail(
-            f"{where}.name",
-            f"unknown task {name!r} (built in: {', '.join(task_names())}; "
-            "or give 'data' for your own)",
-        )
+    data, test_data = (_data_spec(table.get(key), f"{where}.{key}", base) for key in _DATA_KEYS)
+    options = _expect(table.get("data_options", {}), dict, f"{where}.data_options", "a table")
+    if data is None:
+        given = sorted({"test_data", "data_options"} & set(table))
+        if given:
+            raise _fail(f"{where}.{given[0]}", "give 'data' too (the training data)")
+        if name not in task_names():
+            raise _fail(
+                f"{where}.name",
+                f"unknown task {name!r} (built in: {', '.join(task_names())}; "
+                "or give 'data' for your own)",
+            )
     chosen = []
     for key, known in (("encoders", encoders), ("adaptations", adaptations)):
         names = tuple(_expect(table.get(key, list(known)), list, f"{where}.{key}", "a list"))
@@ -407,6 +433,8 @@ def _task(
         threats=threats,
         loss=loss,
         data=data,
+        test_data=test_data,
+        data_options=options,
     )
 
 

@@ -23,8 +23,8 @@ from ..atomic import atomic_write_text
 from ..bounds import weight_gap
 from ..certify import BEST
 from ..certify.lipschitz import proven_lipschitz
-from ..data.sources import load_dataset
-from ..data.tasks import Split, get_task, stratified_split
+from ..data.sources import load_split
+from ..data.tasks import Split, get_task
 from ..errors import ConfigError
 from ..expected import EncoderProfile, profile_encoder
 from ..features import extract_features, median_distance
@@ -127,9 +127,9 @@ class _Encoders:
 
 
 def _downstream(task: TaskSpec) -> Split:
-    if task.data is not None:
-        return stratified_split(load_dataset(task.data))
-    return get_task(task.name).downstream
+    if task.data is None:
+        return get_task(task.name).downstream
+    return load_split(task.data, task.test_data, **task.data_options)
 
 
 @dataclass
