@@ -38,3 +38,16 @@ def random_head(dim: int, classes: int, seed: int = 0, scale: float = 1.0) -> nn
     with torch.no_grad():
         head.weight.mul_(scale)
     return head.eval()
+
+
+def robustbench_architecture(name: str, dataset: str, threat: str) -> nn.Module:
+    """A RobustBench model as its zoo builds it, with random weights (nothing downloaded)."""
+    from robust_transfer.models.zoo import _robustbench
+
+    _robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    entry = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat)][name]
+    model: nn.Module = entry["model"]()
+    return model.eval()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import robustbench_architecture
 from safetensors.torch import save_file
 from torch import nn
 
@@ -130,15 +131,7 @@ def test_open_clip_image_tower_and_robust_weights_from_a_file(tmp_path: Path) ->
 
 
 def _robustbench_file(model_dir: Path, name: str) -> tuple[nn.Module, Path]:
-    from robust_transfer.models.zoo import _robustbench
-
-    _robustbench()
-    from robustbench.model_zoo import model_dicts
-    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
-
-    model: nn.Module = model_dicts[BenchmarkDataset("cifar10")][ThreatModel("Linf")][name][
-        "model"
-    ]()
+    model = robustbench_architecture(name, "cifar10", "Linf")
     path = model_dir / "cifar10" / "Linf" / f"{name}.pt"
     path.parent.mkdir(parents=True)
     return model, path
