@@ -1,6 +1,7 @@
 """Encoders, the 1-Lipschitz guarantee, and checkpoints."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -149,8 +150,31 @@ def test_sidecar_config_mismatch_is_refused(tmp_path: Path) -> None:
     sidecar = json.loads(path.with_suffix(".json").read_text())
     sidecar["config"]["feature_dim"] = 9
     path.with_suffix(".json").write_text(json.dumps(sidecar))
-    with pytest.raises(CheckpointError, match="cannot load weights"):
+    with pytest.raises(
+        CheckpointError, match=r"do not fit the SmallCNN architecture: 2 of another shape"
+    ):
         load_checkpoint(path)
+    # A sidecar naming another architecture: one line that counts the mismatches.
+    sidecar["config"]["feature_dim"], sidecar["arch"] = 8, "lipschitz-cnn"
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "LipschitzCNN architecture" in message
+    assert re.search(r"\d+ weights missing \(.*\); .*; \d+ not in the model", message)
+
+
+def nan_factory() -> nn.Module:
+    model = tiny_factory(width=3)
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    return model
+
+
+def test_encoders_with_nan_weights_are_refused() -> None:
+    with pytest.raises(CheckpointError, match="NaN or infinite weights in 1 tensors"):
+        load_encoder("test_models:nan_factory")
 
 
 def test_load_encoder_specs() -> None:

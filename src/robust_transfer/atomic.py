@@ -12,11 +12,22 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+TEMP_SUFFIX = ".tmp"
+
+
+def remove_leftovers(root: Path) -> int:
+    """Delete the temporary files that writes killed mid-way left under ``root`` (only
+    safe while no other process writes there); returns how many."""
+    leftovers = list(root.rglob(f".*{TEMP_SUFFIX}")) if root.is_dir() else []
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return len(leftovers)
+
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Let ``write`` fill a temporary file beside ``path``, then rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     os.close(handle)
     temp = Path(name)
     try:

@@ -194,7 +194,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> ImageDataset:
-    return stratified_sample(load_dataset(args.data), args.n, seed=args.seed)
+    data = load_dataset(args.data)
+    if args.n > len(data):
+        print(f"note: {args.data} holds {len(data)} points, fewer than --n {args.n}: using all")
+    return stratified_sample(data, args.n, seed=args.seed)
+
+
+def _json_target(value: str) -> Path:
+    """``--json FILE``, checked before any work: a folder or a missing parent would only
+    fail once the results are computed."""
+    path = Path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a folder: name a file")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path.parent} does not exist")
+    return path
 
 
 def _threat(norm: str) -> str:
@@ -219,7 +233,7 @@ def _settings(args: argparse.Namespace) -> AttackSettings:
 def _emit(rows: list[Record], args: argparse.Namespace) -> int:
     print(text(rows, [(key, key) for key in rows[0]]))
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(rows, indent=2) + "\n")
         print(f"written: {args.json}")
     return 0
 
@@ -235,6 +249,13 @@ def _encoder(args: argparse.Namespace, runtime: Runtime) -> nn.Module:
     return encoder.to(runtime.device).eval()
 
 
+def _threats(args: argparse.Namespace) -> list[ThreatModel]:
+    threats = [ThreatModel(args.threat, eps) for eps in args.eps]
+    if len(set(threats)) < len(threats):
+        raise InputError(f"--eps names a radius twice: {' '.join(map(str, args.eps))}")
+    return threats
+
+
 def _shift_rows(
     args: argparse.Namespace, encoder: nn.Module, x: Tensor
 ) -> list[tuple[ThreatModel, Arrays]]:
@@ -244,7 +265,7 @@ def _shift_rows(
             threat,
             measure_shift(encoder, x, threat, _settings(args), seed=args.seed, progress=True),
         )
-        for threat in (ThreatModel(args.threat, eps) for eps in args.eps)
+        for threat in _threats(args)
     ]
 
 
@@ -322,8 +343,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     encoder, head, x, y = _labelled(args)
     model = nn.Sequential(encoder, head).eval()
     rows: list[Record] = []
-    for eps in args.eps:
-        threat = ThreatModel(args.threat, eps)
+    for threat in _threats(args):
         if args.autoattack:
             result = attack_autoattack(
                 model, x, y, threat, seed=args.seed, batch_size=args.batch_size
@@ -401,7 +421,7 @@ def _single_step_options(parser: argparse.ArgumentParser, *, head: bool) -> None
     parser.add_argument("--restarts", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--json", type=_json_target, help="also write the rows to this JSON file")
 
 
 def build_parser() -> argparse.ArgumentParser:

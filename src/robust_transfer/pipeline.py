@@ -14,7 +14,8 @@ from .report.tables import text
 from .runtime import Runtime
 from .schema import RESULTS_FILE, FindingField, Key, Results, records_of
 from .study.config import StudyConfig
-from .study.results import claim, results
+from .study.folder import claimed
+from .study.results import results
 from .study.runner import StudyRun
 
 _VERDICT = {True: "reproduced", False: "NOT reproduced", None: "not tested"}
@@ -31,19 +32,19 @@ def run_study(
     """Run (or resume) ``config`` into ``out``: store, ``results.json`` and the reports.
     ``runtime`` defaults to :meth:`Runtime.detect`."""
     out = Path(out)
-    claim(out, config)
-    started = time.perf_counter()
-    run = StudyRun(
-        config,
-        out,
-        cache_dir,
-        runtime or Runtime.detect(),
-        progress=progress,
-        log=print if progress else _quiet,
-    )
-    written = results(run, started)
-    atomic_write_text(out / RESULTS_FILE, json.dumps(written, indent=2, default=str) + "\n")
-    write_report(written, out)
+    with claimed(out, config):
+        started = time.perf_counter()
+        run = StudyRun(
+            config,
+            out,
+            cache_dir,
+            runtime or Runtime.detect(),
+            progress=progress,
+            log=print if progress else _quiet,
+        )
+        written = results(run, started)
+        atomic_write_text(out / RESULTS_FILE, json.dumps(written, indent=2, default=str) + "\n")
+        write_report(written, out)
     if progress:
         print(text(records_of(written)))
         for finding in written[Key.FINDINGS]:  # type: ignore[attr-defined]

@@ -19,6 +19,8 @@ from .errors import ResultsFormatError
 # Version 2: certificates keyed by method, the runtime, per-sample random starts.
 RESULTS_FORMAT = 2
 RESULTS_FILE = "results.json"
+ENCODERS_DIR = "encoders"  # what is known of each encoder of a study, as JSON
+LOCK_FILE = ".lock"  # the pid and host of the run writing into a study folder
 STUDY_MARKER = "study.json"  # marks a folder as one study's: its fingerprint and format
 STORE_DIR = "store"
 

@@ -97,6 +97,13 @@ class ThreatModel:
     def __init__(self, norm: str | Norm, eps: float | int | str) -> None:
         object.__setattr__(self, "norm", Norm.parse(norm))
         object.__setattr__(self, "eps", parse_eps(eps))
+        if self.norm is Norm.LINF and self.eps > 1.0:
+            # Inputs live in [0, 1]: such a ball holds the whole box, a typo for 1/eps or
+            # an eps in 0-255 units.
+            raise InputError(
+                f"Linf eps {self.eps:g} exceeds 1, the width of the input box [0, 1] "
+                "(eps is in pixel units of [0, 1] inputs: 8/255, not 8)"
+            )
 
     def __str__(self) -> str:
         return f"{self.norm.value}(eps={self.eps:.6g})"

@@ -23,6 +23,7 @@ from ..atomic import atomic_write, atomic_write_text
 from ..errors import CheckpointError, InputError, InputTypeError
 from .encoders import Encoder
 from .registry import build_encoder
+from .weights import fit_weights
 
 FORMAT = 1
 
@@ -92,7 +93,7 @@ def load_checkpoint(
     try:
         encoder = build_encoder(stored_arch, **config)
         state = load_file(path, device=str(map_location))
-        encoder.load_state_dict(state)
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: cannot load weights: {err}") from err
+    fit_weights(encoder, state, str(path), allow_unexpected=False)
     return encoder.eval(), sidecar

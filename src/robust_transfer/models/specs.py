@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from ..errors import InputError, InputTypeError, MissingFileError
+from ..errors import CheckpointError, InputError, InputTypeError, MissingFileError
 from ..schema import Meta
 from . import zoo
 from .checkpoint import load_checkpoint
@@ -203,6 +204,17 @@ def resolve_encoder(
         extra=options,
     )
     loaded = source.load(source.resolve(spec, Path.cwd()), load_options)
+    broken = [
+        name
+        for name, value in (*loaded.module.named_parameters(), *loaded.module.named_buffers())
+        if value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+    if broken:
+        # NaN weights give NaN features, and NaN margins read as "robust" downstream.
+        raise CheckpointError(
+            f"encoder {spec!r} holds NaN or infinite weights in {len(broken)} tensors "
+            f"({', '.join(broken[:3])})"
+        )
     return LoadedEncoder(loaded.module.eval(), {Meta.SOURCE: spec, **loaded.info})
 
 

@@ -86,14 +86,38 @@ def load_weights_into(
     for prefix in strip:
         if any(key.startswith(prefix) for key in state):
             state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    try:
-        result = module.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise CheckpointError(f"{path}: does not fit the architecture: {err}") from err
-    if result.missing_keys:
-        shown = ", ".join(result.missing_keys[:5])
+    return fit_weights(module, state, str(path), allow_unexpected=True)
+
+
+def _listed(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (", ..." if keys[3:] else "")
+
+
+def fit_weights(
+    module: nn.Module, state: Mapping[str, Tensor], where: str, *, allow_unexpected: bool
+) -> list[str]:
+    """Load ``state`` into ``module`` (every parameter and buffer required), or fail with
+    one line that counts what is missing, left over and of another shape, instead of
+    torch's dump of every key. Returns the keys not used."""
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    reshaped = [
+        f"{key}: file {list(state[key].shape)}, model {list(value.shape)}"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    ]
+    problems = [
+        f"{len(missing)} weights missing ({_listed(missing)})" if missing else "",
+        f"{len(reshaped)} of another shape ({_listed(reshaped)})" if reshaped else "",
+        f"{len(unexpected)} not in the model ({_listed(unexpected)})"
+        if unexpected and not allow_unexpected
+        else "",
+    ]
+    if any(problems):
         raise CheckpointError(
-            f"{path}: lacks {len(result.missing_keys)} of the architecture's weights "
-            f"(e.g. {shown}): a checkpoint of another architecture?"
+            f"{where}: the weights do not fit the {type(module).__name__} architecture: "
+            f"{'; '.join(p for p in problems if p)} (a checkpoint of another architecture?)"
         )
-    return list(result.unexpected_keys)
+    module.load_state_dict({key: state[key] for key in expected})
+    return unexpected

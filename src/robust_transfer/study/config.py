@@ -7,6 +7,7 @@ typo costs a second, not a half-finished run.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -171,6 +172,21 @@ def _positive_int(value: object, where: str) -> int:
     return number
 
 
+# Encoder, adaptation and task names become file and folder names under --out.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,79}")
+
+
+def _named(where: str, name: str) -> str:
+    """``where.name`` for error messages, once ``name`` is known to be a safe file name."""
+    if not _SAFE_NAME.fullmatch(name):
+        raise _fail(
+            where if where.endswith(".name") else f"{where}.{name!r}",
+            f"name {name!r}: use letters, digits and . _ + = - (starting with a letter or "
+            "digit, at most 80 characters); names become file names in the output folder",
+        )
+    return f"{where}.{name}"
+
+
 def _unknown_keys(table: Mapping[str, object], allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
@@ -197,9 +213,12 @@ def _threat_grid(value: object, where: str) -> tuple[ThreatModel, ...]:
             raise _fail(f"{where}.{norm_name}", str(err)) from err
         for index, eps in enumerate(_expect(radii, list, f"{where}.{norm_name}", "a list")):
             try:
-                threats.append(ThreatModel(norm, parse_eps(eps)))
+                threat = ThreatModel(norm, parse_eps(eps))
             except (ValueError, TypeError) as err:
                 raise _fail(f"{where}.{norm_name}[{index}]", str(err)) from err
+            if threat in threats:
+                raise _fail(f"{where}.{norm_name}[{index}]", f"{threat} is given twice")
+            threats.append(threat)
     if not threats:
         raise _fail(where, "no threat model given")
     return tuple(threats)
@@ -249,7 +268,7 @@ def _load_options(table: Mapping[str, Any], base: Path, where: str) -> dict[str,
 
 
 def _encoder(name: str, value: object, base: Path, seed: int) -> EncoderSpec:
-    where = f"encoders.{name}"
+    where = _named("encoders", name)
     table = dict(_expect(value, dict, where, "a table"))
     sources = _ENCODER_SOURCES & set(table)
     if len(sources) != 1:
@@ -332,7 +351,7 @@ def _radius(table: dict[str, Any], where: str) -> Radius:
 
 
 def _adaptation(name: str, value: object, seed: int) -> AdaptationSpec:
-    where = f"adaptations.{name}"
+    where = _named("adaptations", name)
     table = dict(_expect(value, dict, where, "a table"))
     table.setdefault("seed", seed)
     table["protocol"] = _choice(AdaptProtocol, table.get("protocol", ""), f"{where}.protocol")
@@ -377,6 +396,7 @@ def _task(
     table = _expect(value, dict, where, "a table")
     _unknown_keys(table, _TASK_KEYS, where)
     name = _expect(table.get("name"), str, f"{where}.name", "a task name")
+    _named(f"{where}.name", name)
     try:
         kind = TaskKind(table.get("kind", "classification"))
     except ValueError as err:
@@ -404,7 +424,8 @@ def _task(
     chosen = []
     for key, known in (("encoders", encoders), ("adaptations", adaptations)):
         names = tuple(_expect(table.get(key, list(known)), list, f"{where}.{key}", "a list"))
-        for item in names:
+        for index, item in enumerate(names):
+            _expect(item, str, f"{where}.{key}[{index}]", "a name")
             if item not in known:
                 raise _fail(
                     f"{where}.{key}", f"{item!r} is not defined (defined: {', '.join(known)})"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
 import subprocess
 import time
@@ -14,12 +12,8 @@ import torch
 import torchvision
 
 from .._version import __version__
-from ..atomic import atomic_write_text
-from ..certify import default_certifier_names
-from ..errors import ConfigError, ResultsFormatError
 from ..findings import findings
-from ..schema import RESULTS_FORMAT, STUDY_MARKER, Arrays, Field, Key, Meta, Record, Results
-from .config import StudyConfig
+from ..schema import RESULTS_FORMAT, Arrays, Field, Key, Meta, Record, Results
 from .records import aggregate
 from .runner import StudyRun, Unit
 
@@ -102,39 +96,3 @@ def results(run: StudyRun, started: float) -> Results:
         Key.RECORDS: records,
         Key.FINDINGS: [finding.to_dict() for finding in findings(records)],
     }
-
-
-def claim(out: Path, config: StudyConfig) -> None:
-    """Mark ``out`` as this study's folder; refuse one that holds another study's units
-    (or this study's, written by another results format), whose stored results would
-    otherwise be resumed as if they were this study's."""
-    # The certifiers a default config runs depend on what is registered: part of it too.
-    certifiers = list(config.certifiers or default_certifier_names())
-    fingerprint = hashlib.sha256(
-        json.dumps([config.source, certifiers], sort_keys=True, default=str).encode()
-    ).hexdigest()
-    marker = out / STUDY_MARKER
-    if marker.is_file():
-        try:
-            stored = json.loads(marker.read_text())
-        except json.JSONDecodeError as err:
-            raise ResultsFormatError(f"{marker} is damaged: {err}; choose another folder") from err
-        if not isinstance(stored, dict) or stored.get(Key.FORMAT) != RESULTS_FORMAT:
-            found = stored.get(Key.FORMAT, 1) if isinstance(stored, dict) else None
-            raise ResultsFormatError(
-                f"{out} holds results of format {found!r}, this "
-                f"robust-transfer writes format {RESULTS_FORMAT}; choose another --out folder"
-            )
-        if stored.get(Key.FINGERPRINT) != fingerprint:
-            raise ConfigError(
-                f"{out} holds the results of a different study configuration; "
-                "choose another --out folder or delete this one"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
-        marker,
-        json.dumps(
-            {Key.FINGERPRINT: fingerprint, Key.NAME: config.name, Key.FORMAT: RESULTS_FORMAT}
-        ),
-    )

@@ -31,7 +31,7 @@ from ..features import extract_features, median_distance
 from ..losses import RegressionLoss
 from ..models import head_arrays, head_from_arrays, resolve_encoder
 from ..runtime import Runtime
-from ..schema import STORE_DIR, Array, Arrays, Field, Meta, StoreKind, per_method
+from ..schema import ENCODERS_DIR, STORE_DIR, Array, Arrays, Field, Meta, StoreKind, per_method
 from ..store import Store
 from ..threat import ThreatModel
 from ..training.adapt import adapt, train_regression_probe
@@ -150,7 +150,7 @@ class StudyRun:
         self.encoders = _Encoders(
             self.config,
             self.cache_dir,
-            self.out / "encoders",
+            self.out / ENCODERS_DIR,
             self.runtime,
             self.progress,
             self.log,
@@ -171,7 +171,12 @@ class StudyRun:
         with tqdm(total=len(todo), desc="study", unit="unit", disable=not self.progress) as bar:
             for unit in todo:
                 if unit.task.name not in splits:
-                    splits[unit.task.name] = _downstream(unit.task)
+                    splits[unit.task.name] = split = _downstream(unit.task)
+                    if len(split.test) < self.config.eval_points:
+                        self.log(
+                            f"task {unit.task.name}: {len(split.test)} held-out points, fewer "
+                            f"than eval_points = {self.config.eval_points}: evaluating all"
+                        )
                 bar.set_postfix_str(
                     f"{unit.task.name} {unit.encoder} {unit.adaptation} {unit.threat}"
                 )
