@@ -422,6 +422,10 @@ def test_cli_probe_trains_and_saves_a_head(
         ([*certified, str(tmp_path / "d")], "needs --radius R or --eps E"),
         ([*base, "--out", str(tmp_path / "e"), "--radius", "1"], "certified probe's radius only"),
         ([*base, "--out", str(out / cli.PROBE_FILE)], "is a file, not a folder"),
+        (
+            [*base[:4], "task:mnist-5-9", "--test-data", "task:mnist-5-9", "--out", str(out)],
+            "names the training data",
+        ),
     ):
         assert cli.main(wrong) == 2
         assert message in capsys.readouterr().err

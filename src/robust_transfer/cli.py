@@ -111,7 +111,7 @@ _PROBES = (AdaptProtocol.LINEAR_PROBE, AdaptProtocol.CERTIFIED_PROBE)
 
 
 def _probe_radius(
-    args: argparse.Namespace, encoder: nn.Module, x_train: Tensor
+    args: argparse.Namespace, encoder: nn.Module, x_train: Tensor, device: torch.device
 ) -> tuple[float | None, str | None]:
     """The certified probe's feature radius: ``--radius``, or the median attacked shift
     of training points at ``--threat``/``--eps`` (the study's quantile rule)."""
@@ -125,11 +125,11 @@ def _probe_radius(
         return args.radius, "fixed"
     threat = ThreatModel(args.threat, args.eps)
     settings = AttackSettings(representation_steps=args.steps, batch_size=args.batch_size)
-    points = x_train[: args.radius_points]
+    points = x_train[: args.radius_points].to(device)
     shift = attacked_shift(
         encoder, points, threat, settings, seed=args.seed, progress=not args.quiet
     )
-    radius = float(shift[Array.SHIFT].float().median())
+    radius = float(shift[Array.SHIFT].float().quantile(0.5))
     return radius, f"median attacked shift of {len(points)} training points at {threat}"
 
 
@@ -137,11 +137,13 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder")
+    if args.test_data == args.data:
+        raise InputError("--test-data names the training data: the held-out accuracy would lie")
     runtime = _runtime(args)
     encoder = _encoder(args, runtime)
     split = load_split(args.data, args.test_data)
     train = stratified_sample(split.train, args.n, seed=args.seed)
-    radius, how = _probe_radius(args, encoder, train.x.to(runtime.device))
+    radius, how = _probe_radius(args, encoder, train.x, runtime.device)
     config = AdaptConfig(
         protocol=args.protocol,
         seed=args.seed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,22 +35,34 @@ FORMS = (
 )
 
 
+def _options(spec: str) -> set[str]:
+    """The keyword options the loader of ``spec`` takes (none for most sources); what the
+    spec itself sets (a folder's path, a torchvision set's name and part) is not one."""
+    prefix, colon, _ = spec.partition(":")
+    if not (colon and prefix in _WITH_OPTIONS):
+        return set()
+    return set(inspect.signature(_WITH_OPTIONS[prefix]).parameters) - {"name", "train", "root"} | (
+        {"root"} if prefix == "torchvision" else set()
+    )
+
+
 def load_dataset(spec: str, **kwargs: object) -> ImageDataset:
     """A data set from ``spec``: a built-in name, ``torchvision:NAME[:train|test]`` (the
     test part unless named), ``folder:PATH``, ``task:NAME[:train|test]`` or a ``.npz`` /
     ``.pt`` file; ``kwargs`` go to the torchvision or folder loader."""
+    unknown = sorted(set(kwargs) - _options(spec))
+    if unknown:
+        accepted = ", ".join(sorted(_options(spec))) or "none"
+        raise DataError(f"data spec {spec!r} takes no option {unknown} (it takes: {accepted})")
     prefix, colon, rest = spec.partition(":")
     if not (colon and prefix in _WITH_OPTIONS):
-        if kwargs:
-            raise DataError(f"data spec {spec!r} takes no options, got {sorted(kwargs)}")
         return _plain(spec)
-    loader = _WITH_OPTIONS[prefix]
     base: dict[str, object] = {"root": rest, "size": 64}
     if prefix == "torchvision":
         name, part = _part(spec, rest)
         base = {"name": name, "root": "data", "train": part == "train"}
     try:
-        return loader(**(base | kwargs))
+        return _WITH_OPTIONS[prefix](**(base | kwargs))
     except TypeError as err:
         raise DataError(f"data spec {spec!r}: bad options {sorted(kwargs)}: {err}") from err
 
@@ -57,12 +70,19 @@ def load_dataset(spec: str, **kwargs: object) -> ImageDataset:
 def load_split(data: str, test_data: str | None = None, **kwargs: object) -> Split:
     """Training and held-out data: ``data`` split 80/20 per class, or ``data`` to train on
     and ``test_data`` held out (in a seeded order in which every prefix holds each class
-    in proportion: image folders come sorted by class)."""
-    train = load_dataset(data, **kwargs)
-    if test_data is None:
+    in proportion: image folders come sorted by class). Each spec gets the options its
+    loader takes (a folder's ``size``, a torchvision ``root``)."""
+    specs = [spec for spec in (data, test_data) if spec is not None]
+    unused = sorted(set(kwargs) - set().union(*map(_options, specs)))
+    if unused:
+        raise DataError(f"data options {unused}: no loader of {specs} takes them")
+    train, *held_out = (
+        load_dataset(spec, **{k: v for k, v in kwargs.items() if k in _options(spec)})
+        for spec in specs
+    )
+    if not held_out:
         return stratified_split(train)
-    test = load_dataset(test_data, **kwargs)
-    return Split(train=train, test=stratified_sample(test, len(test)))
+    return Split(train=train, test=stratified_sample(held_out[0], len(held_out[0])))
 
 
 def _plain(spec: str) -> ImageDataset:

@@ -4,6 +4,7 @@ run at a time, never shared with a user's own files."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -12,7 +13,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..atomic import atomic_write_text, remove_leftovers
+from ..atomic import TEMP_SUFFIX, atomic_write_text, remove_leftovers
 from ..certify import default_certifier_names
 from ..errors import ConfigError, InputError, ResultsFormatError
 from ..schema import (
@@ -38,12 +39,12 @@ def _file_digest(path: Path) -> str:
 
 
 def _tree_digest(root: Path) -> str:
-    """Names, sizes and modification times of every file under ``root``: an image folder
-    can hold gigabytes, and a changed or added image changes one of these."""
+    """Names and sizes of every file under ``root`` (relative: the folder may move; no
+    times: copying it keeps the study): an image folder can hold gigabytes, and an added,
+    removed or re-encoded image changes these."""
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{path.relative_to(root)}\0{path.stat().st_size}\n".encode())
     return digest.hexdigest()
 
 
@@ -54,13 +55,12 @@ def _input_digest(spec: str) -> str | None:
     if colon and prefix == "folder":
         return _tree_digest(Path(rest)) if Path(rest).is_dir() else None
     path = Path(spec.removeprefix("checkpoint:"))
-    if path.suffix in {".npz", ".pt", ".safetensors", ".pth", ".bin"} and path.is_file():
-        return _file_digest(path)
-    return None
+    return _file_digest(path) if path.is_file() else None
 
 
-def input_digests(config: StudyConfig) -> dict[str, str]:
-    """Digests of the data files, image folders and weights files the study reads."""
+def input_digests(config: StudyConfig) -> list[str]:
+    """Digests of the data files, image folders and weights files the study reads, in
+    config order and without their paths: a project moved elsewhere resumes."""
     specs: list[str] = []
     for encoder in config.encoders.values():
         specs += [str(encoder.source)] if encoder.source else []
@@ -68,22 +68,32 @@ def input_digests(config: StudyConfig) -> dict[str, str]:
         specs += [str(checkpoint)] if checkpoint else []
     for task in config.tasks:
         specs += [spec for spec in (task.data, task.test_data) if spec]
-    digests = {spec: _input_digest(spec) for spec in specs}
-    return {spec: digest for spec, digest in digests.items() if digest is not None}
+    return [digest for digest in map(_input_digest, specs) if digest is not None]
+
+
+def _certifiers(config: StudyConfig) -> list[str]:
+    # The certifiers a default config runs depend on what is registered: part of it too.
+    return list(config.certifiers or default_certifier_names())
+
+
+def _digest(identity: list[object]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def fingerprint(config: StudyConfig) -> str:
-    # The certifiers a default config runs depend on what is registered: part of it too.
-    certifiers = list(config.certifiers or default_certifier_names())
-    identity = [config.source, certifiers, input_digests(config)]
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return _digest([config.source, _certifiers(config), input_digests(config)])
+
+
+def _fingerprint_before_inputs(config: StudyConfig) -> str:
+    """Folders written before input files were part of a study's identity."""
+    return _digest([config.source, _certifiers(config)])
 
 
 def _has_results(out: Path) -> bool:
     return (out / RESULTS_FILE).is_file() or any((out / STORE_DIR).rglob("*.safetensors"))
 
 
-def _check_marker(out: Path, expected: str) -> bool:
+def _marker_is_ours(out: Path, config: StudyConfig, expected: str) -> bool:
     """Whether ``out``'s marker is this study's; refuse another study's results."""
     marker = out / STUDY_MARKER
     try:
@@ -98,6 +108,8 @@ def _check_marker(out: Path, expected: str) -> bool:
         )
     if stored.get(Key.FINGERPRINT) == expected:
         return True
+    if stored.get(Key.FINGERPRINT) == _fingerprint_before_inputs(config):
+        return False  # this study, marked by an earlier version: marked again
     if not _has_results(out):
         return False  # a run that failed before its first result: its fix may take over
     raise ConfigError(
@@ -106,38 +118,36 @@ def _check_marker(out: Path, expected: str) -> bool:
     )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _lock(out: Path) -> Path:
-    """Create ``out/.lock`` or refuse: two runs writing one folder would interleave units.
-    A lock left by a killed run on this host is taken over."""
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``out/.lock`` or refuse: two runs writing one
+    folder would interleave units. The kernel releases it when the holder dies, however
+    it dies; the file keeps the last holder's pid and host for the message."""
     lock = out / LOCK_FILE
-    owner = f"{os.getpid()} {socket.gethostname()}"
-    for _ in range(2):
+    with lock.open("a+") as handle:
         try:
-            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            pid_text, _, host = lock.read_text().partition(" ")
-            pid = int(pid_text) if pid_text.isdigit() else -1
-            if host == socket.gethostname() and not _alive(pid):
-                lock.unlink(missing_ok=True)
-                continue
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "an unknown process"
             raise InputError(
-                f"another run (pid {pid_text} on {host or 'an unknown host'}) is writing into "
-                f"{out}; wait for it, or delete {lock} if that run is gone"
+                f"another run ({holder}) is writing into {out}; wait for it to finish"
             ) from None
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(owner)
-        return lock
-    raise InputError(f"cannot take the lock {lock}")
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _others(out: Path) -> list[str]:
+    """What ``out`` holds besides the lock and the leftovers of killed writes."""
+    return sorted(
+        p.name for p in out.iterdir() if p.name != LOCK_FILE and not p.name.endswith(TEMP_SUFFIX)
+    )
 
 
 @contextlib.contextmanager
@@ -151,18 +161,18 @@ def claimed(out: Path, config: StudyConfig) -> Iterator[None]:
     """
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder")
-    expected = fingerprint(config)
     marker = out / STUDY_MARKER
-    ours = marker.is_file() and _check_marker(out, expected)
-    others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
+    others = _others(out) if out.is_dir() else []
     if not marker.is_file() and others:
         raise InputError(
             f"{out} holds other files ({', '.join(others[:3])}{', ...' if others[3:] else ''}); "
             "a study writes into a new or empty folder: choose another --out"
         )
+    expected = fingerprint(config)
     out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
-    try:
+    with _locked(out):
+        # Checked again under the lock: another run may have finished meanwhile.
+        ours = marker.is_file() and _marker_is_ours(out, config, expected)
         remove_leftovers(out)  # of a killed run; the lock keeps other writers out
         if not ours:
             # What a failed run of another configuration left: encoder descriptions only.
@@ -174,5 +184,3 @@ def claimed(out: Path, config: StudyConfig) -> Iterator[None]:
                 ),
             )
         yield
-    finally:
-        lock.unlink(missing_ok=True)
