@@ -19,9 +19,9 @@ def _jacobian_norm(module: nn.Module, x: Tensor) -> float:
 
 
 def _layer_bound(module: nn.Module, x: Tensor) -> float:
-    ops = decompose(nn.Sequential(module).eval(), x)
-    assert not isinstance(ops, Refusal)
-    return chain_lipschitz(ops, tuple(x.shape[1:]))
+    net = decompose(nn.Sequential(module).eval(), x)
+    assert not isinstance(net, Refusal)
+    return chain_lipschitz(net.ops, tuple(x.shape[1:]))
 
 
 @pytest.mark.parametrize(
@@ -73,9 +73,9 @@ def test_lipschitz_cnn_constant_uses_the_actual_layer_norms() -> None:
     torch.manual_seed(2)
     encoder = LipschitzCNN(image_shape=(1, 12, 12), feature_dim=8).eval()
     x = torch.rand(4, 1, 12, 12)
-    ops = decompose(encoder, x)
-    assert not isinstance(ops, Refusal)
-    constant = chain_lipschitz(ops, (1, 12, 12))
+    net = decompose(encoder, x)
+    assert not isinstance(net, Refusal)
+    constant = chain_lipschitz(net.ops, (1, 12, 12))
     assert constant < 1.0
     for point in x:
         jacobian = torch.autograd.functional.jacobian(
@@ -107,9 +107,9 @@ def test_ibp_intervals_hold_every_sampled_point(build: object) -> None:
     encoder = build().eval()  # type: ignore[operator]
     x = torch.rand(3, 1, 12, 12)
     eps = 0.05
-    ops = decompose(encoder, x)
-    assert not isinstance(ops, Refusal)
-    lower, upper = chain_interval(ops, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1))
+    net = decompose(encoder, x)
+    assert not isinstance(net, Refusal)
+    lower, upper = chain_interval(net.ops, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1))
     for i in range(len(x)):
         delta = (torch.rand(2000, *x.shape[1:]) * 2 - 1) * eps
         with torch.no_grad():
@@ -125,10 +125,10 @@ def test_resnet_decomposes_and_is_certified() -> None:
         if isinstance(module, nn.BatchNorm2d):
             module.running_var.uniform_(0.5, 2.0)
     x = torch.rand(2, 3, 8, 8)
-    ops = decompose(encoder, x)
-    assert not isinstance(ops, Refusal)
+    net = decompose(encoder, x)
+    assert not isinstance(net, Refusal)
     with torch.no_grad():
-        assert torch.allclose(run(ops, x), encoder(x), atol=1e-5)
+        assert torch.allclose(run(net.ops, x), encoder(x), atol=1e-5)
     threat = ThreatModel("Linf", 1 / 255)
     for method in ("lipschitz", "ibp"):
         bound = get_certifier(method).certify(encoder, x, threat)

@@ -23,7 +23,6 @@ from .data.sources import load_dataset, load_split
 from .data.tasks import stratified_sample
 from .errors import InputError, MissingFileError, ResultsFormatError, RobustTransferError
 from .expected import profile_encoder
-from .features import extract_features
 from .models import load_encoder, load_head
 from .models.heads import save_head
 from .models.specs import FORMS
@@ -34,9 +33,10 @@ from .runtime import Runtime
 from .schema import RESULTS_FILE, Array, Arrays, Field, Record, check_results
 from .study.config import default_config, default_config_text, load_config, parse_config
 from .study.evaluate import attacked_shift, classification_theory, measure_shift
+from .study.folder import refuse_a_file
 from .study.records import aggregate, shift_summary
 from .threat import Norm, ThreatModel, parse_eps
-from .training.adapt import AdaptConfig, AdaptProtocol, adapt
+from .training.adapt import AdaptConfig, AdaptProtocol, adapt, head_accuracy
 
 
 def _default_cache() -> Path:
@@ -135,8 +135,7 @@ def _probe_radius(
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder")
+    refuse_a_file(out)
     if args.test_data == args.data:
         raise InputError("--test-data names the training data: the held-out accuracy would lie")
     runtime = _runtime(args)
@@ -152,9 +151,6 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         robust_weight=args.robust_weight,
     )
     adapted = adapt(encoder, train, config, progress=not args.quiet)
-    features = extract_features(encoder, split.test.x, batch_size=args.batch_size)
-    with torch.no_grad():
-        predicted = adapted.head(features.to(adapted.head.weight.device)).argmax(dim=1).cpu()
     record: dict[str, object] = {
         "encoder": args.encoder,
         "checkpoint": args.checkpoint,
@@ -167,7 +163,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         "train_points": len(train),
         "test_points": len(split.test),
         "train_acc": adapted.metrics["train_acc"],
-        "test_acc": float((predicted == split.test.y).float().mean()),
+        "test_acc": head_accuracy(encoder, adapted.head, split.test),
         "radius_rule": how,
         "seconds": adapted.metrics["seconds"],
         "config": config.to_dict(),

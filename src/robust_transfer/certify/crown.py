@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import first_order
 from ..threat import Norm, ThreatModel
 from .base import Refusal
 from .network import (
@@ -128,9 +129,8 @@ def _backward(ops: list[Op], coef: Tensor, const: Tensor, store: Bounds) -> tupl
 
 def _maximum(coef: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
     """``max <coef_r, x' - x>`` over the threat set ∩ the box, bounded from above."""
-    low = torch.maximum(-x, torch.full_like(x, -threat.eps)).unsqueeze(1)
-    high = torch.minimum(1 - x, torch.full_like(x, threat.eps)).unsqueeze(1)
-    box = (coef.clamp_min(0) * high + coef.clamp_max(0) * low).flatten(2).sum(-1)
+    # The box alone: the largest first-order drop of -coef, exact per pixel.
+    box = first_order.linf_drop(-coef.flatten(2), x.flatten(1)[:, None], threat.eps)
     if threat.norm is Norm.LINF:
         return box
     return torch.minimum(box, threat.eps * coef.flatten(2).norm(dim=-1))
@@ -166,11 +166,10 @@ class CROWNCertifier:
     by_default = False  # a backward pass per feature: run when a study names it
 
     def certify(self, encoder: nn.Module, x: Tensor, threat: ThreatModel) -> Tensor | Refusal:
-        ops = decompose(encoder, x)
-        if isinstance(ops, Refusal):
-            return ops
-        with torch.no_grad():
-            clean = encoder(x).flatten(1)
+        net = decompose(encoder, x)
+        if isinstance(net, Refusal):
+            return net
+        ops, clean = net.ops, net.clean
         features = clean.shape[1]
         eye = torch.eye(features, dtype=x.dtype, device=x.device)
         start = torch.cat([eye, -eye]).expand(len(x), -1, -1)
@@ -189,9 +188,10 @@ def margin_lower_bounds(
     threat set ∩ the box, by CROWN on the encoder composed with the head's differences
     (``+inf`` at ``j = yhat``). All positive: no point of the set changes the prediction.
     One backward pass per class, not per feature: cheap enough for every head."""
-    ops = decompose(encoder, x)
-    if isinstance(ops, Refusal):
-        return ops
+    net = decompose(encoder, x)
+    if isinstance(net, Refusal):
+        return net
+    ops = net.ops
     weight = head.weight.detach().to(x.dtype)
     bias = (
         head.bias.detach().to(x.dtype)
@@ -199,7 +199,7 @@ def margin_lower_bounds(
         else torch.zeros(len(weight), dtype=x.dtype, device=x.device)
     )
     with torch.no_grad():
-        predicted = head(encoder(x).flatten(1)).argmax(dim=1)
+        predicted = head(net.clean).argmax(dim=1)
     differences = weight[predicted][:, None, :] - weight[None, :, :]  # (N, K, features)
     try:
         top = _linear_upper(ops, x, threat, -differences)

@@ -21,12 +21,11 @@ class IBPCertifier:
     by_default = True
 
     def certify(self, encoder: nn.Module, x: Tensor, threat: ThreatModel) -> Tensor | Refusal:
-        ops = decompose(encoder, x)
-        if isinstance(ops, Refusal):
-            return ops
+        net = decompose(encoder, x)
+        if isinstance(net, Refusal):
+            return net
         with torch.no_grad():
-            clean = encoder(x).flatten(1)
             lower, upper = chain_interval(
-                ops, (x - threat.eps).clamp(0.0, 1.0), (x + threat.eps).clamp(0.0, 1.0)
+                net.ops, (x - threat.eps).clamp(0.0, 1.0), (x + threat.eps).clamp(0.0, 1.0)
             )
-        return shift_bound(clean, lower, upper)
+        return shift_bound(net.clean, lower, upper)

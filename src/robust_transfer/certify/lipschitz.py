@@ -52,11 +52,11 @@ class LipschitzCertifier:
         stated = proven_lipschitz(encoder)
         if stated is not None:
             constants.append(stated)
-        ops = decompose(encoder, x)
-        if not isinstance(ops, Refusal):
-            constants.append(chain_lipschitz(ops, tuple(x.shape[1:])) * (1 + SAFETY))
+        net = decompose(encoder, x)
+        if not isinstance(net, Refusal):
+            constants.append(chain_lipschitz(net.ops, tuple(x.shape[1:])) * (1 + SAFETY))
         if not constants:
-            reason = ops.reason if isinstance(ops, Refusal) else ""
+            reason = net.reason if isinstance(net, Refusal) else ""
             return Refusal(f"no proven Lipschitz constant: {reason}")
         bound = lipschitz_shift(min(constants), threat, x[0].numel())
         return torch.full((x.shape[0],), bound, dtype=torch.float32, device=x.device)

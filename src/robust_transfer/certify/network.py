@@ -338,7 +338,16 @@ def _ops(module: nn.Module) -> list[Op] | Refusal:
     return _leaf(module)
 
 
-def decompose(encoder: nn.Module, x: Tensor) -> list[Op] | Refusal:
+@dataclass(frozen=True)
+class Decomposed:
+    """An encoder as ops, and its flattened output on the points it was checked on (the
+    clean features every certifier needs: no second forward pass)."""
+
+    ops: list[Op]
+    clean: Tensor
+
+
+def decompose(encoder: nn.Module, x: Tensor) -> Decomposed | Refusal:
     """The ops of ``encoder``, checked to reproduce ``encoder(x)`` (flattened), or why not."""
     ops = _ops(encoder)
     if isinstance(ops, Refusal):
@@ -354,4 +363,4 @@ def decompose(encoder: nn.Module, x: Tensor) -> list[Op] | Refusal:
             f"the decomposition of {type(encoder).__name__} does not reproduce its output "
             "(a forward pass that is not a plain chain of its layers?)"
         )
-    return [*ops, _reshape(lambda t: t.flatten(1))]
+    return Decomposed([*ops, _reshape(lambda t: t.flatten(1))], expected)

@@ -28,6 +28,8 @@ _WITH_OPTIONS: dict[str, Callable[..., ImageDataset]] = {
     "torchvision": load_torchvision,
     "folder": load_image_folder,
 }
+# Their loaders' arguments that the spec itself gives.
+_SET_BY_SPEC = {"torchvision": {"name", "train"}, "folder": {"root"}}
 
 FORMS = (
     f"{' | '.join(_BUILTIN)} | torchvision:NAME[:train|test] (root=..., download=...) | "
@@ -41,9 +43,7 @@ def _options(spec: str) -> set[str]:
     prefix, colon, _ = spec.partition(":")
     if not (colon and prefix in _WITH_OPTIONS):
         return set()
-    return set(inspect.signature(_WITH_OPTIONS[prefix]).parameters) - {"name", "train", "root"} | (
-        {"root"} if prefix == "torchvision" else set()
-    )
+    return set(inspect.signature(_WITH_OPTIONS[prefix]).parameters) - _SET_BY_SPEC[prefix]
 
 
 def load_dataset(spec: str, **kwargs: object) -> ImageDataset:

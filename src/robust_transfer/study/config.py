@@ -176,15 +176,13 @@ def _positive_int(value: object, where: str) -> int:
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,79}")
 
 
-def _named(where: str, name: str) -> str:
-    """``where.name`` for error messages, once ``name`` is known to be a safe file name."""
+def _check_name(name: str, where: str) -> None:
     if not _SAFE_NAME.fullmatch(name):
         raise _fail(
-            where if where.endswith(".name") else f"{where}.{name!r}",
+            where,
             f"name {name!r}: use letters, digits and . _ + = - (starting with a letter or "
             "digit, at most 80 characters); names become file names in the output folder",
         )
-    return f"{where}.{name}"
 
 
 def _unknown_keys(table: Mapping[str, object], allowed: set[str], where: str) -> None:
@@ -268,7 +266,8 @@ def _load_options(table: Mapping[str, Any], base: Path, where: str) -> dict[str,
 
 
 def _encoder(name: str, value: object, base: Path, seed: int) -> EncoderSpec:
-    where = _named("encoders", name)
+    _check_name(name, f"encoders.{name!r}")
+    where = f"encoders.{name}"
     table = dict(_expect(value, dict, where, "a table"))
     sources = _ENCODER_SOURCES & set(table)
     if len(sources) != 1:
@@ -351,7 +350,8 @@ def _radius(table: dict[str, Any], where: str) -> Radius:
 
 
 def _adaptation(name: str, value: object, seed: int) -> AdaptationSpec:
-    where = _named("adaptations", name)
+    _check_name(name, f"adaptations.{name!r}")
+    where = f"adaptations.{name}"
     table = dict(_expect(value, dict, where, "a table"))
     table.setdefault("seed", seed)
     table["protocol"] = _choice(AdaptProtocol, table.get("protocol", ""), f"{where}.protocol")
@@ -396,7 +396,7 @@ def _task(
     table = _expect(value, dict, where, "a table")
     _unknown_keys(table, _TASK_KEYS, where)
     name = _expect(table.get("name"), str, f"{where}.name", "a task name")
-    _named(f"{where}.name", name)
+    _check_name(name, f"{where}.name")
     try:
         kind = TaskKind(table.get("kind", "classification"))
     except ValueError as err:

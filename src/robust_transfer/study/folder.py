@@ -150,6 +150,12 @@ def _others(out: Path) -> list[str]:
     )
 
 
+def refuse_a_file(out: Path) -> None:
+    """An output folder's first check: ``--out`` must not name an existing file."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
+
+
 @contextlib.contextmanager
 def claimed(out: Path, config: StudyConfig) -> Iterator[None]:
     """Hold ``out`` for ``config`` while the block runs.
@@ -159,8 +165,7 @@ def claimed(out: Path, config: StudyConfig) -> Iterator[None]:
     changed input files: resuming would report old units as new), and a folder another
     run is writing into.
     """
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder")
+    refuse_a_file(out)
     marker = out / STUDY_MARKER
     others = _others(out) if out.is_dir() else []
     if not marker.is_file() and others:

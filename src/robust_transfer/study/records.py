@@ -49,25 +49,28 @@ def _certified(arrays: Arrays, method: str | None) -> Record:
             arrays, array(Array.CERTIFIED_LOSS_BOUND)
         ),
     }
-    bound = array(Array.CERTIFIED_SHIFT)
-    if bound in arrays:
-        ratio = arrays[bound].double() / arrays[Array.SHIFT].double().clamp_min(1e-12)
-        record[field(Field.CERTIFIED_TIGHTNESS)] = float(ratio.median())
-    certified = array(Array.CERTIFIED_ROBUST)
-    if certified in arrays and Array.ROBUST_ATTACKED in arrays:
-        broken = arrays[certified] & ~arrays[Array.ROBUST_ATTACKED]
-        record[field(Field.CERTIFIED_BUT_BROKEN)] = int(broken.sum())
+    tightness = _median_share(arrays, array(Array.CERTIFIED_SHIFT))
+    if tightness is not None:
+        record[field(Field.CERTIFIED_TIGHTNESS)] = tightness
+    broken = _certified_but_broken(arrays, array(Array.CERTIFIED_ROBUST))
+    if broken is not None:
+        record[field(Field.CERTIFIED_BUT_BROKEN)] = broken
     return record
 
 
-def _directional_share(arrays: Arrays) -> float | None:
-    """The median share of the attacked shift that lies along one of the head's
-    class-difference directions: why the criterion, which compares margins with the
-    whole shift, predicts so little robustness."""
-    if Array.DIRECTIONAL_SHIFT not in arrays:
+def _median_share(arrays: Arrays, name: str) -> float | None:
+    """The per-sample median of ``arrays[name]`` over the attacked shift."""
+    if name not in arrays:
         return None
-    share = arrays[Array.DIRECTIONAL_SHIFT].double() / arrays[Array.SHIFT].double().clamp_min(1e-12)
+    share = arrays[name].double() / arrays[Array.SHIFT].double().clamp_min(1e-12)
     return float(share.median())
+
+
+def _certified_but_broken(arrays: Arrays, certified: str) -> int | None:
+    """Points a certificate calls robust that an attack broke: must be 0."""
+    if certified not in arrays or Array.ROBUST_ATTACKED not in arrays:
+        return None
+    return int((arrays[certified] & ~arrays[Array.ROBUST_ATTACKED]).sum())
 
 
 def _collapsed(arrays: Arrays) -> bool | None:
@@ -105,7 +108,9 @@ def aggregate(arrays: Arrays) -> Record:
         Field.COLLAPSED_HEAD: _collapsed(arrays),
         Field.HEAD_CERTIFIED_ROBUST_ACC: _mean(arrays, Array.HEAD_CERTIFIED_ROBUST),
         Field.EXPECTED_ROBUST_ACC: _mean(arrays, Array.EXPECTED_ROBUST),
-        Field.DIRECTIONAL_SHARE: _directional_share(arrays),
+        # The share of the attacked shift along one of the head's class differences: why
+        # the criterion, which compares margins with the whole shift, predicts so little.
+        Field.DIRECTIONAL_SHARE: _median_share(arrays, Array.DIRECTIONAL_SHIFT),
         Field.MEDIAN_MARGIN: (
             float(arrays[Array.MARGIN].median()) if Array.MARGIN in arrays else None
         ),
@@ -120,7 +125,7 @@ def aggregate(arrays: Arrays) -> Record:
     expected, attacked = record[Field.EXPECTED_ROBUST_ACC], record[Field.ATTACKED_ROBUST_ACC]
     if isinstance(expected, float) and isinstance(attacked, float):
         record[Field.EXPECTED_ERROR] = expected - attacked
-    if Array.HEAD_CERTIFIED_ROBUST in arrays and Array.ROBUST_ATTACKED in arrays:
-        broken = arrays[Array.HEAD_CERTIFIED_ROBUST] & ~arrays[Array.ROBUST_ATTACKED]
-        record[Field.HEAD_CERTIFIED_BUT_BROKEN] = int(broken.sum())
+    broken = _certified_but_broken(arrays, Array.HEAD_CERTIFIED_ROBUST)
+    if broken is not None:
+        record[Field.HEAD_CERTIFIED_BUT_BROKEN] = broken
     return record

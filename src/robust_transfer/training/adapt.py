@@ -277,7 +277,8 @@ def _feature_movement(before: nn.Module, after: nn.Module, x: Tensor) -> float:
     return float((extract_features(after, x) - extract_features(before, x)).norm(dim=1).mean())
 
 
-def _accuracy(encoder: nn.Module, head: nn.Linear, data: ImageDataset) -> float:
+def head_accuracy(encoder: nn.Module, head: nn.Linear, data: ImageDataset) -> float:
+    """The clean accuracy of ``head`` on ``encoder``'s features of ``data``."""
     features = extract_features(encoder, data.x).to(head.weight.device)
     with torch.no_grad():
         return float((head(features).argmax(dim=1).cpu() == data.y).float().mean())
@@ -334,6 +335,6 @@ def adapt(
         )
         adapted.requires_grad_(False)
         metrics["feature_movement"] = _feature_movement(encoder, adapted, data.x[:1000])
-    metrics["train_acc"] = _accuracy(adapted, head, data)
+    metrics["train_acc"] = head_accuracy(adapted, head, data)
     metrics["seconds"] = time.perf_counter() - start
     return Adapted(adapted, head, metrics)
