@@ -347,6 +347,7 @@ def test_runtime_is_checked() -> None:
     assert Runtime.detect("cpu").to_dict() == {
         "device": "cpu",
         "precision": "fp32",
+        "compile": False,
         "rank": 0,
         "world_size": 1,
     }

@@ -1,5 +1,6 @@
 """SIGKILL at random moments of a small study, pretraining into the cache included, then
-a resume: the records equal an uninterrupted run's, nothing half-written is left."""
+a resume: the records equal an uninterrupted run's, nothing half-written is left. Units
+come in shards of 20 points, so kills also land between the shards of one unit."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ CONFIG = """
 name = "kills"
 eval_points = 40
 radius_points = 40
+shard_points = 20
 [attack]
 steps = 3
 targeted_restarts = 1
@@ -100,6 +102,7 @@ def test_sigkills_at_random_moments_lose_nothing(tmp_path: Path) -> None:
                 assert new[key] == value, key
     # Nothing half-written: no temporary files in the study, every cached encoder whole.
     assert not list(out.rglob("*.tmp"))
+    assert not list(cache.glob(".*.tmp"))
     checkpoints = sorted(cache.glob("*.safetensors"))
     assert len(checkpoints) == 2
     for path in checkpoints:

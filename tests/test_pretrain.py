@@ -1,5 +1,7 @@
 """Pretraining protocols learn, show their defining property, repeat for a seed, and cache."""
 
+import threading
+import time
 import warnings
 from functools import cache
 from pathlib import Path
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from robust_transfer import ThreatModel, attack_representation, train_linear_probe
+from robust_transfer.atomic import waited_for
 from robust_transfer.data import ImageDataset, get_task
 from robust_transfer.features import extract_features
 from robust_transfer.training import (
@@ -129,6 +132,34 @@ def test_cache_reuses_and_recovers_from_corruption(tmp_path: Path) -> None:
         cached_pretrain(config, data, tmp_path)  # repaired: no warning any more
     # Another seed is another cache entry.
     assert cache_path(_config(PretrainProtocol.STANDARD, seed=5), data, tmp_path) != path
+
+
+def test_cache_waits_for_the_writer_and_removes_a_killed_write(tmp_path: Path) -> None:
+    data = _data()[0].subset(torch.arange(100))
+    config = _config(PretrainProtocol.STANDARD, epochs=1)
+    path = cache_path(config, data, tmp_path)
+    killed = tmp_path / f".{path.name}.x1y2z3.tmp"  # as a write killed mid-way leaves it
+    other = tmp_path / ".another-encoder.safetensors.abc.tmp"  # someone else's, in flight
+    killed.write_bytes(b"half")
+    other.write_bytes(b"half")
+    lock = path.with_name(path.name + ".lock")
+    ready, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with waited_for(lock):
+            ready.set()
+            time.sleep(0.5)
+            done.set()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    ready.wait()
+    cached_pretrain(config, data, tmp_path)
+    assert done.is_set()  # it waited for the lock's holder
+    holder.join()
+    assert path.is_file()
+    assert not killed.exists()
+    assert other.exists()
 
 
 @pytest.mark.parametrize(

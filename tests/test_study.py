@@ -332,7 +332,7 @@ def test_certificates_per_method_and_radius_rule(study: tuple[Path, dict[str, An
     probes = [r for r in lip if r["adaptation"] == "certified-probe"]
     assert all(r["radius_rule"] == rules["lip"] for r in probes if r["eps"] == 0.5)
     assert all(r["radius"] > 0 for r in probes)
-    stored = store.load(("certificates", "mnist-5-9", "std", "L2", "0.5"))
+    stored = store.load(("certificates", "mnist-5-9", "std", "L2", "0.5", "shard000000"))
     assert stored is not None
     assert stored[1]["refused"] == {}
 

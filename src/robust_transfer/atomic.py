@@ -7,21 +7,43 @@ then renamed into place, so a run killed at any moment leaves nothing half-writt
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
 
 
-def remove_leftovers(root: Path) -> int:
-    """Delete the temporary files that writes killed mid-way left under ``root`` (only
-    safe while no other process writes there); returns how many."""
-    leftovers = list(root.rglob(f".*{TEMP_SUFFIX}")) if root.is_dir() else []
+def remove_leftovers(root: Path, *, of: str | None = None) -> int:
+    """Delete the temporary files that writes killed mid-way left under ``root`` (or,
+    with ``of``, those of the file of that name in ``root``); only safe while no other
+    process writes them. Returns how many."""
+    if not root.is_dir():
+        return 0
+    leftovers = (
+        list(root.rglob(f".*{TEMP_SUFFIX}"))
+        if of is None
+        else list(root.glob(f".{of}.*{TEMP_SUFFIX}"))
+    )
     for path in leftovers:
         path.unlink(missing_ok=True)
     return len(leftovers)
+
+
+@contextmanager
+def waited_for(lock: Path) -> Iterator[None]:
+    """Wait for, then hold, an exclusive ``flock`` on ``lock``: one process at a time
+    in the block. The kernel releases it however the holder dies."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

@@ -29,7 +29,7 @@ from .models.specs import FORMS
 from .pipeline import run_study
 from .report.render import write_report
 from .report.tables import text
-from .runtime import Runtime
+from .runtime import Precision, Runtime
 from .schema import RESULTS_FILE, Array, Arrays, Field, Record, check_results
 from .study.config import default_config, default_config_text, load_config, parse_config
 from .study.evaluate import attacked_shift, classification_theory, measure_shift
@@ -48,10 +48,17 @@ def _runtime(args: argparse.Namespace) -> Runtime:
     return Runtime.detect(args.device)
 
 
+def _study_runtime(args: argparse.Namespace) -> Runtime:
+    """A study's runtime: it may share its work among the processes of ``torchrun``."""
+    return Runtime.detect(args.device, precision=args.precision, compile=args.compile, shared=True)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     cache = args.cache or config.cache_dir or _default_cache()
-    run_study(config, args.out, cache_dir=cache, runtime=_runtime(args), progress=not args.quiet)
+    run_study(
+        config, args.out, cache_dir=cache, runtime=_study_runtime(args), progress=not args.quiet
+    )
     return 0
 
 
@@ -63,7 +70,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         default_config(),
         args.out,
         cache_dir=args.cache or _default_cache(),
-        runtime=_runtime(args),
+        runtime=_study_runtime(args),
         progress=not args.quiet,
     )
     return 0
@@ -102,7 +109,9 @@ def _transfer_config(args: argparse.Namespace) -> dict[str, object]:
 def _cmd_transfer(args: argparse.Namespace) -> int:
     config = parse_config(_transfer_config(args), base=Path.cwd())
     cache = args.cache or _default_cache()
-    run_study(config, args.out, cache_dir=cache, runtime=_runtime(args), progress=not args.quiet)
+    run_study(
+        config, args.out, cache_dir=cache, runtime=_study_runtime(args), progress=not args.quiet
+    )
     return 0
 
 
@@ -377,6 +386,22 @@ def _device_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _study_runtime_options(parser: argparse.ArgumentParser) -> None:
+    _device_option(parser)
+    parser.add_argument(
+        "--precision",
+        choices=[precision.value for precision in Precision],
+        default=Precision.FP32.value,
+        help="arithmetic of the attacks' search (bf16: autocast, for GPUs); reported "
+        "numbers and certificates are always computed in float32",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the encoders for attacks and feature extraction",
+    )
+
+
 def _encoder_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", required=True, help=f"an encoder spec: {FORMS}")
     parser.add_argument(
@@ -448,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"else {_default_cache()})",
         )
         sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
-        _device_option(sub)
+        _study_runtime_options(sub)
 
     vulnerability = commands.add_parser(
         "vulnerability", help="the task-independent representation shift of an encoder"
@@ -480,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--adaptations",
         nargs="+",
         default=["linear-probe", "certified-probe"],
-        help="adaptation protocols (linear-probe, certified-probe, fine-tune, lp-ft, ...)",
+        help="adaptation protocols (linear-probe, certified-probe, finetune, lp-ft, ...)",
     )
     transfer.add_argument("--n", type=int, default=500, help="evaluation points")
     transfer.add_argument("--steps", type=int, default=10, help="PGD steps on each head")
@@ -488,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--seed", type=int, default=0)
     transfer.add_argument("--cache", type=Path, help="where pretrained encoders are cached")
     transfer.add_argument("--quiet", action="store_true", help="no progress bars or tables")
-    _device_option(transfer)
+    _study_runtime_options(transfer)
     transfer.add_argument("--test-data", help="held-out data (then --data is all training)")
     probe = commands.add_parser(
         "probe", help="train a linear or certified probe on an encoder and save the head"

@@ -78,7 +78,9 @@ class EncoderProfile:
     """What :func:`profile_encoder` measured; heads and threats are given later.
 
     ``rows`` holds ``Q^T J(x)`` (N, r, d) for the orthonormal columns of ``basis``
-    (k, r). ``curvature`` caches the per-sample factor of each threat measured so far.
+    (k, r). ``curvature`` caches the per-sample factor of each threat measured so far;
+    ``principal`` (m, k) are the feature directions it probes, by default the top
+    principal directions of ``features``.
     """
 
     encoder: nn.Module
@@ -90,6 +92,7 @@ class EncoderProfile:
     batch_size: int = 256
     curvature: dict[ThreatModel, Tensor] = field(default_factory=dict)
     backward_passes: int = 0
+    principal: Tensor | None = None
 
     @property
     def flat_x(self) -> Tensor:
@@ -197,9 +200,10 @@ class EncoderProfile:
         return cached
 
     def _measure_curvature(self, threat: ThreatModel) -> Tensor:
-        centred = self.features - self.features.mean(dim=0)
-        count = min(self.settings.directions, *centred.shape)
-        principal = torch.linalg.svd(centred, full_matrices=False).Vh[:count]
+        principal = self.principal
+        if principal is None:
+            principal = principal_directions(self.features, self.settings.directions)
+        principal = principal.to(self.features)
         directions = torch.cat([principal, -principal])
         # The largest first-order rise of u^T f is the largest drop of -u^T f.
         drops, deltas = first_order.optimum(
@@ -220,6 +224,13 @@ class EncoderProfile:
             gains_linear.T > 0, gains_real / gains_linear.T.clamp(min=1e-30), torch.ones(())
         )
         return ratios.median(dim=0).values.clamp(min=0.0)
+
+
+def principal_directions(features: Tensor, count: int) -> Tensor:
+    """The top ``count`` principal directions (rows) of ``features`` (N, k)."""
+    centred = features - features.mean(dim=0)
+    rows: Tensor = torch.linalg.svd(centred, full_matrices=False).Vh
+    return rows[: min(count, *centred.shape)]
 
 
 def _check_head(head: object, features: int) -> None:
@@ -309,6 +320,7 @@ def profile_encoder(
     directions: Tensor | None = None,
     settings: CurvatureSettings | None = None,
     batch_size: int = 256,
+    principal: Tensor | None = None,
 ) -> EncoderProfile:
     """The once-per-encoder, label-free and head-free pass of the expected robust accuracy.
 
@@ -316,7 +328,9 @@ def profile_encoder(
     directions (e.g. the rows of the heads to come); by default every feature is
     stored when that is at most :data:`FULL_JACOBIAN_LIMIT` numbers, else nothing is,
     and each head adds the span of its class-difference directions (at most one
-    backward pass per class, once).
+    backward pass per class, once). ``principal`` (m, k) fixes the curvature's probe
+    directions (e.g. from other points of the same data, so that profiling a data set
+    in parts gives every part the same ones).
     """
     x = check_images(x)
     features = extract_features(encoder, x, batch_size=batch_size).to(x)
@@ -329,6 +343,7 @@ def profile_encoder(
         torch.zeros(len(x), 0, d, dtype=x.dtype, device=x.device),
         settings or CurvatureSettings(),
         batch_size,
+        principal=principal,
     )
     if directions is not None:
         profile._extend(directions)

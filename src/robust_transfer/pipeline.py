@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from .atomic import atomic_write_text
@@ -32,25 +33,34 @@ def run_study(
     """Run (or resume) ``config`` into ``out``: store, ``results.json`` and the reports.
     ``runtime`` defaults to :meth:`Runtime.detect`."""
     out = Path(out)
-    with claimed(out, config):
+    runtime = runtime or Runtime.detect()
+    lead = runtime.rank == 0
+    # Under torchrun every process runs this; rank 0 alone claims the folder (the others
+    # work inside its claim) and writes results.json and the report.
+    with ExitStack() as stack:
+        runtime.together(lambda: stack.enter_context(claimed(out, config)) if lead else None)
         started = time.perf_counter()
         run = StudyRun(
             config,
             out,
             cache_dir,
-            runtime or Runtime.detect(),
-            progress=progress,
-            log=print if progress else _quiet,
+            runtime,
+            progress=progress and lead,
+            log=print if progress and lead else _quiet,
         )
         written = results(run, started)
-        atomic_write_text(out / RESULTS_FILE, json.dumps(written, indent=2, default=str) + "\n")
-        write_report(written, out)
-    if progress:
+        runtime.together(lambda: _write(written, out) if lead else None)
+    if progress and lead:
         print(text(records_of(written)))
         for finding in written[Key.FINDINGS]:  # type: ignore[attr-defined]
             print(f"[{_VERDICT[finding[FindingField.HOLDS]]}] {finding[FindingField.CLAIM]}")
         print(f"results: {out / RESULTS_FILE}\nreport: {out / 'report.html'}")
     return written
+
+
+def _write(written: Results, out: Path) -> None:
+    atomic_write_text(out / RESULTS_FILE, json.dumps(written, indent=2, default=str) + "\n")
+    write_report(written, out)
 
 
 def _quiet(_: str) -> None:

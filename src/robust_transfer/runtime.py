@@ -1,15 +1,22 @@
 """How models are run: eval mode for the duration of a call, and the runtime (device,
-precision, process rank) a run is given."""
+precision, compilation, process rank) a run is given, with the steps that every process
+of a ``torchrun`` launch takes together."""
 
 from __future__ import annotations
 
+import copy
+import os
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import timedelta
 from enum import StrEnum
+from typing import TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .checks import parse_choice
@@ -47,28 +54,51 @@ def model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 
 
 class Precision(StrEnum):
-    """Arithmetic of feature extraction and attacks. Only full float32 today: reduced
-    precision changes attacked shifts and certificates and needs its own checks."""
+    """Arithmetic of the attacks' search. ``bf16`` runs their forward and backward passes
+    under autocast; what they report (features, shifts, logits at the points found) and
+    every certificate and margin is computed in float32 all the same, so reduced precision
+    can weaken an attack but never makes a reported number or a guarantee wrong."""
 
     FP32 = "fp32"
+    BF16 = "bf16"
+
+
+# The reduced precision the attacks' search runs in, set by Runtime.search_precision.
+_SEARCH_DTYPE: ContextVar[torch.dtype | None] = ContextVar("search_dtype", default=None)
+
+
+def search_autocast(device: torch.device) -> AbstractContextManager[object]:
+    """The autocast an attack's forward passes run under while it searches: bfloat16
+    inside :meth:`Runtime.search_precision` of a ``bf16`` runtime, none otherwise."""
+    dtype = _SEARCH_DTYPE.get()
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+# How long a process waits for the others at a shared step: rank 0 may be pretraining.
+_GROUP_TIMEOUT = timedelta(hours=24)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how a run computes: device, precision, and this process's place among
-    ``world_size`` processes. Built once by the caller (the study, the CLI) and passed
-    down. :meth:`detect` is the one place that picks a device; functions that build
-    models fall back to it when given no runtime."""
+    """Where and how a run computes: device, precision of the attacks' search, whether
+    encoders are compiled (``torch.compile``) for attacks and feature extraction, and this
+    process's place among ``world_size`` processes. Built once by the caller (the study,
+    the CLI) and passed down. :meth:`detect` is the one place that picks a device;
+    functions that build models fall back to it when given no runtime."""
 
     device: torch.device
     precision: Precision = Precision.FP32
     rank: int = 0
     world_size: int = 1
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, torch.device):
             raise InputTypeError(f"device must be a torch.device, got {self.device!r}")
         object.__setattr__(self, "precision", parse_choice(Precision, self.precision, "precision"))
+        if not isinstance(self.compile, bool):
+            raise InputTypeError(f"compile must be true or false, got {self.compile!r}")
         for name in ("rank", "world_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -80,24 +110,105 @@ class Runtime:
             )
 
     @classmethod
-    def detect(cls, device: str = "auto") -> Runtime:
-        """CUDA when present (``"auto"``), else the CPU; or the device named."""
-        if device == "auto":
-            return cls(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    def detect(
+        cls,
+        device: str = "auto",
+        *,
+        precision: Precision | str = Precision.FP32,
+        compile: bool = False,
+        shared: bool = False,
+    ) -> Runtime:
+        """CUDA when present (``"auto"``), else the CPU; or the device named. Under
+        ``torchrun`` (``WORLD_SIZE`` > 1) a run that shares its work (``shared``) joins
+        the process group (nccl on CUDA, gloo on the CPU) and each process takes the GPU
+        of its ``LOCAL_RANK``; any other work is refused there, as every process would
+        repeat it whole."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1 and not shared:
+            raise InputError(
+                "this command does not share its work among processes: run it without "
+                "torchrun (run, demo and transfer do share theirs)"
+            )
+        chosen, precision = _device(device), parse_choice(Precision, precision, "precision")
+        if world_size == 1:
+            return cls(chosen, precision, compile=compile)
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if chosen.type == "cuda":
+            chosen = torch.device("cuda", local_rank)
+            if local_rank >= torch.cuda.device_count():
+                raise InputError(
+                    f"LOCAL_RANK {local_rank}: only {torch.cuda.device_count()} GPU(s) here"
+                )
+            torch.cuda.set_device(chosen)
+        if not dist.is_initialized():
+            backend = "nccl" if chosen.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=_GROUP_TIMEOUT)
+        return cls(chosen, precision, rank=rank, world_size=world_size, compile=compile)
+
+    def together(self, step: Callable[[], T]) -> T:
+        """Run ``step`` here, then wait for every process to finish its own; an error in
+        any process is raised in all of them (none waits forever for a failed one)."""
+        if self.world_size == 1:
+            return step()
+        error: BaseException | None = None
         try:
-            chosen = torch.device(device)
-        except RuntimeError as err:
-            raise InputError(f"unknown device {device!r}: {err}") from err
-        if chosen.type == "cuda" and not torch.cuda.is_available():
-            raise InputError(f"device {device!r} asked for, but CUDA is not available here")
-        if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
-            raise InputError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) here")
-        return cls(chosen)
+            value = step()
+        except Exception as err:  # every process must reach the gather below
+            error = err
+        outcomes: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(outcomes, None if error is None else f"{error}")
+        if error is not None:
+            raise error
+        failed = [(rank, text) for rank, text in enumerate(outcomes) if text is not None]
+        if failed:
+            rank, text = failed[0]
+            raise RuntimeError(f"process {rank} of {self.world_size} failed: {text}")
+        return value
+
+    def mine(self, index: int) -> bool:
+        """Whether the ``index``-th piece of shared work falls to this process."""
+        return index % self.world_size == self.rank
+
+    @contextmanager
+    def search_precision(self) -> Iterator[None]:
+        """Within this context the attacks search at the runtime's precision; nothing
+        else changes (margins, certificates and reported outputs stay float32)."""
+        dtype = torch.bfloat16 if self.precision is Precision.BF16 else None
+        token = _SEARCH_DTYPE.set(dtype)
+        try:
+            yield
+        finally:
+            _SEARCH_DTYPE.reset(token)
+
+    def prepared(self, encoder: nn.Module) -> nn.Module:
+        """A compiled copy of ``encoder`` when compilation is asked for, else ``encoder``.
+        The copy keeps its type and layers (``nn.Module.compile``), so certifiers still
+        read it; only its forward pass runs compiled."""
+        if not self.compile:
+            return encoder
+        compiled = copy.deepcopy(encoder)
+        compiled.compile()
+        return compiled
 
     def to_dict(self) -> dict[str, object]:
         return {
             RuntimeField.DEVICE: str(self.device),
             RuntimeField.PRECISION: self.precision.value,
+            RuntimeField.COMPILE: self.compile,
             RuntimeField.RANK: self.rank,
             RuntimeField.WORLD_SIZE: self.world_size,
         }
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as err:
+        raise InputError(f"unknown device {device!r}: {err}") from err
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but CUDA is not available here")
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) here")
+    return chosen

@@ -160,6 +160,7 @@ class StoreKind(StrEnum):
     """The first part of every store key: what kind of unit of work it holds."""
 
     UNITS = "units"  # the per-sample evaluation of one (task, encoder, adaptation, threat)
+    UNIT_SHARDS = "unit-shards"  # ... of one shard of its points, before they are joined
     SHIFT = "shift"  # the representation attack on the evaluation points
     TRAIN_SHIFT = "train-shift"  # ... on training points (for a certified-probe radius)
     CERTIFICATES = "certificates"  # every certifier's bound on the evaluation points
@@ -190,6 +191,7 @@ class RuntimeField(StrEnum):
 
     DEVICE = "device"
     PRECISION = "precision"
+    COMPILE = "compile"
     RANK = "rank"
     WORLD_SIZE = "world_size"
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..noise import SampleNoise
+from ..runtime import search_autocast
 from ..threat import ThreatModel
 
 # Maps (x_adv, indices of those rows within the batch, restart number) to a differentiable
@@ -85,10 +86,11 @@ def maximize(
             x_adv = threat.random_start(x0, noise.subset(rows), stream=restart)
         for t in range(settings.steps + 1):
             last = t == settings.steps
-            with torch.set_grad_enabled(not last):
+            with torch.set_grad_enabled(not last), search_autocast(x.device):
                 if not last:
                     x_adv.requires_grad_(True)
                 score, success = objective(x_adv, rows, restart)
+            score = score.to(best_score.dtype)
             if success is None:
                 success = torch.zeros_like(score, dtype=torch.bool)
             old_score, old_success = best_score[rows], best_success[rows]

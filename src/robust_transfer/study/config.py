@@ -115,6 +115,9 @@ class StudyConfig:
     tasks: tuple[TaskSpec, ...]
     certifiers: tuple[str, ...] | None = None  # None: every registered certifier
     cache_dir: Path | None = None
+    # Evaluation points are processed, stored and shared out among processes in shards
+    # of this many: memory follows the shard, and a killed run loses one shard at most.
+    shard_points: int = 256
     source: dict[str, Any] = field(default_factory=dict)
 
 
@@ -123,6 +126,7 @@ _TOP = {
     "seed",
     "eval_points",
     "radius_points",
+    "shard_points",
     "certifiers",
     "cache_dir",
     "attack",
@@ -467,6 +471,7 @@ def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> Stud
     seed = _expect(source.get("seed", 0), int, "seed", "an integer")
     eval_points = _positive_int(source.get("eval_points", 500), "eval_points")
     radius_points = _positive_int(source.get("radius_points", 200), "radius_points")
+    shard_points = _positive_int(source.get("shard_points", 256), "shard_points")
     attack_table = _expect(source.get("attack", {}), dict, "attack", "a table")
     for key, value in attack_table.items():
         if key == "autoattack":
@@ -532,6 +537,7 @@ def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> Stud
         tasks=tasks,
         certifiers=certifiers,
         cache_dir=cache_dir,
+        shard_points=shard_points,
         source=dict(source),
     )
 

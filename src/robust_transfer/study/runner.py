@@ -1,9 +1,15 @@
 """Runs a study: encoders -> heads -> attacks, certificates and bounds -> per-sample store.
 
 Resumable: every unit of work (a measured shift, a certificate, a trained head, an
-evaluation) lands in the store atomically as soon as it is done, and a rerun skips what
-is there. Random starts are drawn per sample from the study's seed, so the order of
-work, the batch size and any interruption leave the results unchanged.
+evaluation of one shard of points) lands in the store atomically as soon as it is done,
+and a rerun skips what is there. Random starts are drawn per sample from the study's
+seed, so the order of work, the batch size, the number of processes and any
+interruption leave the results unchanged.
+
+Evaluation streams: points are taken ``shard_points`` at a time, so memory follows the
+shard, not the number of points. Under ``torchrun`` the process of rank 0 builds the
+encoders and trains the heads, the shards are shared out among all processes, and rank 0
+joins them into units.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -26,7 +33,12 @@ from ..certify.lipschitz import proven_lipschitz
 from ..data.sources import load_split
 from ..data.tasks import Split, get_task
 from ..errors import ConfigError
-from ..expected import EncoderProfile, profile_encoder
+from ..expected import (
+    CurvatureSettings,
+    EncoderProfile,
+    principal_directions,
+    profile_encoder,
+)
 from ..features import extract_features, median_distance
 from ..losses import RegressionLoss
 from ..models import head_arrays, head_from_arrays, resolve_encoder
@@ -43,6 +55,8 @@ Log = Callable[[str], None]
 
 # A fine-tuned encoder's weights are stored beside its head under this prefix.
 _ENCODER_PREFIX = "encoder."
+# The feature scale of a unit is the median distance among this many of its points.
+_SCALE_POINTS = 1000
 
 
 def _threat_key(threat: ThreatModel) -> tuple[str, str]:
@@ -68,6 +82,22 @@ class Unit:
         )
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Evaluation points ``start`` to ``stop`` of a task: the piece of work a process
+    takes, and what a kill loses at most."""
+
+    index: int
+    start: int
+    stop: int
+
+    def key(self) -> str:
+        return f"shard{self.index:06d}"
+
+    def ids(self) -> Tensor:
+        return torch.arange(self.start, self.stop)
+
+
 @dataclass
 class _Encoders:
     """Encoders built on first use, then kept for the rest of the run."""
@@ -83,9 +113,10 @@ class _Encoders:
     def get(self, name: str) -> tuple[nn.Module, dict[str, object]]:
         if name not in self.built:
             encoder, info = self._build(self.config.encoders[name])
-            atomic_write_text(
-                self.info_dir / f"{name}.json", json.dumps(info, indent=2, default=str)
-            )
+            if self.runtime.rank == 0:
+                atomic_write_text(
+                    self.info_dir / f"{name}.json", json.dumps(info, indent=2, default=str)
+                )
             self.built[name] = (encoder, info)
         return self.built[name]
 
@@ -126,6 +157,27 @@ class _Encoders:
         return encoder.to(self.runtime.device).eval(), info
 
 
+def _key(
+    kind: StoreKind, task: str, variant: str, threat: ThreatModel, shard: Shard | None
+) -> tuple[str, ...]:
+    return (kind, task, variant, *_threat_key(threat), *([] if shard is None else [shard.key()]))
+
+
+def _silent(_: str) -> None:
+    return None
+
+
+def _variant(unit: Unit, head_meta: dict[str, object]) -> str:
+    """The name of the encoder a unit evaluates: its own when the head was put on the
+    shared encoder, one per adaptation when that fine-tuned it."""
+    return f"{unit.encoder}+{unit.adaptation}" if head_meta.get(Meta.FINE_TUNED) else unit.encoder
+
+
+def _seconds(meta: dict[str, object]) -> float:
+    value = meta.get(Meta.SECONDS, 0.0)
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
 def _downstream(task: TaskSpec) -> Split:
     if task.data is None:
         return get_task(task.name).downstream
@@ -145,16 +197,21 @@ class StudyRun:
 
     def __post_init__(self) -> None:
         self.store = Store(self.out / STORE_DIR)
-        # Units come grouped by (task, encoder variant): one profile in memory suffices.
-        self._profiled: tuple[tuple[str, str], EncoderProfile] | None = None
         self.encoders = _Encoders(
             self.config,
             self.cache_dir,
             self.out / ENCODERS_DIR,
             self.runtime,
             self.progress,
-            self.log,
+            self.log if self.runtime.rank == 0 else _silent,
         )
+        self._splits: dict[str, Split] = {}
+        # Work comes grouped by (task, encoder, shard): what the group's units share (the
+        # profile, the adapted models) is kept until the group changes.
+        self._group: tuple[str, str, int] | None = None
+        self._profiles: dict[str, EncoderProfile] = {}
+        self._models: dict[tuple[str, ...], tuple[nn.Module, nn.Linear, dict[str, object]]] = {}
+        self._prepared: dict[str, nn.Module] = {}
 
     def units(self) -> Iterator[Unit]:
         for task in self.config.tasks:
@@ -164,26 +221,27 @@ class StudyRun:
                         yield Unit(task, encoder, adaptation, threat)
 
     def run(self) -> list[tuple[Unit, Arrays, dict[str, object]]]:
-        todo = [unit for unit in self.units() if not self.store.has(unit.key())]
-        total = sum(1 for _ in self.units())
-        self.log(f"{total} evaluation units, {total - len(todo)} already in {self.store.root}")
-        splits: dict[str, Split] = {}
-        with tqdm(total=len(todo), desc="study", unit="unit", disable=not self.progress) as bar:
-            for unit in todo:
-                if unit.task.name not in splits:
-                    splits[unit.task.name] = split = _downstream(unit.task)
-                    if len(split.test) < self.config.eval_points:
-                        self.log(
-                            f"task {unit.task.name}: {len(split.test)} held-out points, fewer "
-                            f"than eval_points = {self.config.eval_points}: evaluating all"
-                        )
-                bar.set_postfix_str(
-                    f"{unit.task.name} {unit.encoder} {unit.adaptation} {unit.threat}"
-                )
-                self._evaluate(splits[unit.task.name], unit)
-                bar.update()
+        """Every unit's arrays and metadata, computed where missing. Each process of a
+        ``torchrun`` launch calls it; all return the same."""
+        units = list(self.units())
+        todo = [unit for unit in units if not self.store.has(unit.key())]
+        if self.runtime.rank == 0:
+            self.log(
+                f"{len(units)} evaluation units, {len(units) - len(todo)} already in "
+                f"{self.store.root}"
+            )
+        self.runtime.together(lambda: self._prepare(todo))
+        work = [
+            (unit, shard)
+            for index, members in enumerate(self._groups(todo))
+            if self.runtime.mine(index)
+            for unit, shard in members
+            if not self.store.has(self._shard_key(unit, shard))
+        ]
+        self.runtime.together(lambda: self._evaluate_all(work))
+        self.runtime.together(lambda: self._join(todo))
         results = []
-        for unit in self.units():
+        for unit in units:
             loaded = self.store.load(unit.key())
             if loaded is None:
                 raise RuntimeError(f"unit {unit.key()} is missing after the run")
@@ -194,12 +252,98 @@ class StudyRun:
         used = dict.fromkeys(name for task in self.config.tasks for name in task.encoders)
         return {name: self.encoders.info(name) for name in used}
 
-    def _eval_points(self, split: Split) -> tuple[Tensor, Tensor, Tensor | None]:
-        test = split.test
-        n = min(self.config.eval_points, len(test))
+    def _split(self, task: TaskSpec) -> Split:
+        if task.name not in self._splits:
+            self._splits[task.name] = split = _downstream(task)
+            if len(split.test) < self.config.eval_points and self.runtime.rank == 0:
+                self.log(
+                    f"task {task.name}: {len(split.test)} held-out points, fewer "
+                    f"than eval_points = {self.config.eval_points}: evaluating all"
+                )
+        return self._splits[task.name]
+
+    def _shards(self, task: TaskSpec) -> list[Shard]:
+        n = min(self.config.eval_points, len(self._split(task).test))
+        size = self.config.shard_points
+        return [
+            Shard(index, start, min(start + size, n))
+            for index, start in enumerate(range(0, n, size))
+        ]
+
+    def _groups(self, units: list[Unit]) -> list[list[tuple[Unit, Shard]]]:
+        """The work on ``units``, grouped by (task, encoder, shard): a group is what one
+        process does, as its units share the encoder's profile of those points."""
+        groups: dict[tuple[str, str, int], list[tuple[Unit, Shard]]] = {}
+        for unit in units:
+            for shard in self._shards(unit.task):
+                key = (unit.task.name, unit.encoder, shard.index)
+                groups.setdefault(key, []).append((unit, shard))
+        return list(groups.values())
+
+    def _shard_key(self, unit: Unit, shard: Shard) -> tuple[str, ...]:
+        return (StoreKind.UNIT_SHARDS, *unit.key()[1:], shard.key())
+
+    def _prepare(self, todo: list[Unit]) -> None:
+        """Rank 0 builds the encoders (pretraining into the cache) and trains the heads
+        that every process then reads."""
+        if self.runtime.rank != 0:
+            return
+        for unit in tqdm(todo, desc="heads", unit="unit", disable=not self.progress):
+            self._adapted(self._split(unit.task), unit)
+
+    def _evaluate_all(self, work: list[tuple[Unit, Shard]]) -> None:
+        with tqdm(total=len(work), desc="study", unit="shard", disable=not self.progress) as bar:
+            for unit, shard in work:
+                bar.set_postfix_str(
+                    f"{unit.task.name} {unit.encoder} {unit.adaptation} {unit.threat} "
+                    f"points {shard.start}-{shard.stop}"
+                )
+                self._evaluate(unit, shard)
+                bar.update()
+
+    def _join(self, units: list[Unit]) -> None:
+        """Rank 0 joins each unit's shards into the unit (what records and the report
+        read)."""
+        if self.runtime.rank == 0:
+            for unit in units:
+                self._join_unit(unit)
+
+    def _join_unit(self, unit: Unit) -> None:
+        parts = []
+        for shard in self._shards(unit.task):
+            loaded = self.store.load(self._shard_key(unit, shard))
+            if loaded is None:
+                raise RuntimeError(f"shard {self._shard_key(unit, shard)} is missing")
+            parts.append(loaded)
+        arrays = {name: torch.cat([part[0][name] for part in parts]) for name in parts[0][0]}
+        head = parts[0][1].get(Meta.HEAD)
+        variant = _variant(unit, head if isinstance(head, dict) else {})
+        meta = parts[0][1] | {
+            Meta.SECONDS: sum(_seconds(meta) for _, meta in parts),
+            Meta.FEATURE_SCALE: median_distance(self._features(unit, variant)),
+        }
+        self.store.save(unit.key(), arrays, meta)
+
+    def _features(self, unit: Unit, variant: str) -> Tensor:
+        """The clean features of the unit's first evaluation points (at most
+        ``_SCALE_POINTS``), as the representation attack stored them."""
+        parts, count = [], 0
+        for shard in self._shards(unit.task):
+            if count >= _SCALE_POINTS:
+                break
+            key = (StoreKind.SHIFT, unit.task.name, variant, *_threat_key(unit.threat))
+            loaded = self.store.load((*key, shard.key()))
+            if loaded is None:
+                raise RuntimeError(f"shift {key} of {shard.key()} is missing")
+            parts.append(loaded[0][Array.FEATURES])
+            count += len(parts[-1])
+        return torch.cat(parts)[:_SCALE_POINTS]
+
+    def _eval_points(self, split: Split, shard: Shard) -> tuple[Tensor, Tensor, Tensor | None]:
+        test, part = split.test, slice(shard.start, shard.stop)
         device = self.runtime.device
-        targets = None if test.targets is None else test.targets[:n].to(device)
-        return test.x[:n].to(device), test.y[:n].to(device), targets
+        targets = None if test.targets is None else test.targets[part].to(device)
+        return test.x[part].to(device), test.y[part].to(device), targets
 
     def _train_points(self, split: Split) -> Tensor:
         return split.train.x[: self.config.radius_points].to(self.runtime.device)
@@ -228,21 +372,25 @@ class StudyRun:
         encoder: nn.Module,
         x: Tensor,
         threat: ThreatModel,
+        shard: Shard | None = None,
     ) -> Arrays:
-        """The representation attack on ``x``, once per (points, encoder, threat)."""
+        """The representation attack on ``x`` (the points of ``shard``, when given), once
+        per (points, encoder, threat)."""
 
         def compute() -> tuple[Arrays, dict[str, object]]:
-            arrays = attacked_shift(
-                encoder,
-                x,
-                threat,
-                self.config.attack,
-                seed=self.config.seed,
-                progress=self.progress,
-            )
+            with self.runtime.search_precision():
+                arrays = attacked_shift(
+                    encoder,
+                    x,
+                    threat,
+                    self.config.attack,
+                    seed=self.config.seed,
+                    sample_ids=None if shard is None else shard.ids(),
+                    progress=self.progress,
+                )
             return arrays, {}
 
-        return self._stored((kind, task, variant, *_threat_key(threat)), compute)[0]
+        return self._stored(_key(kind, task, variant, threat, shard), compute)[0]
 
     def _certificates(
         self,
@@ -252,6 +400,7 @@ class StudyRun:
         encoder: nn.Module,
         x: Tensor,
         threat: ThreatModel,
+        shard: Shard | None = None,
     ) -> tuple[Arrays, dict[str, object]]:
         """Every chosen certifier's bound on ``x``, once per (points, encoder, threat), and
         the reasons of those that gave none."""
@@ -260,22 +409,36 @@ class StudyRun:
             arrays, refused = certified_shifts(encoder, x, threat, self.config.certifiers)
             return arrays, {Meta.REFUSED: refused}
 
-        return self._stored((kind, task, variant, *_threat_key(threat)), compute)
+        return self._stored(_key(kind, task, variant, threat, shard), compute)
 
     def _profile(
-        self, task: str, variant: str, encoder: nn.Module, x: Tensor, threat: ThreatModel
+        self,
+        unit: Unit,
+        variant: str,
+        encoder: nn.Module,
+        x: Tensor,
+        shard: Shard,
     ) -> EncoderProfile:
-        """The encoder's profile on ``x`` (recomputed per run: its Jacobian costs one
-        backward pass per feature) with the stored curvature factor of ``threat``."""
-        if self._profiled is None or self._profiled[0] != (task, variant):
-            profile = profile_encoder(encoder, x, batch_size=self.config.attack.batch_size)
-            self._profiled = ((task, variant), profile)
-        profile = self._profiled[1]
+        """The encoder's profile on the shard's points (recomputed per run: its Jacobian
+        costs one backward pass per feature) with the stored curvature factor of the
+        unit's threat. The curvature probes the principal directions of the training
+        points' features, the same for every shard."""
+        task, threat = unit.task.name, unit.threat
+        if variant not in self._profiles:
+            x_train = self._train_points(self._split(unit.task))
+            principal = principal_directions(
+                extract_features(encoder, x_train), CurvatureSettings().directions
+            )
+            self._profiles[variant] = profile_encoder(
+                encoder, x, batch_size=self.config.attack.batch_size, principal=principal
+            )
+        profile = self._profiles[variant]
 
         def compute() -> tuple[Arrays, dict[str, object]]:
-            return {Array.CURVATURE: profile.curvature_factor(threat)}, {}
+            with self.runtime.search_precision():
+                return {Array.CURVATURE: profile.curvature_factor(threat)}, {}
 
-        key = (StoreKind.CURVATURE, task, variant, *_threat_key(threat))
+        key = _key(StoreKind.CURVATURE, task, variant, threat, shard)
         profile.curvature[threat] = self._stored(key, compute)[0][Array.CURVATURE]
         return profile
 
@@ -322,10 +485,7 @@ class StudyRun:
         """The head (and fine-tuned encoder) of one adaptation, trained once and stored."""
         base, _ = self.encoders.get(unit.encoder)
         spec = self.config.adaptations[unit.adaptation]
-        per_threat = spec.radius is not None and spec.radius.rule is not RadiusRule.FIXED
-        key: tuple[str, ...] = (StoreKind.HEADS, unit.task.name, unit.encoder, unit.adaptation)
-        if per_threat:
-            key = (*key, *_threat_key(unit.threat))
+        key = self._head_key(unit)
         device = self.runtime.device
         loaded = self.store.load(key)
         if loaded is not None:
@@ -372,40 +532,81 @@ class StudyRun:
         self.store.save(key, arrays, meta)
         return encoder.to(device).eval(), head.to(device).eval(), meta
 
-    def _evaluate(self, split: Split, unit: Unit) -> None:
-        x, y, targets = self._eval_points(split)
-        encoder, head, head_meta = self._adapted(split, unit)
-        variant = (
-            unit.encoder
-            if not head_meta.get(Meta.FINE_TUNED)
-            else f"{unit.encoder}+{unit.adaptation}"
-        )
+    def _head_key(self, unit: Unit) -> tuple[str, ...]:
+        spec = self.config.adaptations[unit.adaptation]
+        key = (StoreKind.HEADS, unit.task.name, unit.encoder, unit.adaptation)
+        if spec.radius is not None and spec.radius.rule is not RadiusRule.FIXED:
+            return (*key, *_threat_key(unit.threat))
+        return key
+
+    def _model(self, unit: Unit) -> tuple[nn.Module, nn.Linear, dict[str, object]]:
+        """The unit's encoder (prepared by the runtime: compiled when asked), head and
+        the head's metadata, read from the store once per run."""
+        key = self._head_key(unit)
+        if key not in self._models:
+            encoder, head, meta = self._adapted(self._split(unit.task), unit)
+            if meta.get(Meta.FINE_TUNED):
+                encoder = self.runtime.prepared(encoder)
+            else:
+                if unit.encoder not in self._prepared:
+                    self._prepared[unit.encoder] = self.runtime.prepared(encoder)
+                encoder = self._prepared[unit.encoder]
+            self._models[key] = encoder, head, meta
+        return self._models[key]
+
+    def _evaluate(self, unit: Unit, shard: Shard) -> None:
+        group = (unit.task.name, unit.encoder, shard.index)
+        if group != self._group:
+            self._group, self._profiles = group, {}
+        split = self._split(unit.task)
+        x, y, targets = self._eval_points(split, shard)
+        encoder, head, head_meta = self._model(unit)
+        variant = _variant(unit, head_meta)
         task, threat = unit.task, unit.threat
-        shift = self._shift(StoreKind.SHIFT, task.name, variant, encoder, x, threat)
+        shift = self._shift(StoreKind.SHIFT, task.name, variant, encoder, x, threat, shard)
         certified, certified_meta = self._certificates(
-            StoreKind.CERTIFICATES, task.name, variant, encoder, x, threat
+            StoreKind.CERTIFICATES, task.name, variant, encoder, x, threat, shard
         )
         shift |= certified
         start = time.perf_counter()
-        settings, seed = self.config.attack, self.config.seed
+        settings, seed, ids = self.config.attack, self.config.seed, shard.ids()
         if task.kind is TaskKind.REGRESSION:
             if targets is None:
                 raise ConfigError(f"task {task.name!r} has no regression targets")
             loss = task.loss or RegressionLoss.ABSOLUTE
-            arrays = evaluate_regression(
-                encoder, head, x, targets, loss, threat, shift, settings, seed=seed
-            )
+            with self.runtime.search_precision():
+                arrays = evaluate_regression(
+                    encoder,
+                    head,
+                    x,
+                    targets,
+                    loss,
+                    threat,
+                    shift,
+                    settings,
+                    seed=seed,
+                    sample_ids=ids,
+                )
         else:
-            profile = self._profile(task.name, variant, encoder, x, threat)
-            arrays = evaluate_classification(
-                encoder, head, x, y, threat, shift, settings, seed=seed, profile=profile
-            )
+            profile = self._profile(unit, variant, encoder, x, shard)
+            with self.runtime.search_precision():
+                arrays = evaluate_classification(
+                    encoder,
+                    head,
+                    x,
+                    y,
+                    threat,
+                    shift,
+                    settings,
+                    seed=seed,
+                    sample_ids=ids,
+                    profile=profile,
+                )
         meta: dict[str, object] = {
             Meta.SECONDS: time.perf_counter() - start,
             Meta.WEIGHT_GAP: float(weight_gap(head)),
             Meta.HEAD: {k: v for k, v in head_meta.items() if k != Meta.CONFIG},
             Meta.ADAPTATION_CONFIG: head_meta.get(Meta.CONFIG),
             Meta.REFUSED: certified_meta.get(Meta.REFUSED, {}),
-            Meta.FEATURE_SCALE: median_distance(shift[Array.FEATURES]),
         }
-        self.store.save(unit.key(), arrays, meta)
+        self.store.save(self._shard_key(unit, shard), arrays, meta)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..atomic import remove_leftovers, waited_for
 from ..attacks import attack_classifier
 from ..attacks.engine import AscentSettings, maximize
 from ..bounds import certify, worst_case_cross_entropy
@@ -377,10 +378,20 @@ def cached_pretrain(
 ) -> PretrainResult:
     """:func:`pretrain`, or the checkpoint an identical earlier run left in ``cache_dir``.
 
-    A damaged checkpoint is reported, retrained and overwritten.
+    A damaged checkpoint is reported, retrained and overwritten. One process at a time
+    trains a given encoder (others sharing the cache wait, then load its checkpoint),
+    and the temporary files of a write killed mid-way are removed first.
     """
     runtime = runtime or Runtime.detect()
     path = cache_path(config, data, cache_dir)
+    with waited_for(path.with_name(path.name + ".lock")):
+        remove_leftovers(path.parent, of=path.name)
+        return _cached(config, data, path, runtime, progress)
+
+
+def _cached(
+    config: PretrainConfig, data: ImageDataset, path: Path, runtime: Runtime, progress: bool
+) -> PretrainResult:
     if path.is_file():
         try:
             encoder, sidecar = load_checkpoint(path, arch=config.architecture)
