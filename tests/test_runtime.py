@@ -55,9 +55,11 @@ def test_bf16_search_reports_float32_and_reaches_the_known_optimum() -> None:
 def test_bf16_leaves_the_search_alone_outside_its_context() -> None:
     encoder, x = cnn_encoder(), torch.rand(8, 1, 12, 12)
     threat = ThreatModel("Linf", 0.05)
+    before = _attack(encoder, x, threat).x_adv
     with BF16.search_precision():
-        pass
-    assert torch.equal(_attack(encoder, x, threat).x_adv, _attack(encoder, x, threat).x_adv)
+        inside = _attack(encoder, x, threat).x_adv
+    assert not torch.equal(inside, before)
+    assert torch.equal(_attack(encoder, x, threat).x_adv, before)
 
 
 STUDY = """
@@ -94,7 +96,9 @@ def test_a_bf16_study_changes_no_clean_or_certified_number(tmp_path: Path) -> No
     fp32, bf16 = records[Precision.FP32], records[Precision.BF16]
     for key in ("clean_acc", "certified_robust_acc", "median_margin", "weight_gap"):
         assert bf16[key] == fp32[key], key
-    # The attacks may differ a little, never by much on this small CNN.
+    # The attacks searched in bfloat16 (they found other points), a little weaker or
+    # stronger, never by much on this small CNN.
+    assert bf16["mean_shift"] != fp32["mean_shift"]
     assert bf16["pgd_robust_acc"] == pytest.approx(fp32["pgd_robust_acc"], abs=0.1)
     assert bf16["mean_shift"] == pytest.approx(fp32["mean_shift"], rel=0.05)
 
@@ -105,6 +109,8 @@ def test_compiled_encoder_attacks_alike_and_is_still_certified() -> None:
     compiled = Runtime(CPU, compile=True).prepared(encoder)
     assert compiled is not encoder
     assert type(compiled) is type(encoder)
+    assert compiled._compiled_call_impl is not None
+    assert encoder._compiled_call_impl is None
     plain, fast = _attack(encoder, x, threat), _attack(compiled, x, threat)
     torch.testing.assert_close(fast.shift, plain.shift, rtol=1e-4, atol=1e-5)
     for method in ("ibp", "crown"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 from .atomic import atomic_write_text
@@ -38,7 +38,8 @@ def run_study(
     # Under torchrun every process runs this; rank 0 alone claims the folder (the others
     # work inside its claim) and writes results.json and the report.
     with ExitStack() as stack:
-        runtime.together(lambda: stack.enter_context(claimed(out, config)) if lead else None)
+        claim = claimed(out, config, runtime.precision.value) if lead else nullcontext()
+        runtime.together(lambda: stack.enter_context(claim))
         started = time.perf_counter()
         run = StudyRun(
             config,

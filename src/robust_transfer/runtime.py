@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checks import parse_choice
-from .errors import InputError, InputTypeError
+from .errors import InputError, InputTypeError, RobustTransferError
 from .schema import RuntimeField
 
 
@@ -72,6 +72,10 @@ def search_autocast(device: torch.device) -> AbstractContextManager[object]:
     inside :meth:`Runtime.search_precision` of a ``bf16`` runtime, none otherwise."""
     dtype = _SEARCH_DTYPE.get()
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+class ProcessFailed(RobustTransferError, RuntimeError):
+    """Another process of the run failed; its own error says why."""
 
 
 # How long a process waits for the others at a shared step: rank 0 may be pretraining.
@@ -132,7 +136,13 @@ class Runtime:
         chosen, precision = _device(device), parse_choice(Precision, precision, "precision")
         if world_size == 1:
             return cls(chosen, precision, compile=compile)
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        try:
+            rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        except (KeyError, ValueError) as err:
+            raise InputError(
+                f"WORLD_SIZE is {world_size} but RANK / LOCAL_RANK are missing or not "
+                f"integers ({err}): launch with torchrun"
+            ) from err
         if chosen.type == "cuda":
             chosen = torch.device("cuda", local_rank)
             if local_rank >= torch.cuda.device_count():
@@ -156,13 +166,14 @@ class Runtime:
         except Exception as err:  # every process must reach the gather below
             error = err
         outcomes: list[str | None] = [None] * self.world_size
-        dist.all_gather_object(outcomes, None if error is None else f"{error}")
+        text = None if error is None else f"{type(error).__name__}: {error}"
+        dist.all_gather_object(outcomes, text)
         if error is not None:
             raise error
         failed = [(rank, text) for rank, text in enumerate(outcomes) if text is not None]
         if failed:
             rank, text = failed[0]
-            raise RuntimeError(f"process {rank} of {self.world_size} failed: {text}")
+            raise ProcessFailed(f"process {rank} of {self.world_size} failed: {text}")
         return value
 
     def mine(self, index: int) -> bool:

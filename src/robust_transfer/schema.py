@@ -17,7 +17,7 @@ from torch import Tensor
 from .errors import ResultsFormatError
 
 # Version 2: certificates keyed by method, the runtime, per-sample random starts.
-RESULTS_FORMAT = 2
+RESULTS_FORMAT = 3
 RESULTS_FILE = "results.json"
 ENCODERS_DIR = "encoders"  # what is known of each encoder of a study, as JSON
 LOCK_FILE = ".lock"  # the pid and host of the run writing into a study folder

@@ -80,8 +80,11 @@ def _digest(identity: list[object]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def fingerprint(config: StudyConfig) -> str:
-    return _digest([config.source, _certifiers(config), input_digests(config)])
+def fingerprint(config: StudyConfig, precision: str = "fp32") -> str:
+    """The identity of a study folder: config, certifiers, inputs, and the attacks'
+    search precision where it is not float32 (bf16 finds other points)."""
+    parts: list[object] = [config.source, _certifiers(config), input_digests(config)]
+    return _digest(parts if precision == "fp32" else [*parts, precision])
 
 
 def _fingerprint_before_inputs(config: StudyConfig) -> str:
@@ -157,8 +160,8 @@ def refuse_a_file(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def claimed(out: Path, config: StudyConfig) -> Iterator[None]:
-    """Hold ``out`` for ``config`` while the block runs.
+def claimed(out: Path, config: StudyConfig, precision: str = "fp32") -> Iterator[None]:
+    """Hold ``out`` for ``config`` (run at ``precision``) while the block runs.
 
     Refused: ``out`` naming a file, a folder of other files (a study would write its
     reports beside them), a folder of another study's results (or of this study's over
@@ -173,7 +176,7 @@ def claimed(out: Path, config: StudyConfig) -> Iterator[None]:
             f"{out} holds other files ({', '.join(others[:3])}{', ...' if others[3:] else ''}); "
             "a study writes into a new or empty folder: choose another --out"
         )
-    expected = fingerprint(config)
+    expected = fingerprint(config, precision)
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
         # Checked again under the lock: another run may have finished meanwhile.

@@ -212,6 +212,7 @@ class StudyRun:
         self._profiles: dict[str, EncoderProfile] = {}
         self._models: dict[tuple[str, ...], tuple[nn.Module, nn.Linear, dict[str, object]]] = {}
         self._prepared: dict[str, nn.Module] = {}
+        self._principal: dict[str, Tensor] = {}
 
     def units(self) -> Iterator[Unit]:
         for task in self.config.tasks:
@@ -231,13 +232,7 @@ class StudyRun:
                 f"{self.store.root}"
             )
         self.runtime.together(lambda: self._prepare(todo))
-        work = [
-            (unit, shard)
-            for index, members in enumerate(self._groups(todo))
-            if self.runtime.mine(index)
-            for unit, shard in members
-            if not self.store.has(self._shard_key(unit, shard))
-        ]
+        work = self.runtime.together(lambda: self._mine(todo))
         self.runtime.together(lambda: self._evaluate_all(work))
         self.runtime.together(lambda: self._join(todo))
         results = []
@@ -280,6 +275,16 @@ class StudyRun:
                 groups.setdefault(key, []).append((unit, shard))
         return list(groups.values())
 
+    def _mine(self, todo: list[Unit]) -> list[tuple[Unit, Shard]]:
+        """This process's share of the work on ``todo``: whole groups, less what is done."""
+        return [
+            (unit, shard)
+            for index, members in enumerate(self._groups(todo))
+            if self.runtime.mine(index)
+            for unit, shard in members
+            if not self.store.has(self._shard_key(unit, shard))
+        ]
+
     def _shard_key(self, unit: Unit, shard: Shard) -> tuple[str, ...]:
         return (StoreKind.UNIT_SHARDS, *unit.key()[1:], shard.key())
 
@@ -315,10 +320,18 @@ class StudyRun:
             if loaded is None:
                 raise RuntimeError(f"shard {self._shard_key(unit, shard)} is missing")
             parts.append(loaded)
-        arrays = {name: torch.cat([part[0][name] for part in parts]) for name in parts[0][0]}
+        # A certifier may refuse the points of one shard only (its decomposition is checked
+        # on them): it is then refused for the unit, whose arrays are those every shard has.
+        names = set.intersection(*(set(arrays) for arrays, _ in parts))
+        arrays = {name: torch.cat([part[0][name] for part in parts]) for name in sorted(names)}
+        refused: dict[str, object] = {}
+        for _, shard_meta in parts:
+            reasons = shard_meta.get(Meta.REFUSED)
+            refused |= reasons if isinstance(reasons, dict) else {}
         head = parts[0][1].get(Meta.HEAD)
         variant = _variant(unit, head if isinstance(head, dict) else {})
         meta = parts[0][1] | {
+            Meta.REFUSED: refused,
             Meta.SECONDS: sum(_seconds(meta) for _, meta in parts),
             Meta.FEATURE_SCALE: median_distance(self._features(unit, variant)),
         }
@@ -424,13 +437,17 @@ class StudyRun:
         unit's threat. The curvature probes the principal directions of the training
         points' features, the same for every shard."""
         task, threat = unit.task.name, unit.threat
-        if variant not in self._profiles:
+        if variant not in self._principal:
             x_train = self._train_points(self._split(unit.task))
-            principal = principal_directions(
+            self._principal[variant] = principal_directions(
                 extract_features(encoder, x_train), CurvatureSettings().directions
             )
+        if variant not in self._profiles:
             self._profiles[variant] = profile_encoder(
-                encoder, x, batch_size=self.config.attack.batch_size, principal=principal
+                encoder,
+                x,
+                batch_size=self.config.attack.batch_size,
+                principal=self._principal[variant],
             )
         profile = self._profiles[variant]
 
@@ -556,6 +573,9 @@ class StudyRun:
 
     def _evaluate(self, unit: Unit, shard: Shard) -> None:
         group = (unit.task.name, unit.encoder, shard.index)
+        if self._group is None or group[:2] != self._group[:2]:
+            # Another encoder or task: its models and directions are not needed again.
+            self._models, self._prepared, self._principal = {}, {}, {}
         if group != self._group:
             self._group, self._profiles = group, {}
         split = self._split(unit.task)

