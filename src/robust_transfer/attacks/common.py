@@ -15,7 +15,7 @@ from ..errors import InputError, InputTypeError
 from ..noise import SampleNoise
 from ..runtime import eval_mode, model_device
 from ..threat import ThreatModel
-from .engine import AscentSettings, Objective, maximize
+from .engine import AscentResult, AscentSettings, Objective, maximize
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,10 @@ def batches(n: int, batch_size: int, *, progress: bool, desc: str) -> Iterator[s
         yield slice(start, min(start + batch_size, n))
 
 
+# maximize or maximize_apgd: (objective, x, threat, settings, noise, rerun_successful=,
+# start=) -> the best iterate per row
+Engine = Callable[..., AscentResult]
+
 # (clean outputs of the batch, the batch's rows of each extra tensor) -> the objective
 ObjectiveFactory = Callable[[Tensor, tuple[Tensor, ...]], Objective]
 
@@ -87,10 +91,12 @@ def ascend_in_batches(
     desc: str,
     purpose: str,
     starts: Tensor | None = None,
+    engine: Engine = maximize,
 ) -> BatchedAscent:
-    """Run :func:`~.engine.maximize` over ``args.x`` in batches on the model's device, in
-    eval mode; ``extras`` (labels, targets) and ``starts`` (first-restart points, instead
-    of random ones) are cut into the same batches. Results come back on ``x``'s device."""
+    """Run ``engine`` (PGD's :func:`~.engine.maximize` by default) over ``args.x`` in
+    batches on the model's device, in eval mode; ``extras`` (labels, targets) and
+    ``starts`` (first-restart points, instead of random ones) are cut into the same
+    batches. Results come back on ``x``'s device."""
     model, x = args.model, args.x
     device = model_device(model, x.device)
     x_adv_parts, output_parts, adv_output_parts = [], [], []
@@ -101,7 +107,7 @@ def ascend_in_batches(
             with torch.no_grad():
                 clean = model(xb)
             rows = torch.arange(part.start, part.stop)
-            best = maximize(
+            best = engine(
                 make_objective(clean, extra),
                 xb,
                 args.threat,

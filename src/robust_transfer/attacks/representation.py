@@ -7,9 +7,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..threat import ThreatModel
-from .common import ascend_in_batches, check_attack_args
-from .engine import Objective
+from .apgd import maximize_apgd
+from .common import Engine, ascend_in_batches, check_attack_args
+from .engine import Objective, maximize
+
+_ENGINES: dict[str, Engine] = {"pgd": maximize, "apgd": maximize_apgd}
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ def attack_representation(
     step_size: float | None = None,
     progress: bool = False,
     sample_ids: Tensor | None = None,
+    method: str = "pgd",
 ) -> RepresentationAttackResult:
     """Find, for every input, the point of ``B(x)`` whose representation moves furthest.
 
@@ -43,7 +48,12 @@ def attack_representation(
     sample). No labels and no head are involved: the result is reused by every
     downstream head. The encoder runs in eval mode; its parameters are not touched.
     ``sample_ids`` name the rows for their random starts (see :func:`check_attack_args`).
+    ``method`` is ``"pgd"`` (a cosine-annealed step, or ``step_size``) or ``"apgd"``
+    (momentum and per-sample step halving, Croce & Hein 2020; ``step_size`` unused).
     """
+    engine = _ENGINES.get(method)
+    if engine is None:
+        raise InputError(f"unknown representation attack {method!r}: pgd or apgd")
     args = check_attack_args(
         encoder,
         x,
@@ -77,6 +87,7 @@ def attack_representation(
         progress=progress,
         desc=f"representation attack {args.threat}",
         purpose="the representation attack",
+        engine=engine,
     )
     features, features_adv = best.outputs.flatten(1), best.outputs_adv.flatten(1)
     return RepresentationAttackResult(
