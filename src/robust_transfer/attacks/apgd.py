@@ -10,15 +10,13 @@ a sample stuck (the tail of the attacked shift), the adaptive step keeps moving.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ..noise import SampleNoise
 from ..runtime import search_autocast
 from ..threat import ThreatModel
-from .engine import AscentResult, AscentSettings, Objective
+from .engine import AscentResult, AscentSettings, Best, Objective, better, over_restarts
 
 # The paper's constants: momentum, the share of steps that must raise the objective
 # since the last checkpoint for the step size to stay, and the checkpoint spacing.
@@ -58,10 +56,6 @@ def _score_and_grad(
     return score.detach(), success, grad
 
 
-def _better(score: Tensor, success: Tensor, best: Tensor, best_success: Tensor) -> Tensor:
-    return (success & ~best_success) | ((success == best_success) & (score > best))
-
-
 def maximize_apgd(
     objective: Objective,
     x: Tensor,
@@ -75,25 +69,13 @@ def maximize_apgd(
     """Best iterate per row of ``x`` over ``settings.restarts`` APGD runs of
     ``settings.steps`` steps (``settings.step_size`` is not used: the step adapts).
     Arguments as for :func:`~.engine.maximize`."""
-    n = x.shape[0]
-    best_x = x.clone()
-    best_score = torch.full((n,), -math.inf, device=x.device, dtype=x.dtype)
-    best_success = torch.zeros(n, dtype=torch.bool, device=x.device)
     marks = set(checkpoints(settings.steps))
-    for restart in range(settings.restarts):
-        rows = (
-            torch.arange(n, device=x.device)
-            if rerun_successful
-            else (~best_success).nonzero().flatten()
-        )
-        if rows.numel() == 0:
-            break
-        x0 = x[rows]
-        if start is not None and restart == 0:
-            x_k = threat.project(x0, start[rows])
-        else:
-            x_k = threat.random_start(x0, noise.subset(rows), stream=_STREAM + restart)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+
+    def apgd(x0: Tensor, x_k: Tensor, rows: Tensor, restart: int, best: Best) -> None:
         score_k, success_k, grad_k = _score_and_grad(objective, x_k, rows, restart, x.dtype)
+        best.offer(rows, x_k, score_k, success_k)
+        # This run's best point (where a halving resumes) and its gradient.
         run_x, run_score, run_success, run_grad = x_k, score_k, success_k, grad_k
         eta = torch.full((len(rows),), 2.0 * threat.eps, device=x.device, dtype=x.dtype)
         x_prev = x_k
@@ -101,19 +83,19 @@ def maximize_apgd(
         halved_last = torch.zeros(len(rows), dtype=torch.bool, device=x.device)
         best_at_mark, last_mark = run_score.clone(), 0
         for k in range(settings.steps):
-            shape = (-1,) + (1,) * (x.dim() - 1)
             z = threat.project(x0, x_k + eta.view(shape) * threat.ascent_direction(grad_k))
             if k > 0:
                 z = threat.project(
                     x0, x_k + _MOMENTUM * (z - x_k) + (1 - _MOMENTUM) * (x_k - x_prev)
                 )
             score, success, grad = _score_and_grad(objective, z, rows, restart, x.dtype)
+            best.offer(rows, z, score, success)
             raised += (score > score_k).float()
-            better = _better(score, success, run_score, run_success)
-            run_x = torch.where(better.view(shape), z, run_x)
-            run_grad = torch.where(better.view(shape), grad, run_grad)
-            run_score = torch.where(better, score, run_score)
-            run_success = torch.where(better, success, run_success)
+            wins = better(score, success, run_score, run_success)
+            run_x = torch.where(wins.view(shape), z, run_x)
+            run_grad = torch.where(wins.view(shape), grad, run_grad)
+            run_score = torch.where(wins, score, run_score)
+            run_success = torch.where(wins, success, run_success)
             x_prev, x_k, score_k, grad_k = x_k, z, score, grad
             if k + 1 in marks:
                 stalled = raised < _RHO * (k + 1 - last_mark)
@@ -127,9 +109,14 @@ def maximize_apgd(
                 score_k = torch.where(halve, run_score, score_k)
                 halved_last, best_at_mark, last_mark = halve, run_score.clone(), k + 1
                 raised.zero_()
-        better = _better(run_score, run_success, best_score[rows], best_success[rows])
-        improved = rows[better]
-        best_x[improved] = run_x[better]
-        best_score[improved] = run_score[better]
-        best_success[improved] = run_success[better]
-    return AscentResult(best_x, best_score, best_success)
+
+    return over_restarts(
+        apgd,
+        x,
+        threat,
+        settings,
+        noise,
+        rerun_successful=rerun_successful,
+        start=start,
+        stream=_STREAM,
+    )

@@ -49,6 +49,70 @@ class AscentResult:
     success: Tensor
 
 
+def better(score: Tensor, success: Tensor, best_score: Tensor, best_success: Tensor) -> Tensor:
+    """Where a point beats the best so far: success outranks any score."""
+    return (success & ~best_success) | ((success == best_success) & (score > best_score))
+
+
+class Best:
+    """The best point found so far for every row of ``x``, across steps and restarts."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x.clone()
+        self.score = torch.full((len(x),), -math.inf, device=x.device, dtype=x.dtype)
+        self.success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+
+    def offer(self, rows: Tensor, x_adv: Tensor, score: Tensor, success: Tensor) -> None:
+        """Keep the points of ``rows`` that beat their best so far."""
+        wins = better(score, success, self.score[rows], self.success[rows])
+        improved = rows[wins]
+        self.x[improved] = x_adv[wins]
+        self.score[improved] = score[wins]
+        self.success[improved] = success[wins]
+
+    def result(self) -> AscentResult:
+        return AscentResult(self.x, self.score, self.success)
+
+
+# (clean rows x0, the restart's first point, their row numbers, restart number, the best
+# so far) -> runs one restart, offering its iterates to the best
+Restart = Callable[[Tensor, Tensor, Tensor, int, Best], None]
+
+
+def over_restarts(
+    one_restart: Restart,
+    x: Tensor,
+    threat: ThreatModel,
+    settings: AscentSettings,
+    noise: SampleNoise,
+    *,
+    rerun_successful: bool,
+    start: Tensor | None,
+    stream: int = 0,
+) -> AscentResult:
+    """The restarts every ascent shares. Row ``i``'s start at restart ``r`` is drawn from
+    ``noise`` (one id per row) and stream ``stream + r``, so it is the same whatever else
+    is in the batch; ``start`` (points of ``B(x)``), when given, replaces the first
+    restart's random one. With ``rerun_successful=False`` a restart only attacks rows not
+    yet successful."""
+    best = Best(x)
+    for restart in range(settings.restarts):
+        rows = (
+            torch.arange(len(x), device=x.device)
+            if rerun_successful
+            else (~best.success).nonzero().flatten()
+        )
+        if rows.numel() == 0:
+            break
+        x0 = x[rows]
+        if start is not None and restart == 0:
+            first = threat.project(x0, start[rows])
+        else:
+            first = threat.random_start(x0, noise.subset(rows), stream=stream + restart)
+        one_restart(x0, first, rows, restart, best)
+    return best.result()
+
+
 def maximize(
     objective: Objective,
     x: Tensor,
@@ -59,48 +123,22 @@ def maximize(
     rerun_successful: bool,
     start: Tensor | None = None,
 ) -> AscentResult:
-    """Best iterate per row of ``x`` over ``settings.restarts`` random starts.
-
-    Row ``i``'s start at restart ``r`` is drawn from ``noise`` (one id per row) and
-    stream ``r``, so it is the same whatever else is in the batch; ``start`` (points of
-    ``B(x)``), when given, replaces the first restart's random one. With
-    ``rerun_successful=False`` a restart only attacks rows not yet successful.
-    """
-    n = x.shape[0]
-    best_x = x.clone()
-    best_score = torch.full((n,), -math.inf, device=x.device, dtype=x.dtype)
-    best_success = torch.zeros(n, dtype=torch.bool, device=x.device)
+    """Best iterate per row of ``x`` over ``settings.restarts`` PGD runs (starts and
+    restarts as :func:`over_restarts` draws them)."""
     zero_grad_rows = 0
-    for restart in range(settings.restarts):
-        rows = (
-            torch.arange(n, device=x.device)
-            if rerun_successful
-            else (~best_success).nonzero().flatten()
-        )
-        if rows.numel() == 0:
-            break
-        x0 = x[rows]
-        if start is not None and restart == 0:
-            x_adv = threat.project(x0, start[rows])
-        else:
-            x_adv = threat.random_start(x0, noise.subset(rows), stream=restart)
+
+    def pgd(x0: Tensor, x_adv: Tensor, rows: Tensor, restart: int, best: Best) -> None:
+        nonlocal zero_grad_rows
         for t in range(settings.steps + 1):
             last = t == settings.steps
             with torch.set_grad_enabled(not last), search_autocast(x.device):
                 if not last:
                     x_adv.requires_grad_(True)
                 score, success = objective(x_adv, rows, restart)
-            score = score.to(best_score.dtype)
+            score = score.to(x.dtype)
             if success is None:
                 success = torch.zeros_like(score, dtype=torch.bool)
-            old_score, old_success = best_score[rows], best_success[rows]
-            better = (success & ~old_success) | (
-                (success == old_success) & (score.detach() > old_score)
-            )
-            improved = rows[better]
-            best_x[improved] = x_adv.detach()[better]
-            best_score[improved] = score.detach()[better]
-            best_success[improved] = success[better]
+            best.offer(rows, x_adv.detach(), score.detach(), success)
             if last:
                 break
             (grad,) = torch.autograd.grad(score.sum(), x_adv)
@@ -108,6 +146,10 @@ def maximize(
                 zero_grad_rows += int((grad.flatten(1).abs().amax(dim=1) == 0).sum())
             step = settings.step_at(t, threat.eps)
             x_adv = threat.project(x0, x_adv.detach() + step * threat.ascent_direction(grad))
+
+    result = over_restarts(
+        pgd, x, threat, settings, noise, rerun_successful=rerun_successful, start=start
+    )
     if zero_grad_rows:
         warnings.warn(
             f"the objective's gradient was exactly zero at the start for {zero_grad_rows} "
@@ -115,4 +157,4 @@ def maximize(
             "layers); the attack cannot move those points and its result there is unreliable",
             stacklevel=3,
         )
-    return AscentResult(best_x, best_score, best_success)
+    return result
