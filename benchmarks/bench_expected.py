@@ -178,7 +178,7 @@ def bench_encoder(
             if index in aa_heads:
                 aa, seconds = timed(attack_autoattack, model, x[subset], y[subset], threat)
                 t_aa.append(seconds * len(x) / len(x[subset]))
-                reference = robust_pgd[subset] & aa.robust
+                reference = robust_pgd[subset] & aa.attack.robust
                 for estimator, key in ESTIMATES.items():
                     if key in arrays:
                         vs_aa.add(estimator, arrays[key][subset], reference)

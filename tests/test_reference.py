@@ -6,7 +6,7 @@ from conftest import linear_encoder, random_head
 from torch import nn
 
 from robust_transfer import ThreatModel, attack_classifier, certify, normalized_margin
-from robust_transfer.attacks.reference import attack_autoattack
+from robust_transfer.attacks.reference import attack_autoattack, refusal
 
 
 @pytest.mark.parametrize("norm", ["L2", "Linf"])
@@ -30,8 +30,10 @@ def test_autoattack_respects_certificates_and_the_ball(norm: str) -> None:
     threat = ThreatModel(norm, float(rho.quantile(0.5)) / constant)
     certified = certify(head, features, torch.full((60,), threat.eps * constant))
     assert 0.2 < certified.float().mean() < 0.8
-    result = attack_autoattack(model, x, y, threat)
+    found = attack_autoattack(model, x, y, threat)
+    result = found.attack
     assert not (certified & ~result.robust).any()
+    assert not found.square_only.any()  # nothing masks a linear model's gradient
     assert result.x_adv.min() >= 0
     assert result.x_adv.max() <= 1
     assert (threat.norms(result.delta) <= threat.eps + 1e-6).all()  # float rounding of x + d - x
@@ -47,6 +49,13 @@ def test_autoattack_rejects_what_it_cannot_attack() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 3)).eval()
     with pytest.raises(ValueError, match="at least 4 classes"):
         attack_autoattack(model, torch.rand(4, 1, 28, 28), torch.zeros(4).long(), threat)
+    # The package's L2 Square crashes on 12x12 images (its first squares overflow them).
+    model = nn.Sequential(nn.Flatten(), nn.Linear(144, 5)).eval()
+    with pytest.raises(ValueError, match="cannot start on 12x12 images"):
+        attack_autoattack(model, torch.rand(4, 1, 12, 12), torch.zeros(4).long(), threat)
+    assert refusal((1, 12, 12), 5, ThreatModel("Linf", 0.1)) is None
+    assert refusal((3, 32, 32), 10, threat) is None
+    assert refusal((3, 224, 224), 10, threat) is None
 
 
 def test_study_evaluation_folds_autoattack_into_the_attacked_accuracy() -> None:
@@ -64,9 +73,17 @@ def test_study_evaluation_folds_autoattack_into_the_attacked_accuracy() -> None:
     with torch.no_grad():
         y = head(encoder(x)).argmax(dim=1)
     threat = ThreatModel("Linf", 0.01)
-    settings = AttackSettings(steps=5, representation_steps=5, autoattack=True)
+    settings = AttackSettings(steps=5, representation_steps=5)
     shift = measure_shift(encoder, x, threat, settings, seed=0)
-    arrays = evaluate_classification(encoder, head, x, y, threat, shift, settings, seed=0)
-    assert not (arrays["robust_attacked"] & ~arrays["robust_autoattack"]).any()
+    every = torch.ones(30, dtype=torch.bool)
+    arrays = evaluate_classification(
+        encoder, head, x, y, threat, shift, settings, seed=0, autoattack_rows=every
+    )
+    assert torch.equal(arrays["robust_attacked"], arrays["robust_autoattack"])
+    assert not (arrays["robust_autoattack"] & ~arrays["robust_pgd"]).any()
     record = aggregate(arrays)
-    assert record["attacked_robust_acc"] <= record["autoattack_robust_acc"]  # type: ignore[operator]
+    assert record["autoattack_points"] == 30
+    assert record["attacked_robust_acc"] == record["autoattack_robust_acc"]
+    assert record["autoattack_gap"] == pytest.approx(
+        record["pgd_robust_acc"] - record["autoattack_robust_acc"]  # type: ignore[operator]
+    )

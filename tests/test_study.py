@@ -301,7 +301,7 @@ def test_stored_fine_tuned_encoder_is_reused(study: tuple[Path, dict[str, Any]])
 
 def test_certificates_per_method_and_radius_rule(study: tuple[Path, dict[str, Any]]) -> None:
     root, results = study
-    assert results["format"] == 3
+    assert results["format"] == 4
     assert results["runtime"]["world_size"] == 1
     lip = [r for r in results["records"] if r["encoder"] == "lip"]
     assert lip

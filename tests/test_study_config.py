@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from robust_transfer.study.config import (
     ConfigError,
@@ -14,6 +15,7 @@ from robust_transfer.study.config import (
     load_config,
     parse_config,
 )
+from robust_transfer.threat import ThreatModel
 
 
 def _minimal() -> dict[str, Any]:
@@ -110,6 +112,42 @@ def test_bad_configs_name_the_key(path: list[str | int], value: object, match: s
         source = _broken(path, value)
     with pytest.raises(ConfigError, match=match):
         parse_config(source, base=Path("/nonexistent"))
+
+
+def test_the_autoattack_plan() -> None:
+    plain = parse_config(_minimal()).attack
+    assert plain.autoattack is None
+    assert plain.representation_method == "pgd+apgd"
+    every = parse_config(_minimal() | {"attack": {"autoattack": True}}).attack.autoattack
+    assert every is not None
+    assert every.covers("lp", ThreatModel("L2", 3.0))
+    assert every.rows(torch.tensor([0, 10_000])).all()
+    table = {"points": 5, "adaptations": ["lp"], "threats": {"Linf": ["1/10"]}}
+    plan = parse_config(_minimal() | {"attack": {"autoattack": table}}).attack.autoattack
+    assert plan is not None
+    assert plan.covers("lp", ThreatModel("Linf", "1/10"))
+    assert not plan.covers("lp", ThreatModel("Linf", "1/20"))
+    assert not plan.covers("ft", ThreatModel("Linf", "1/10"))
+    assert plan.rows(torch.tensor([3, 4, 5, 6])).tolist() == [True, True, False, False]
+    default = default_config().attack.autoattack
+    assert default is not None
+    assert default.points is not None
+
+
+@pytest.mark.parametrize(
+    ("attack", "match"),
+    [
+        ({"autoattack": "yes"}, r"attack\.autoattack: expected true, false or a table"),
+        ({"autoattack": {"points": 0}}, r"attack\.autoattack\.points: expected a positive"),
+        ({"autoattack": {"adaptations": ["ft"]}}, "unknown adaptation 'ft'"),
+        ({"autoattack": {"threats": {"L3": [1]}}}, r"attack\.autoattack\.threats\.L3"),
+        ({"autoattack": {"colour": 1}}, "unknown key"),
+        ({"representation_method": "fgsm"}, r"representation_method: 'fgsm' is not one of"),
+    ],
+)
+def test_bad_attack_tables_name_the_key(attack: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_config(_minimal() | {"attack": attack})
 
 
 def test_duplicate_units_and_regression_adaptations_are_refused() -> None:

@@ -354,7 +354,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         if args.autoattack:
             result = attack_autoattack(
                 model, x, y, threat, seed=args.seed, batch_size=args.batch_size
-            )
+            ).attack
         else:
             result = attack_classifier(
                 model,

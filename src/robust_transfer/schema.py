@@ -17,7 +17,7 @@ from torch import Tensor
 from .errors import ResultsFormatError
 
 # Version 2: certificates keyed by method, the runtime, per-sample random starts.
-RESULTS_FORMAT = 3
+RESULTS_FORMAT = 4
 RESULTS_FILE = "results.json"
 ENCODERS_DIR = "encoders"  # what is known of each encoder of a study, as JSON
 LOCK_FILE = ".lock"  # the pid and host of the run writing into a study folder
@@ -47,7 +47,7 @@ class Array(StrEnum):
     ROBUST_PGD = "robust_pgd"  # no PGD attack broke the point
     ROBUST_TASK_AGNOSTIC = "robust_task_agnostic"  # the representation attack's point did not
     ROBUST_ATTACKED = "robust_attacked"  # no attack at all broke it
-    ROBUST_AUTOATTACK = "robust_autoattack"  # AutoAttack did not break it
+    ROBUST_AUTOATTACK = "robust_autoattack"  # in the AutoAttack subset, and no attack broke it
     PREDICTED_ROBUST = "predicted_robust"  # the criterion with the attacked shift
     CERTIFIED_SHIFT = "certified_shift"  # an upper bound on the worst shift
     CERTIFIED_LOSS_BOUND = "certified_loss_bound"  # Result 1 with a certified shift
@@ -56,6 +56,11 @@ class Array(StrEnum):
     EXPECTED_ROBUST = "expected_robust"  # the first-order estimate from the encoder's profile
     DIRECTIONAL_SHIFT = "directional_shift"  # its largest shift along a class difference
     CURVATURE = "curvature"  # the profile's per-sample curvature factor for a threat
+    AUTOATTACKED = "autoattacked"  # in the unit's AutoAttack subset
+    ZERO_GRADIENT = "zero_gradient"  # the attacked score's gradient is exactly zero
+    NONFINITE_GRADIENT = "nonfinite_gradient"  # ... or has a NaN or infinity
+    RANDOM_OUTPUT = "random_output"  # two forward passes of the point disagree
+    SQUARE_ONLY = "square_only"  # only Square, the black-box attack, broke it
     WEIGHT = "weight"  # a stored head's (K, m) weight
     BIAS = "bias"  # a stored head's (K,) bias
 
@@ -77,7 +82,9 @@ class Field(StrEnum):
     CLEAN_ACC = "clean_acc"
     PGD_ROBUST_ACC = "pgd_robust_acc"
     ATTACKED_ROBUST_ACC = "attacked_robust_acc"
-    AUTOATTACK_ROBUST_ACC = "autoattack_robust_acc"
+    AUTOATTACK_ROBUST_ACC = "autoattack_robust_acc"  # PGD, then AutoAttack, on the subset
+    AUTOATTACK_POINTS = "autoattack_points"  # the size of that subset
+    AUTOATTACK_GAP = "autoattack_gap"  # PGD's robust accuracy on the subset minus the above
     TASK_AGNOSTIC_ROBUST_ACC = "task_agnostic_robust_acc"
     PREDICTED_ROBUST_ACC = "predicted_robust_acc"
     CERTIFIED_ROBUST_ACC = "certified_robust_acc"  # the tightest certificate's
@@ -107,9 +114,19 @@ class Field(StrEnum):
     REFUSED = "refused"  # certifier -> why it gave no bound for this encoder
     RADIUS = "radius"  # a certified probe's feature radius
     RADIUS_RULE = "radius_rule"  # ... and how its rule set it
+    SANITY_FLAGS = "sanity_flags"  # sanity check -> points that tripped it (none: {})
     STORE_KEY = "store_key"
     ATTACK = "attack"  # the command line's attack rows: which attack ran
     ROBUST_ACC = "robust_acc"  # ... and the robust accuracy it left
+
+
+# The per-sample arrays of the sanity checks: a unit whose points trip one is flagged.
+SANITY_CHECKS = (
+    Array.ZERO_GRADIENT,
+    Array.NONFINITE_GRADIENT,
+    Array.RANDOM_OUTPUT,
+    Array.SQUARE_ONLY,
+)
 
 
 def per_method(name: Array | Field, method: str) -> str:

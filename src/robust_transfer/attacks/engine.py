@@ -74,6 +74,17 @@ class Best:
         return AscentResult(self.x, self.score, self.success)
 
 
+def keep_better(first: AscentResult, second: AscentResult) -> AscentResult:
+    """Per row, the better of two searches' points (success outranks any score)."""
+    wins = better(second.score, second.success, first.score, first.success)
+    shape = (-1,) + (1,) * (first.x_adv.dim() - 1)
+    return AscentResult(
+        torch.where(wins.view(shape), second.x_adv, first.x_adv),
+        torch.where(wins, second.score, first.score),
+        torch.where(wins, second.success, first.success),
+    )
+
+
 # (clean rows x0, the restart's first point, their row numbers, restart number, the best
 # so far) -> runs one restart, offering its iterates to the best
 Restart = Callable[[Tensor, Tensor, Tensor, int, Best], None]

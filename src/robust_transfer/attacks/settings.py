@@ -1,8 +1,38 @@
-"""The attack budgets of a study: PGD on heads and the task-independent representation attack."""
+"""The attack budgets of a study: PGD on heads, the task-independent representation
+attack, and where AutoAttack, the reference, runs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..threat import ThreatModel
+
+
+@dataclass(frozen=True)
+class AutoAttackPlan:
+    """Where a study runs AutoAttack "standard": on the first ``points`` evaluation
+    points (every point when None) of the classification units whose adaptation is one of
+    ``adaptations`` and whose threat is one of ``threats`` (every one when None), and of
+    those only on the points the study's PGD left robust (PGD has already broken the rest)."""
+
+    points: int | None = None
+    adaptations: tuple[str, ...] | None = None
+    threats: tuple[ThreatModel, ...] | None = None
+
+    def covers(self, adaptation: str, threat: ThreatModel) -> bool:
+        return (self.adaptations is None or adaptation in self.adaptations) and (
+            self.threats is None or threat in self.threats
+        )
+
+    def rows(self, sample_ids: Tensor) -> Tensor:
+        """Which of the points named by ``sample_ids`` are in the subset (by id, so a
+        shard picks the same points as the whole)."""
+        if self.points is None:
+            return torch.ones(len(sample_ids), dtype=torch.bool)
+        return sample_ids.cpu() < self.points
 
 
 @dataclass(frozen=True)
@@ -14,6 +44,10 @@ class AttackSettings:
     targeted_restarts: int = 2
     representation_steps: int = 30
     representation_restarts: int = 1
+    # "pgd", "apgd" or "pgd+apgd": both, the larger shift per sample (the default: the
+    # criterion is per sample, so the attack's tail matters, and the pair lifts it).
+    representation_method: str = "pgd+apgd"
     batch_size: int = 250
-    # AutoAttack "standard" on every head too: the reference, far slower than PGD.
-    autoattack: bool = False
+    # AutoAttack "standard" too, on the units and points the plan names (far slower than
+    # PGD): None runs none.
+    autoattack: AutoAttackPlan | None = None

@@ -119,6 +119,52 @@ def _expected_section(
     return "Expected robust accuracy: the answer first", text, ["expected-vs-attacked"]
 
 
+# What each sanity check means when it trips (keys: the arrays of schema.SANITY_CHECKS).
+SANITY_MEANINGS = {
+    Array.ZERO_GRADIENT: "the gradient of the attacked margin (loss, for regression) is "
+    "exactly zero at the clean point: gradient attacks cannot move it (masked or "
+    "saturated gradients, non-differentiable layers)",
+    Array.NONFINITE_GRADIENT: "that gradient holds a NaN or an infinity: the attacks' "
+    "steps are undefined there",
+    Array.RANDOM_OUTPUT: "two forward passes of the same point in eval mode disagree: "
+    "the model is randomised, and a single attacked point proves little (AutoAttack's "
+    "'rand' version and expectation over transformation are needed)",
+    Array.SQUARE_ONLY: "Square, a black-box attack that reads only outputs, broke a "
+    "point that PGD, APGD and FAB all left robust: the white-box attacks' gradients "
+    "mislead them (gradient masking), and white-box robust accuracy is overstated",
+}
+
+
+def _reference_section(records: Sequence[Record]) -> tuple[str, str, list[str]]:
+    """AutoAttack beside the study's PGD, and the sanity checks of every unit."""
+    lines = []
+    rows = [r for r in records if r.get(Field.AUTOATTACK_ROBUST_ACC) is not None]
+    if rows:
+        gaps = [float(r[Field.AUTOATTACK_GAP]) for r in rows]  # type: ignore[arg-type]
+        lines += [
+            'AutoAttack "standard" (APGD-CE, APGD-T, FAB-T, Square) ran on the first points '
+            "of the units below, only where the study's PGD left a point robust. "
+            "*PGD - AutoAttack* is how much robust accuracy it took off PGD's on those "
+            f"points: at most {100 * max(gaps):.1f} points over {len(rows)} units (mean "
+            f"{100 * sum(gaps) / len(gaps):.1f}). A large gap means PGD's robust accuracy "
+            "elsewhere in this report is too optimistic for that encoder.",
+            "",
+            tables.markdown(rows, tables.REFERENCE_COLUMNS),
+            "",
+        ]
+    else:
+        lines += ["AutoAttack did not run in this study (`attack.autoattack`).", ""]
+    flagged = [r for r in records if r.get(Field.SANITY_FLAGS)]
+    checks = "; ".join(f"*{name}*: {meaning}" for name, meaning in SANITY_MEANINGS.items())
+    lines.append(f"Sanity checks on every unit, per point: {checks}.")
+    if flagged:
+        columns = (*tables.REFERENCE_COLUMNS[:5], (Field.SANITY_FLAGS, "points that tripped"))
+        lines += ["", f"{len(flagged)} unit(s) flagged:", "", tables.markdown(flagged, columns)]
+    else:
+        lines += ["", f"No check tripped on any of the {len(records)} units."]
+    return "Reference evaluation and sanity checks", "\n".join(lines), []
+
+
 def _sections(
     results: Results, store: Store, figures: _Figures
 ) -> list[tuple[str, str, list[str]]]:
@@ -141,6 +187,7 @@ def _sections(
             f"- **{verdict}**: {finding[FindingField.CLAIM]}  \n  {finding[FindingField.EVIDENCE]}"
         )
     sections.append(("Findings", "\n".join(lines) or "No findings.", []))
+    sections.append(_reference_section(records))
 
     for task in _tasks(classification):
         probes = [

@@ -51,11 +51,27 @@ EXPECTED_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
+# The reference evaluation: AutoAttack on the points PGD left robust, per unit.
+REFERENCE_COLUMNS: tuple[tuple[str, str], ...] = (
+    (Field.ENCODER, "encoder"),
+    (Field.TASK, "task"),
+    (Field.ADAPTATION, "adaptation"),
+    (Field.THREAT, "threat"),
+    (Field.EPS, "eps"),
+    (Field.AUTOATTACK_POINTS, "points"),
+    (Field.AUTOATTACK_ROBUST_ACC, "AutoAttack"),
+    (Field.AUTOATTACK_GAP, "PGD - AutoAttack"),
+    (Field.PGD_ROBUST_ACC, "PGD (all points)"),
+)
+
+
 def cell(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, dict):
+        return ", ".join(f"{key}: {cell(count)}" for key, count in value.items()) or "none"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) >= 10 or value == 0 else f"{value:.3f}"
     return str(value)

@@ -16,7 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..attacks.settings import AttackSettings
+from ..attacks.representation import METHODS as REPRESENTATION_METHODS
+from ..attacks.settings import AttackSettings, AutoAttackPlan
 from ..certify import BEST, certifier_names, default_certifier_names
 from ..checks import Choice, parse_choice
 from ..data.tasks import task_names
@@ -463,6 +464,48 @@ def _task(
     )
 
 
+def _autoattack_plan(value: object) -> AutoAttackPlan | None:
+    """``attack.autoattack``: true (every unit and point), false, or a table that names
+    ``points``, ``adaptations`` and ``threats``."""
+    where = "attack.autoattack"
+    if isinstance(value, bool):
+        return AutoAttackPlan() if value else None
+    table = _expect(value, dict, where, "true, false or a table")
+    _unknown_keys(table, _field_names(AutoAttackPlan), where)
+    points = table.get("points")
+    adaptations = table.get("adaptations")
+    if adaptations is not None:
+        adaptations = tuple(
+            _expect(name, str, f"{where}.adaptations", "a list of adaptation names")
+            for name in _expect(adaptations, list, f"{where}.adaptations", "a list")
+        )
+    threats = table.get("threats")
+    return AutoAttackPlan(
+        points=None if points is None else _positive_int(points, f"{where}.points"),
+        adaptations=adaptations,
+        threats=None if threats is None else _threat_grid(threats, f"{where}.threats"),
+    )
+
+
+def _attack(table: Mapping[str, Any]) -> AttackSettings:
+    values = dict(table)
+    for key, value in table.items():
+        if key == "autoattack":
+            values[key] = _autoattack_plan(value)
+        elif key == "representation_method":
+            if value not in REPRESENTATION_METHODS:
+                raise _fail(
+                    "attack.representation_method",
+                    f"{value!r} is not one of {', '.join(REPRESENTATION_METHODS)}",
+                )
+        else:
+            _positive_int(value, f"attack.{key}")
+    settings: AttackSettings = _dataclass_from(
+        AttackSettings, _field_names(AttackSettings), values, "attack"
+    )
+    return settings
+
+
 def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> StudyConfig:
     """Check a study configuration (the parsed TOML) whole; paths are relative to ``base``."""
     base = Path.cwd() if base is None else base
@@ -472,13 +515,7 @@ def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> Stud
     eval_points = _positive_int(source.get("eval_points", 500), "eval_points")
     radius_points = _positive_int(source.get("radius_points", 200), "radius_points")
     shard_points = _positive_int(source.get("shard_points", 256), "shard_points")
-    attack_table = _expect(source.get("attack", {}), dict, "attack", "a table")
-    for key, value in attack_table.items():
-        if key == "autoattack":
-            _expect(value, bool, "attack.autoattack", "true or false")
-        else:
-            _positive_int(value, f"attack.{key}")
-    attack = _dataclass_from(AttackSettings, _field_names(AttackSettings), attack_table, "attack")
+    attack = _attack(_expect(source.get("attack", {}), dict, "attack", "a table"))
     threats = _threat_grid(source["threats"], "threats") if "threats" in source else None
     encoder_tables = _expect(source.get("encoders"), dict, "encoders", "a table of encoders")
     encoders = {key: _encoder(key, value, base, seed) for key, value in encoder_tables.items()}
@@ -523,6 +560,13 @@ def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> Stud
             raise _fail(
                 f"adaptations.{key}.radius.method",
                 f"certifier {method!r} is not among the study's certifiers ({', '.join(chosen)})",
+            )
+    plan = attack.autoattack
+    for name in () if plan is None or plan.adaptations is None else plan.adaptations:
+        if name not in adaptations:
+            raise _fail(
+                "attack.autoattack.adaptations",
+                f"unknown adaptation {name!r} (the study's: {', '.join(adaptations)})",
             )
     cache = source.get("cache_dir")
     cache_dir = None if cache is None else base / _expect(cache, str, "cache_dir", "a path")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attacks import ClassifierAttackResult, attack_classifier, attack_representation
-from ..attacks.reference import attack_autoattack
+from ..attacks.reference import AutoAttackResult, attack_autoattack
 from ..attacks.regression import attack_regression
 from ..attacks.settings import AttackSettings
 from ..bounds import (
@@ -26,6 +26,7 @@ from ..bounds import (
 from ..certify import Refusal, certify_all, margin_lower_bounds
 from ..expected import EncoderProfile
 from ..losses import RegressionLoss, regression_loss
+from ..sanity import margin_score, sanity_arrays
 from ..schema import Array, Arrays, certificate_key, methods_in, per_method
 from ..threat import ThreatModel
 
@@ -48,6 +49,7 @@ def attacked_shift(
         threat,
         steps=settings.representation_steps,
         restarts=settings.representation_restarts,
+        method=settings.representation_method,
         seed=seed,
         batch_size=settings.batch_size,
         progress=progress,
@@ -166,6 +168,30 @@ def study_pgd(
     return ce, targeted
 
 
+def _autoattack(
+    model: nn.Module,
+    clean: ClassifierAttackResult,
+    x: Tensor,
+    y: Tensor,
+    chosen: Tensor,
+    settings: AttackSettings,
+    seed: int,
+) -> AutoAttackResult:
+    """AutoAttack on the ``chosen`` rows; the others come back as their clean points
+    (``clean`` gives their logits)."""
+    x_adv, logits_adv = x.clone(), clean.logits.clone()
+    square_only = torch.zeros_like(chosen)
+    rows = chosen.nonzero().flatten()
+    if len(rows):
+        found = attack_autoattack(
+            model, x[rows], y[rows], clean.threat, seed=seed, batch_size=settings.batch_size
+        )
+        x_adv[rows], logits_adv[rows] = found.attack.x_adv, found.attack.logits_adv
+        square_only[rows] = found.square_only
+    attack = ClassifierAttackResult.of(x, x_adv, y, clean.logits, logits_adv, clean.threat)
+    return AutoAttackResult(attack, square_only)
+
+
 def evaluate_classification(
     encoder: nn.Module,
     head: nn.Linear,
@@ -179,6 +205,7 @@ def evaluate_classification(
     sample_ids: Tensor | None = None,
     progress: bool = False,
     profile: EncoderProfile | None = None,
+    autoattack_rows: Tensor | None = None,
 ) -> Arrays:
     """Per-sample outcome of a classification head, the attacks and Result 1 and 2.
 
@@ -188,6 +215,9 @@ def evaluate_classification(
     ``adv_loss`` is the largest cross-entropy seen at any attacked point (and the clean one).
     ``head_certified_robust`` (where CROWN reads the encoder) certifies this head's
     margins directly, or takes the task-agnostic certificate where that is tighter.
+    AutoAttack runs on the ``autoattack_rows`` (a mask) that PGD left robust:
+    ``robust_autoattack`` marks those no attack broke, ``square_only`` those only Square
+    did. The sanity arrays (:func:`~robust_transfer.sanity.sanity_arrays`) come with it.
     """
     head = head.to(x.device).eval()
     model = nn.Sequential(encoder, head).eval()
@@ -201,28 +231,26 @@ def evaluate_classification(
     ce, targeted = study_pgd(
         model, x, y, threat, settings, seed=seed, sample_ids=sample_ids, progress=progress
     )
-    attacks = [ce, targeted]
-    if settings.autoattack:
-        attacks.append(
-            attack_autoattack(model, x, y, threat, seed=seed, batch_size=settings.batch_size)
-        )
-    losses = [
-        arrays[Array.CLEAN_LOSS],
-        *(F.cross_entropy(attack.logits_adv, y, reduction="none") for attack in attacks),
-        F.cross_entropy(logits_task_agnostic, y, reduction="none"),
-    ]
+    robust_pgd = ce.robust & targeted.robust
     robust_task_agnostic = correct & (logits_task_agnostic.argmax(dim=1) == y)
-    robust_attacked = robust_task_agnostic
-    for attack in attacks:
-        robust_attacked = robust_attacked & attack.robust
-    arrays |= {
-        Array.ADV_LOSS: torch.stack(losses).amax(dim=0),
-        Array.ROBUST_PGD: ce.robust & targeted.robust,
+    logits_adv = [ce.logits_adv, targeted.logits_adv, logits_task_agnostic]
+    robust_attacked = robust_task_agnostic & robust_pgd
+    if autoattack_rows is not None:
+        reference = _autoattack(model, ce, x, y, autoattack_rows & robust_pgd, settings, seed)
+        logits_adv.append(reference.attack.logits_adv)
+        robust_attacked = robust_attacked & reference.attack.robust
+        arrays |= {
+            Array.AUTOATTACKED: autoattack_rows,
+            Array.ROBUST_AUTOATTACK: autoattack_rows & robust_attacked,
+            Array.SQUARE_ONLY: reference.square_only,
+        }
+    losses = [F.cross_entropy(logits, y, reduction="none") for logits in logits_adv]
+    arrays |= sanity_arrays(model, x, margin_score(y), batch_size=settings.batch_size) | {
+        Array.ADV_LOSS: torch.stack([arrays[Array.CLEAN_LOSS], *losses]).amax(dim=0),
+        Array.ROBUST_PGD: robust_pgd,
         Array.ROBUST_TASK_AGNOSTIC: robust_task_agnostic,
         Array.ROBUST_ATTACKED: robust_attacked,
     }
-    if settings.autoattack:
-        arrays[Array.ROBUST_AUTOATTACK] = attacks[-1].robust
     margins = margin_lower_bounds(encoder, head, x, threat)
     if not isinstance(margins, Refusal):
         # The union of two sound certificates: never looser than the task-agnostic one.
@@ -277,7 +305,11 @@ def evaluate_regression(
     def mean_bound(radius: Tensor) -> Tensor:
         return bound(head, features, targets, radius).reshape(len(x), -1).mean(1)
 
-    arrays: Arrays = {
+    def loss_score(outputs: Tensor, rows: Tensor) -> Tensor:
+        per_target = regression_loss(outputs, targets[rows].to(outputs.device), loss)
+        return per_target.reshape(len(outputs), -1).sum(dim=1)
+
+    arrays: Arrays = sanity_arrays(model, x, loss_score, batch_size=settings.batch_size) | {
         Array.CLEAN_LOSS: attacked.loss,
         Array.ADV_LOSS: torch.stack([attacked.loss, attacked.loss_adv, task_agnostic]).amax(0),
         Array.SHIFT: shift[Array.SHIFT],

@@ -3,7 +3,16 @@ from the per-sample arrays of the store and nothing else."""
 
 from __future__ import annotations
 
-from ..schema import Array, Arrays, Field, Record, certificate_key, methods_in, per_method
+from ..schema import (
+    SANITY_CHECKS,
+    Array,
+    Arrays,
+    Field,
+    Record,
+    certificate_key,
+    methods_in,
+    per_method,
+)
 
 # Float tolerance when comparing a measured loss with a bound computed from it.
 _TOLERANCE = 1e-4
@@ -83,6 +92,29 @@ def _collapsed(arrays: Arrays) -> bool | None:
     return one_class and not bool((labels == labels[0]).all())
 
 
+def _autoattack(arrays: Arrays) -> Record:
+    """AutoAttack's robust accuracy on its subset, and how much it took off PGD's there."""
+    if Array.AUTOATTACKED not in arrays:
+        return {Field.AUTOATTACK_POINTS: None, Field.AUTOATTACK_ROBUST_ACC: None}
+    subset = arrays[Array.AUTOATTACKED]
+    points = int(subset.sum())
+    if points == 0:
+        return {Field.AUTOATTACK_POINTS: 0, Field.AUTOATTACK_ROBUST_ACC: None}
+    robust = float(arrays[Array.ROBUST_AUTOATTACK][subset].float().mean())
+    pgd = float(arrays[Array.ROBUST_PGD][subset].float().mean())
+    return {
+        Field.AUTOATTACK_POINTS: points,
+        Field.AUTOATTACK_ROBUST_ACC: robust,
+        Field.AUTOATTACK_GAP: pgd - robust,
+    }
+
+
+def _sanity(arrays: Arrays) -> dict[str, int]:
+    """The checks any point tripped, with how many points tripped each."""
+    counts = {str(name): int(arrays[name].sum()) for name in SANITY_CHECKS if name in arrays}
+    return {name: count for name, count in counts.items() if count}
+
+
 def aggregate(arrays: Arrays) -> Record:
     """The metrics of one evaluation unit (accuracies as fractions, None where not computed).
 
@@ -91,6 +123,9 @@ def aggregate(arrays: Arrays) -> Record:
     ``certified_loss_bound`` uses the tightest certified shift (a guarantee), and
     ``certified_*@METHOD`` each certifier's. ``certified_but_broken`` counts points
     certified yet broken by an attack: it must be 0, anything else is a bug.
+    ``autoattack_robust_acc`` is over the AutoAttack subset only (``autoattack_points``),
+    ``autoattack_gap`` PGD's robust accuracy there minus it; ``sanity_flags`` names the
+    sanity checks some point tripped.
     """
     methods = methods_in(arrays, Array.CERTIFIED_SHIFT)
     record: Record = {
@@ -98,7 +133,8 @@ def aggregate(arrays: Arrays) -> Record:
         Field.CLEAN_ACC: _mean(arrays, Array.CORRECT),
         Field.PGD_ROBUST_ACC: _mean(arrays, Array.ROBUST_PGD),
         Field.ATTACKED_ROBUST_ACC: _mean(arrays, Array.ROBUST_ATTACKED),
-        Field.AUTOATTACK_ROBUST_ACC: _mean(arrays, Array.ROBUST_AUTOATTACK),
+        **_autoattack(arrays),
+        Field.SANITY_FLAGS: _sanity(arrays),
         Field.TASK_AGNOSTIC_ROBUST_ACC: _mean(arrays, Array.ROBUST_TASK_AGNOSTIC),
         Field.PREDICTED_ROBUST_ACC: _mean(arrays, Array.PREDICTED_ROBUST),
         Field.CLEAN_LOSS: _mean(arrays, Array.CLEAN_LOSS),

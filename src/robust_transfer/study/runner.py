@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
+from ..attacks.reference import refusal as autoattack_refusal
 from ..bounds import weight_gap
 from ..certify import BEST
 from ..certify.lipschitz import proven_lipschitz
@@ -571,6 +572,19 @@ class StudyRun:
             self._models[key] = encoder, head, meta
         return self._models[key]
 
+    def _autoattack_rows(self, unit: Unit, ids: Tensor, y: Tensor) -> Tensor | None:
+        """The points of the unit's AutoAttack subset, if the plan covers it and its head
+        has the classes AutoAttack's targeted attacks need."""
+        plan = self.config.attack.autoattack
+        if plan is None or not plan.covers(unit.adaptation, unit.threat):
+            return None
+        test = self._split(unit.task).test
+        refused = autoattack_refusal(test.image_shape, len(test.classes), unit.threat)
+        if refused is not None:
+            self.log(f"{unit.task.name} at {unit.threat}: {refused}; not run")
+            return None
+        return plan.rows(ids).to(y.device)
+
     def _evaluate(self, unit: Unit, shard: Shard) -> None:
         group = (unit.task.name, unit.encoder, shard.index)
         if self._group is None or group[:2] != self._group[:2]:
@@ -621,6 +635,7 @@ class StudyRun:
                     seed=seed,
                     sample_ids=ids,
                     profile=profile,
+                    autoattack_rows=self._autoattack_rows(unit, ids, y),
                 )
         meta: dict[str, object] = {
             Meta.SECONDS: time.perf_counter() - start,
