@@ -466,23 +466,28 @@ def _task(
 
 def _autoattack_plan(value: object) -> AutoAttackPlan | None:
     """``attack.autoattack``: true (every unit and point), false, or a table that names
-    ``points``, ``adaptations`` and ``threats``."""
+    ``points``, ``tasks``, ``adaptations`` and ``threats``."""
     where = "attack.autoattack"
     if isinstance(value, bool):
         return AutoAttackPlan() if value else None
     table = _expect(value, dict, where, "true, false or a table")
     _unknown_keys(table, _field_names(AutoAttackPlan), where)
-    points = table.get("points")
-    adaptations = table.get("adaptations")
-    if adaptations is not None:
-        adaptations = tuple(
-            _expect(name, str, f"{where}.adaptations", "a list of adaptation names")
-            for name in _expect(adaptations, list, f"{where}.adaptations", "a list")
+
+    def names(key: str) -> tuple[str, ...] | None:
+        listed = table.get(key)
+        if listed is None:
+            return None
+        return tuple(
+            _expect(name, str, f"{where}.{key}", "a list of names")
+            for name in _expect(listed, list, f"{where}.{key}", "a list")
         )
+
+    points = table.get("points")
     threats = table.get("threats")
     return AutoAttackPlan(
         points=None if points is None else _positive_int(points, f"{where}.points"),
-        adaptations=adaptations,
+        tasks=names("tasks"),
+        adaptations=names("adaptations"),
         threats=None if threats is None else _threat_grid(threats, f"{where}.threats"),
     )
 
@@ -562,12 +567,14 @@ def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> Stud
                 f"certifier {method!r} is not among the study's certifiers ({', '.join(chosen)})",
             )
     plan = attack.autoattack
-    for name in () if plan is None or plan.adaptations is None else plan.adaptations:
-        if name not in adaptations:
-            raise _fail(
-                "attack.autoattack.adaptations",
-                f"unknown adaptation {name!r} (the study's: {', '.join(adaptations)})",
-            )
+    study_names = {"tasks": [task.name for task in tasks], "adaptations": list(adaptations)}
+    for key, known in study_names.items():
+        for name in () if plan is None else getattr(plan, key) or ():
+            if name not in known:
+                raise _fail(
+                    f"attack.autoattack.{key}",
+                    f"unknown {key[:-1]} {name!r} (the study's: {', '.join(known)})",
+                )
     cache = source.get("cache_dir")
     cache_dir = None if cache is None else base / _expect(cache, str, "cache_dir", "a path")
     return StudyConfig(

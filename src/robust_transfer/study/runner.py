@@ -576,7 +576,7 @@ class StudyRun:
         """The points of the unit's AutoAttack subset, if the plan covers it and its head
         has the classes AutoAttack's targeted attacks need."""
         plan = self.config.attack.autoattack
-        if plan is None or not plan.covers(unit.adaptation, unit.threat):
+        if plan is None or not plan.covers(unit.task.name, unit.adaptation, unit.threat):
             return None
         test = self._split(unit.task).test
         refused = autoattack_refusal(test.image_shape, len(test.classes), unit.threat)
