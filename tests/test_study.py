@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
 
 from robust_transfer import cli
+from robust_transfer.certify import base as certify_base
 from robust_transfer.data.tasks import get_task, stratified_sample
-from robust_transfer.errors import ResultsFormatError
+from robust_transfer.errors import ResultsFormatError, SoundnessError
 from robust_transfer.features import extract_features
 from robust_transfer.models import load_encoder, load_head
 from robust_transfer.pipeline import run_study
@@ -171,6 +172,10 @@ def test_reports_are_written(study: tuple[Path, dict[str, Any]]) -> None:
     assert "expected-vs-attacked" in markdown
     assert "## Task mnist-5-9" in markdown
     assert "## Regression task dsprites-latents" in markdown
+    assert "## Reference evaluation and sanity checks" in markdown
+    assert "AutoAttack did not run in this study" in markdown
+    certificates = markdown.split("## Certificates: task-agnostic vs head-specific")[1]
+    assert "the task-agnostic route certifies" in certificates.split("##")[0]
     images = re.findall(r"\]\((figures/[^)]+\.png)\)", markdown)
     assert len(images) >= 4
     for image in images:
@@ -465,3 +470,61 @@ def test_cli_transfer_runs_a_one_task_study_from_a_checkpoint(
     assert (record["task"], record["n"]) == ("transfer", 16)
     builtin_and_test = [*args, str(tmp_path / "x"), "--test-data", "task:mnist-5-9:test"]
     assert cli.main(builtin_and_test) == 2
+
+
+class _Unsound:
+    """A certifier that bounds every shift by 1e-3, far below what any attack finds."""
+
+    name = "unsound-for-test"
+    by_default = False
+
+    def certify(self, encoder: torch.nn.Module, x: torch.Tensor, threat: Any) -> torch.Tensor:
+        return torch.full((len(x),), 1e-3, device=x.device)
+
+
+def test_an_unsound_certificate_stops_the_run_loudly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(certify_base._REGISTRY, _Unsound.name, _Unsound())
+    config = parse_config(
+        {
+            "name": "unsound",
+            "eval_points": 20,
+            "radius_points": 20,
+            "certifiers": [_Unsound.name],
+            "attack": {"steps": 2, "targeted_restarts": 1, "representation_steps": 3},
+            "threats": {"Linf": ["1/10"]},
+            "encoders": {
+                "rand": {"protocol": "random", "pretrain_task": "mnist-5-9", "limit": 100}
+            },
+            "adaptations": {"lp": {"protocol": "linear-probe"}},
+            "tasks": [{"name": "mnist-5-9"}],
+        }
+    )
+    with pytest.raises(SoundnessError, match="unsound certificate in mnist-5-9 / rand / lp") as e:
+        run_study(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert "unsound-for-test's certified shift is below the attacked shift on 20 point" in str(
+        e.value
+    )
+    assert not list((tmp_path / "out").rglob("unit-shards/**/*.safetensors"))
+
+
+def test_soundness_violations_name_each_kind() -> None:
+    from robust_transfer.study.records import soundness_violations
+
+    sound = {
+        "shift": torch.tensor([1.0, 2.0]),
+        "certified_shift@ibp": torch.tensor([1.0, 2.5]),
+        "certified_robust@ibp": torch.tensor([True, False]),
+        "head_certified_robust": torch.tensor([True, False]),
+        "robust_attacked": torch.tensor([True, False]),
+    }
+    assert soundness_violations(sound) == []
+    broken = sound | {
+        "certified_shift@ibp": torch.tensor([0.5, 2.5]),
+        "head_certified_robust": torch.tensor([True, True]),
+    }
+    found = soundness_violations(broken)
+    assert len(found) == 2
+    assert "ibp's certified shift is below the attacked shift on 1 point(s)" in found[0]
+    assert "1 point(s) of head_certified_robust were broken" in found[1]

@@ -120,20 +120,23 @@ def test_the_autoattack_plan() -> None:
     assert plain.representation_method == "pgd+apgd"
     every = parse_config(_minimal() | {"attack": {"autoattack": True}}).attack.autoattack
     assert every is not None
-    assert every.covers("mnist-5-9", "lp", ThreatModel("L2", 3.0))
+    assert every.covers("mnist-5-9", "std", "lp", ThreatModel("L2", 3.0))
     assert every.rows(torch.tensor([0, 10_000])).all()
     table = {
         "points": 5,
         "tasks": ["mnist-5-9"],
+        "encoders": ["std"],
         "adaptations": ["lp"],
         "threats": {"Linf": ["1/10"]},
     }
     plan = parse_config(_minimal() | {"attack": {"autoattack": table}}).attack.autoattack
     assert plan is not None
-    assert plan.covers("mnist-5-9", "lp", ThreatModel("Linf", "1/10"))
-    assert not plan.covers("mnist-5-9", "lp", ThreatModel("Linf", "1/20"))
-    assert not plan.covers("mnist-5-9", "ft", ThreatModel("Linf", "1/10"))
-    assert not plan.covers("digits8x8-5-9", "lp", ThreatModel("Linf", "1/10"))
+    linf = ThreatModel("Linf", "1/10")
+    assert plan.covers("mnist-5-9", "std", "lp", linf)
+    assert not plan.covers("mnist-5-9", "std", "lp", ThreatModel("Linf", "1/20"))
+    assert not plan.covers("mnist-5-9", "std", "ft", linf)
+    assert not plan.covers("mnist-5-9", "adv", "lp", linf)
+    assert not plan.covers("digits8x8-5-9", "std", "lp", linf)
     assert plan.rows(torch.tensor([3, 4, 5, 6])).tolist() == [True, True, False, False]
     default = default_config().attack.autoattack
     assert default is not None
@@ -148,6 +151,7 @@ def test_the_autoattack_plan() -> None:
         ({"autoattack": {"adaptations": ["ft"]}}, "unknown adaptation 'ft'"),
         ({"autoattack": {"tasks": ["cifar10"]}}, r"autoattack\.tasks: unknown task 'cifar10'"),
         ({"autoattack": {"tasks": "mnist-5-9"}}, r"autoattack\.tasks: expected a list"),
+        ({"autoattack": {"encoders": ["adv"]}}, r"autoattack\.encoders: unknown encoder 'adv'"),
         ({"autoattack": {"threats": {"L3": [1]}}}, r"attack\.autoattack\.threats\.L3"),
         ({"autoattack": {"colour": 1}}, "unknown key"),
         ({"representation_method": "fgsm"}, r"representation_method: 'fgsm' is not one of"),

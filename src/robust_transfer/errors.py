@@ -40,3 +40,10 @@ class DataError(InputError):
 
 class ResultsFormatError(InputError):
     """Results written by another version of the results format."""
+
+
+class SoundnessError(RuntimeError):
+    """A certificate that an attack proved wrong: a certified shift below an attacked
+    one, or a point certified robust that an attack broke. Never the user's input but a
+    bug in a certifier, so it is not a :class:`RobustTransferError`: it keeps its
+    traceback and the run stops."""

@@ -15,18 +15,20 @@ from ..threat import ThreatModel
 class AutoAttackPlan:
     """Where a study runs AutoAttack "standard": on the first ``points`` evaluation
     points (every point when None) of the classification units whose task is one of
-    ``tasks``, adaptation one of ``adaptations`` and threat one of ``threats`` (every one
-    when None), and of those only on the points the study's PGD left robust (PGD has
-    already broken the rest)."""
+    ``tasks``, encoder one of ``encoders``, adaptation one of ``adaptations`` and threat
+    one of ``threats`` (every one when None), and of those only on the points the study's
+    PGD left robust (PGD has already broken the rest)."""
 
     points: int | None = None
     tasks: tuple[str, ...] | None = None
+    encoders: tuple[str, ...] | None = None
     adaptations: tuple[str, ...] | None = None
     threats: tuple[ThreatModel, ...] | None = None
 
-    def covers(self, task: str, adaptation: str, threat: ThreatModel) -> bool:
+    def covers(self, task: str, encoder: str, adaptation: str, threat: ThreatModel) -> bool:
         return (
             (self.tasks is None or task in self.tasks)
+            and (self.encoders is None or encoder in self.encoders)
             and (self.adaptations is None or adaptation in self.adaptations)
             and (self.threats is None or threat in self.threats)
         )

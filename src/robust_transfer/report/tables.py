@@ -51,6 +51,23 @@ EXPECTED_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
+# The two kinds of certificate side by side, with what attacks leave and how tight.
+CERTIFICATE_COLUMNS: tuple[tuple[str, str], ...] = (
+    (Field.ENCODER, "encoder"),
+    (Field.TASK, "task"),
+    (Field.ADAPTATION, "adaptation"),
+    (Field.THREAT, "threat"),
+    (Field.EPS, "eps"),
+    (Field.CLEAN_ACC, "clean"),
+    (Field.CERTIFIED_ROBUST_ACC, "task-agnostic cert."),
+    (Field.HEAD_CERTIFIED_ROBUST_ACC, "head-specific cert."),
+    (Field.ATTACKED_ROBUST_ACC, "attacked"),
+    (Field.CERTIFIED_TIGHTNESS, "cert./att. shift"),
+    (Field.CERTIFIERS, "certifiers"),
+    (Field.COLLAPSED_HEAD, "collapsed"),
+)
+
+
 # The reference evaluation: AutoAttack on the points PGD left robust, per unit.
 REFERENCE_COLUMNS: tuple[tuple[str, str], ...] = (
     (Field.ENCODER, "encoder"),

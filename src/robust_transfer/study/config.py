@@ -466,7 +466,7 @@ def _task(
 
 def _autoattack_plan(value: object) -> AutoAttackPlan | None:
     """``attack.autoattack``: true (every unit and point), false, or a table that names
-    ``points``, ``tasks``, ``adaptations`` and ``threats``."""
+    ``points``, ``tasks``, ``encoders``, ``adaptations`` and ``threats``."""
     where = "attack.autoattack"
     if isinstance(value, bool):
         return AutoAttackPlan() if value else None
@@ -487,6 +487,7 @@ def _autoattack_plan(value: object) -> AutoAttackPlan | None:
     return AutoAttackPlan(
         points=None if points is None else _positive_int(points, f"{where}.points"),
         tasks=names("tasks"),
+        encoders=names("encoders"),
         adaptations=names("adaptations"),
         threats=None if threats is None else _threat_grid(threats, f"{where}.threats"),
     )
@@ -567,7 +568,11 @@ def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> Stud
                 f"certifier {method!r} is not among the study's certifiers ({', '.join(chosen)})",
             )
     plan = attack.autoattack
-    study_names = {"tasks": [task.name for task in tasks], "adaptations": list(adaptations)}
+    study_names = {
+        "tasks": [task.name for task in tasks],
+        "encoders": list(encoders),
+        "adaptations": list(adaptations),
+    }
     for key, known in study_names.items():
         for name in () if plan is None else getattr(plan, key) or ():
             if name not in known:

@@ -82,6 +82,33 @@ def _certified_but_broken(arrays: Arrays, certified: str) -> int | None:
     return int((arrays[certified] & ~arrays[Array.ROBUST_ATTACKED]).sum())
 
 
+def soundness_violations(arrays: Arrays) -> list[str]:
+    """What one unit's arrays prove wrong with its certificates, one phrase each: a
+    certified shift below the attacked shift of the same point (beyond float rounding),
+    or a point certified robust, task-agnostically or for its head, that an attack broke."""
+    found = []
+    shift = arrays[Array.SHIFT].double()
+    for method in methods_in(arrays, Array.CERTIFIED_SHIFT):
+        bound = arrays[per_method(Array.CERTIFIED_SHIFT, method)].double()
+        below = shift > bound * (1 + _TOLERANCE) + _TOLERANCE
+        if below.any():
+            row = int(below.nonzero()[0, 0])
+            found.append(
+                f"{method}'s certified shift is below the attacked shift on "
+                f"{int(below.sum())} point(s) (the shard's row {row}: {float(bound[row]):.6g} < "
+                f"{float(shift[row]):.6g})"
+            )
+    certified = [
+        per_method(Array.CERTIFIED_ROBUST, method)
+        for method in methods_in(arrays, Array.CERTIFIED_ROBUST)
+    ]
+    for name in (Array.CERTIFIED_ROBUST, *certified, Array.HEAD_CERTIFIED_ROBUST):
+        broken = _certified_but_broken(arrays, name)
+        if broken:
+            found.append(f"{broken} point(s) of {name} were broken by an attack")
+    return found
+
+
 def _collapsed(arrays: Arrays) -> bool | None:
     """A classification head that predicts one class for every point of a task with
     several: its "robust" and "certified" accuracies are only the majority share."""

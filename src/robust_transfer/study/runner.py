@@ -33,7 +33,7 @@ from ..certify import BEST
 from ..certify.lipschitz import proven_lipschitz
 from ..data.sources import load_split
 from ..data.tasks import Split, get_task
-from ..errors import ConfigError
+from ..errors import ConfigError, SoundnessError
 from ..expected import (
     CurvatureSettings,
     EncoderProfile,
@@ -51,6 +51,7 @@ from ..training.adapt import adapt, train_regression_probe
 from ..training.pretrain import cached_pretrain
 from .config import AdaptationSpec, EncoderSpec, RadiusRule, StudyConfig, TaskKind, TaskSpec
 from .evaluate import attacked_shift, certified_shifts, evaluate_classification, evaluate_regression
+from .records import soundness_violations
 
 Log = Callable[[str], None]
 
@@ -576,7 +577,9 @@ class StudyRun:
         """The points of the unit's AutoAttack subset, if the plan covers it and its head
         has the classes AutoAttack's targeted attacks need."""
         plan = self.config.attack.autoattack
-        if plan is None or not plan.covers(unit.task.name, unit.adaptation, unit.threat):
+        if plan is None or not plan.covers(
+            unit.task.name, unit.encoder, unit.adaptation, unit.threat
+        ):
             return None
         test = self._split(unit.task).test
         refused = autoattack_refusal(test.image_shape, len(test.classes), unit.threat)
@@ -637,6 +640,14 @@ class StudyRun:
                     profile=profile,
                     autoattack_rows=self._autoattack_rows(unit, ids, y),
                 )
+        violations = soundness_violations(arrays)
+        if violations:
+            raise SoundnessError(
+                f"unsound certificate in {task.name} / {unit.encoder} / {unit.adaptation} / "
+                f"{threat}, points {shard.start}-{shard.stop}: {'; '.join(violations)}. A "
+                "certified bound that an attack beats is a bug in the certifier, not noise: "
+                "nothing of this unit was stored"
+            )
         meta: dict[str, object] = {
             Meta.SECONDS: time.perf_counter() - start,
             Meta.WEIGHT_GAP: float(weight_gap(head)),
