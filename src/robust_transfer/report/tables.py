@@ -89,6 +89,8 @@ def cell(value: object) -> str:
         return "yes" if value else "no"
     if isinstance(value, dict):
         return ", ".join(f"{key}: {cell(count)}" for key, count in value.items()) or "none"
+    if isinstance(value, list | tuple):
+        return ", ".join(cell(item) for item in value) or "none"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) >= 10 or value == 0 else f"{value:.3f}"
     return str(value)
