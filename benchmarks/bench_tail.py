@@ -20,25 +20,14 @@ import time
 from pathlib import Path
 
 import torch
+from _encoders import RESULTS, encoder_named
 from torch import Tensor, nn
 
 from robust_transfer import ThreatModel, attack_representation
 from robust_transfer.data.tasks import get_task
 from robust_transfer.study.config import default_config
-from robust_transfer.training.pretrain import cached_pretrain
 
-RESULTS = Path(__file__).resolve().parent / "results"
-CACHE = Path(__file__).resolve().parent / ".cache"
 THREATS = (ThreatModel("Linf", 0.1), ThreatModel("L2", 1.0))
-
-
-def encoder_named(name: str) -> nn.Module:
-    spec = default_config().encoders[name]
-    assert spec.pretrain is not None
-    assert spec.pretrain_task is not None
-    pretrain = get_task(spec.pretrain_task).pretrain
-    assert pretrain is not None
-    return cached_pretrain(spec.pretrain, pretrain.train, CACHE).encoder.eval()
 
 
 def held_out_points(points: int) -> Tensor:
@@ -64,14 +53,14 @@ def tail(ratio: Tensor) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--points", type=int, default=100)
     parser.add_argument("--encoders", default="standard,adversarial,simclr,random")
     parser.add_argument("--reference-steps", type=int, default=500)
     parser.add_argument("--reference-restarts", type=int, default=10)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_tail")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     budget = default_config().attack
     steps, restarts = budget.representation_steps, budget.representation_restarts
@@ -158,6 +147,7 @@ def main() -> None:
         f"`--points {args.points} --encoders {args.encoders}`",
     ]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return report
 
 
 if __name__ == "__main__":
