@@ -5,7 +5,17 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Encoders pretrained here go to the test's folder, not the benchmarks' cache."""
+    import _encoders
+
+    monkeypatch.setattr(_encoders, "CACHE", tmp_path / "cache")
 
 
 def test_the_tail_benchmark_runs_small(tmp_path: Path) -> None:

@@ -79,11 +79,13 @@ def test_study_evaluation_folds_autoattack_into_the_attacked_accuracy() -> None:
     arrays = evaluate_classification(
         encoder, head, x, y, threat, shift, settings, seed=0, autoattack_rows=every
     )
-    assert torch.equal(arrays["robust_attacked"], arrays["robust_autoattack"])
+    # The reference is PGD then AutoAttack; the attacked accuracy adds the task-agnostic
+    # perturbations on top.
+    assert not (arrays["robust_attacked"] & ~arrays["robust_autoattack"]).any()
     assert not (arrays["robust_autoattack"] & ~arrays["robust_pgd"]).any()
     record = aggregate(arrays)
     assert record["autoattack_points"] == 30
-    assert record["attacked_robust_acc"] == record["autoattack_robust_acc"]
+    assert record["attacked_robust_acc"] <= record["autoattack_robust_acc"]  # type: ignore[operator]
     assert record["autoattack_gap"] == pytest.approx(
         record["pgd_robust_acc"] - record["autoattack_robust_acc"]  # type: ignore[operator]
     )

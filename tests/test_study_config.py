@@ -154,6 +154,8 @@ def test_the_autoattack_plan() -> None:
         ({"autoattack": {"encoders": ["adv"]}}, r"autoattack\.encoders: unknown encoder 'adv'"),
         ({"autoattack": {"threats": {"L3": [1]}}}, r"attack\.autoattack\.threats\.L3"),
         ({"autoattack": {"colour": 1}}, "unknown key"),
+        ({"autoattack": {"threats": {"Linf": ["1/20"]}}}, r"Linf\(eps=0.05\) is in no task's"),
+        ({"autoatack": {"points": 5}}, r"attack\.autoatack: unknown key"),
         ({"representation_method": "fgsm"}, r"representation_method: 'fgsm' is not one of"),
     ],
 )

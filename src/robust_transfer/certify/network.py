@@ -338,6 +338,13 @@ def _ops(module: nn.Module) -> list[Op] | Refusal:
     return _leaf(module)
 
 
+def ops_of(module: nn.Module) -> list[Op] | Refusal:
+    """``module`` as a chain of ops on its live parameters (intervals through them are
+    differentiable: certified training uses them), or why it cannot be read. Unchecked:
+    :func:`decompose` also checks the chain against the module's output."""
+    return _ops(module)
+
+
 @dataclass(frozen=True)
 class Decomposed:
     """An encoder as ops, and its flattened output on the points it was checked on (the

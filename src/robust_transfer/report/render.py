@@ -168,15 +168,21 @@ def _reference_section(records: Sequence[Record]) -> tuple[str, str, list[str]]:
 def _certificate_section(classification: Sequence[Record]) -> tuple[str, str, list[str]]:
     """Task-agnostic (a bound on the shift, for every head) against head-specific (CROWN
     on this head's margins) certified accuracy: what the paper's route gives up."""
-    rows = [r for r in classification if r.get(Field.HEAD_CERTIFIED_ROBUST_ACC) is not None]
+    rows = [
+        r
+        for r in classification
+        if r.get(Field.HEAD_CERTIFIED_ROBUST_ACC) is not None
+        and r.get(Field.CERTIFIED_ROBUST_ACC) is not None
+    ]
     if not rows:
         return (
             "Certificates",
-            "No unit has a head-specific certificate (no certifier reads these encoders).",
+            "No unit has both a task-agnostic and a head-specific certificate (no "
+            "certifier reads these encoders).",
             [],
         )
     given_up = [
-        float(r[Field.HEAD_CERTIFIED_ROBUST_ACC]) - float(r[Field.CERTIFIED_ROBUST_ACC] or 0.0)  # type: ignore[arg-type]
+        float(r[Field.HEAD_CERTIFIED_ROBUST_ACC]) - float(r[Field.CERTIFIED_ROBUST_ACC])  # type: ignore[arg-type]
         for r in rows
     ]
     worst = max(range(len(rows)), key=given_up.__getitem__)
@@ -184,7 +190,7 @@ def _certificate_section(classification: Sequence[Record]) -> tuple[str, str, li
         r
         for r in rows
         if float(r[Field.HEAD_CERTIFIED_ROBUST_ACC]) > 0  # type: ignore[arg-type]
-        or float(r[Field.CERTIFIED_ROBUST_ACC] or 0.0) > 0  # type: ignore[arg-type]
+        or float(r[Field.CERTIFIED_ROBUST_ACC]) > 0  # type: ignore[arg-type]
     ]
     tight = sorted(
         float(r[Field.CERTIFIED_TIGHTNESS])  # type: ignore[arg-type]

@@ -494,6 +494,7 @@ def _autoattack_plan(value: object) -> AutoAttackPlan | None:
 
 
 def _attack(table: Mapping[str, Any]) -> AttackSettings:
+    _unknown_keys(table, _field_names(AttackSettings), "attack")
     values = dict(table)
     for key, value in table.items():
         if key == "autoattack":
@@ -580,6 +581,13 @@ def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> Stud
                     f"attack.autoattack.{key}",
                     f"unknown {key[:-1]} {name!r} (the study's: {', '.join(known)})",
                 )
+    grid = {threat for task in tasks for threat in task.threats}
+    for threat in () if plan is None else plan.threats or ():
+        if threat not in grid:
+            raise _fail(
+                "attack.autoattack.threats",
+                f"{threat} is in no task's threat grid: the plan would cover no unit",
+            )
     cache = source.get("cache_dir")
     cache_dir = None if cache is None else base / _expect(cache, str, "cache_dir", "a path")
     return StudyConfig(

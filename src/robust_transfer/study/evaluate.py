@@ -241,7 +241,8 @@ def evaluate_classification(
         robust_attacked = robust_attacked & reference.attack.robust
         arrays |= {
             Array.AUTOATTACKED: autoattack_rows,
-            Array.ROBUST_AUTOATTACK: autoattack_rows & robust_attacked,
+            # PGD, then AutoAttack: what the reference leaves of PGD's robust points.
+            Array.ROBUST_AUTOATTACK: autoattack_rows & robust_pgd & reference.attack.robust,
             Array.SQUARE_ONLY: reference.square_only,
         }
     losses = [F.cross_entropy(logits, y, reduction="none") for logits in logits_adv]

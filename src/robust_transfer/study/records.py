@@ -121,12 +121,13 @@ def _collapsed(arrays: Arrays) -> bool | None:
 
 def _autoattack(arrays: Arrays) -> Record:
     """AutoAttack's robust accuracy on its subset, and how much it took off PGD's there."""
+    none: Record = {Field.AUTOATTACK_ROBUST_ACC: None, Field.AUTOATTACK_GAP: None}
     if Array.AUTOATTACKED not in arrays:
-        return {Field.AUTOATTACK_POINTS: None, Field.AUTOATTACK_ROBUST_ACC: None}
+        return {Field.AUTOATTACK_POINTS: None} | none
     subset = arrays[Array.AUTOATTACKED]
     points = int(subset.sum())
     if points == 0:
-        return {Field.AUTOATTACK_POINTS: 0, Field.AUTOATTACK_ROBUST_ACC: None}
+        return {Field.AUTOATTACK_POINTS: 0} | none
     robust = float(arrays[Array.ROBUST_AUTOATTACK][subset].float().mean())
     pgd = float(arrays[Array.ROBUST_PGD][subset].float().mean())
     return {

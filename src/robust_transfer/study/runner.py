@@ -645,8 +645,9 @@ class StudyRun:
             raise SoundnessError(
                 f"unsound certificate in {task.name} / {unit.encoder} / {unit.adaptation} / "
                 f"{threat}, points {shard.start}-{shard.stop}: {'; '.join(violations)}. A "
-                "certified bound that an attack beats is a bug in the certifier, not noise: "
-                "nothing of this unit was stored"
+                "certified bound that an attack beats is a bug in the certifier, not noise. "
+                "This shard was not stored, but the certificates were: after fixing the "
+                "certifier, rerun into a new --out folder"
             )
         meta: dict[str, object] = {
             Meta.SECONDS: time.perf_counter() - start,

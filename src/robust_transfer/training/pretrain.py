@@ -1,5 +1,5 @@
 """Pretraining protocols: standard, adversarial (PGD), TRADES, SimCLR, adversarial
-contrastive, Lipschitz-margin, and the untrained floor.
+contrastive, Lipschitz-margin, certified (IBP), and the untrained floor.
 
 Every protocol is seeded (same seed, same weights on the CPU), shuffles with its own
 generator, and returns a built-in :class:`~robust_transfer.models.Encoder`.
@@ -25,7 +25,9 @@ from ..atomic import remove_leftovers, waited_for
 from ..attacks import attack_classifier
 from ..attacks.engine import AscentSettings, maximize
 from ..bounds import certify, worst_case_cross_entropy
+from ..certify.base import Refusal
 from ..certify.lipschitz import lipschitz_shift, proven_lipschitz
+from ..certify.network import chain_interval, ops_of
 from ..checks import parse_choice
 from ..data.dataset import ImageDataset
 from ..errors import InputError, InputTypeError
@@ -46,6 +48,7 @@ class PretrainProtocol(StrEnum):
     SIMCLR = "simclr"
     ADVERSARIAL_CONTRASTIVE = "adversarial-contrastive"
     LIPSCHITZ = "lipschitz"
+    IBP = "ibp"
     RANDOM = "random"
 
 
@@ -54,6 +57,7 @@ _NEEDS_THREAT = {
     PretrainProtocol.TRADES,
     PretrainProtocol.ADVERSARIAL_CONTRASTIVE,
     PretrainProtocol.LIPSCHITZ,
+    PretrainProtocol.IBP,
 }
 
 
@@ -261,6 +265,48 @@ def _lipschitz_margin_loss(radius: float) -> ModelLoss:
     return loss
 
 
+def _ibp_margins(model: Classifier, x: Tensor, y: Tensor, eps: float) -> Tensor:
+    """Per sample and class ``j``, the interval bound on ``z_j - z_y`` over the box
+    ``[x - eps, x + eps] ∩ [0, 1]`` (which holds the threat set of either norm), through
+    the encoder and the head's class differences; 0 at ``j = y``. Differentiable."""
+    ops = ops_of(model.encoder)
+    if isinstance(ops, Refusal):
+        raise InputError(f"IBP training cannot read the encoder: {ops.reason}")
+    lower, upper = chain_interval(ops, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1))
+    lower, upper = lower.flatten(1), upper.flatten(1)
+    centre, radius = (upper + lower) / 2, (upper - lower) / 2
+    weight, bias = model.head.weight, model.head.bias
+    differences = weight[None, :, :] - weight[y][:, None, :]  # (N, K, features): w_j - w_y
+    return (
+        torch.einsum("nkf,nf->nk", differences, centre)
+        + torch.einsum("nkf,nf->nk", differences.abs(), radius)
+        + (bias[None, :] - bias[y][:, None])
+    )
+
+
+def _ibp_loss(config: PretrainConfig, steps: int) -> ModelLoss:
+    """IBP training (Gowal et al., 2018): ``k CE(z, y) + (1 - k) CE(ztilde, y)`` with
+    ``ztilde`` the interval bounds of :func:`_ibp_margins` at radius ``e``. As IBP needs
+    to stay stable (its bounds explode on an untrained network, and the head then
+    collapses to a constant): the first quarter of the steps trains on clean inputs,
+    the next half ramps ``e`` from 0 to eps and ``k`` from 1 to 1/2, the last quarter
+    holds them. Short schedules still collapse: give it at least ten epochs of a few
+    thousand images."""
+    threat = _threat(config)
+    done = [0]
+
+    def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        if not isinstance(model, Classifier):
+            raise InputTypeError("IBP training trains a Classifier")
+        ramp = min(1.0, max(0.0, (done[0] - steps / 4) / max(1.0, steps / 2)))
+        done[0] += 1
+        worst = _ibp_margins(model, x, y, ramp * threat.eps)
+        kappa = 1.0 - ramp / 2
+        return kappa * F.cross_entropy(model(x), y) + (1 - kappa) * F.cross_entropy(worst, y)
+
+    return loss
+
+
 def _train(
     model: nn.Module, data: ImageDataset, config: PretrainConfig, loss: ModelLoss, progress: bool
 ) -> float:
@@ -320,6 +366,9 @@ def pretrain(
         PretrainProtocol.ADVERSARIAL: lambda: _adversarial_loss(config),
         PretrainProtocol.TRADES: lambda: _trades_loss(config),
         PretrainProtocol.LIPSCHITZ: lambda: _lipschitz_margin_loss(radius),
+        PretrainProtocol.IBP: lambda: _ibp_loss(
+            config, config.epochs * -(-len(data) // config.batch_size)
+        ),
     }
     contrastive: dict[PretrainProtocol, Callable[[], ModelLoss]] = {
         PretrainProtocol.SIMCLR: lambda: _simclr_loss(config),
@@ -338,6 +387,11 @@ def pretrain(
                 shift = torch.full((len(features),), radius, device=device)
                 certified = correct & certify(model.head, features, shift)
             metrics["train_certified_acc"] = float(certified.float().mean())
+        if config.protocol is PretrainProtocol.IBP:
+            with torch.no_grad():
+                margins = _ibp_margins(model.eval(), probe_x, probe_y, _threat(config).eps)
+                margins.scatter_(1, probe_y.view(-1, 1), float("-inf"))
+            metrics["train_certified_acc"] = float((margins < 0).all(dim=1).float().mean())
     elif config.protocol in contrastive:
         wrapper = _Contrastive(encoder).to(device)
         metrics["final_loss"] = _train(
