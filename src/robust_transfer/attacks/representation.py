@@ -27,7 +27,8 @@ def maximize_both(
 ) -> AscentResult:
     """PGD and APGD, each with the whole budget, and per row the larger objective: PGD's
     annealed step and APGD's adaptive one get stuck at different points, so the pair
-    lifts the tail of the shift more than either with twice the steps."""
+    lifts the tail of the shift over either alone (benchmarks/results/bench_tail.md: at
+    the same cost, PGD with twice the restarts does about as well)."""
     found = [
         engine(
             objective, x, threat, settings, noise, rerun_successful=rerun_successful, start=start
