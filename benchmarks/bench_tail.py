@@ -3,8 +3,9 @@
 The criterion and the expected robust accuracy are per sample, so a shift that falls
 short on a few points matters even when the median is right. For built-in encoders
 (pretrained as the default study pretrains them) and one eps per threat model, the
-study's representation attack at the default study's budget (PGD, APGD, both, and PGD
-with both's cost) is compared with a reference: 10 restarts of 500-step APGD and 10
+representation attack at the default study's budget (PGD, APGD, both, and PGD with
+both's cost) and at the library's default budget (``AttackSettings()``, twice the
+study's) is compared with a reference: 10 restarts of 500-step APGD and 10
 of 500-step PGD, per sample the largest shift any run found. Reported per setting: the
 median, 5th percentile and minimum of shift / reference, and each method's time.
 
@@ -23,7 +24,7 @@ import torch
 from _encoders import RESULTS, encoder_named
 from torch import Tensor, nn
 
-from robust_transfer import ThreatModel, attack_representation
+from robust_transfer import AttackSettings, ThreatModel, attack_representation
 from robust_transfer.data.tasks import get_task
 from robust_transfer.study.config import default_config
 
@@ -62,14 +63,21 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_tail")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    budget = default_config().attack
-    steps, restarts = budget.representation_steps, budget.representation_restarts
+    study, library = default_config().attack, AttackSettings()
+    steps, restarts = study.representation_steps, study.representation_restarts
     budget_name = f"{steps} steps x {restarts}"
+    # (method, steps, restarts) per label
     methods = {
-        f"pgd {budget_name}": ("pgd", restarts),
-        f"apgd {budget_name}": ("apgd", restarts),
-        f"pgd+apgd {budget_name} (the study's)": ("pgd+apgd", restarts),
-        f"pgd {steps} steps x {2 * restarts} (same cost)": ("pgd", 2 * restarts),
+        f"pgd {budget_name}": ("pgd", steps, restarts),
+        f"apgd {budget_name}": ("apgd", steps, restarts),
+        f"pgd+apgd {budget_name} (the default study's)": ("pgd+apgd", steps, restarts),
+        f"pgd {steps} steps x {2 * restarts} (same cost)": ("pgd", steps, 2 * restarts),
+        f"pgd+apgd {library.representation_steps} steps x {library.representation_restarts} "
+        "(the library default)": (
+            library.representation_method,
+            library.representation_steps,
+            library.representation_restarts,
+        ),
     }
     x = held_out_points(args.points)
     rows = []
@@ -77,8 +85,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         encoder = encoder_named(name)
         for threat in THREATS:
             found = {
-                label: shift(encoder, x, threat, method, steps, method_restarts)
-                for label, (method, method_restarts) in methods.items()
+                label: shift(encoder, x, threat, method, method_steps, method_restarts)
+                for label, (method, method_steps, method_restarts) in methods.items()
             }
             reference = torch.stack(
                 [

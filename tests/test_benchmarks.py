@@ -38,7 +38,7 @@ def test_the_tail_benchmark_runs_small(tmp_path: Path) -> None:
     )
     rows = report["rows"]
     assert isinstance(rows, list)
-    assert len(rows) == 2 * 4  # two threats, four methods
+    assert len(rows) == 2 * 5  # two threats, five budgets
     # The reference includes every method's own shift: no ratio can exceed 1.
     assert all(0 < row["min"] <= row["median"] <= 1 + 1e-9 for row in rows)
     assert json.loads(out.with_suffix(".json").read_text())["points"] == 4
