@@ -26,8 +26,12 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
+# About 25 minutes on 2 cores; bench_expected.py and bench_scale.py (30 min and more)
+# run on their own.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_attack.py
+	$(BIN)/python benchmarks/bench_tail.py --encoders standard,adversarial,simclr
+	$(BIN)/python benchmarks/bench_certify.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
