@@ -47,7 +47,7 @@ class Array(StrEnum):
     ROBUST_PGD = "robust_pgd"  # no PGD attack broke the point
     ROBUST_TASK_AGNOSTIC = "robust_task_agnostic"  # the representation attack's point did not
     ROBUST_ATTACKED = "robust_attacked"  # no attack at all broke it
-    ROBUST_AUTOATTACK = "robust_autoattack"  # in the AutoAttack subset, and no attack broke it
+    ROBUST_AUTOATTACK = "robust_autoattack"  # in the AutoAttack subset; PGD and it failed
     PREDICTED_ROBUST = "predicted_robust"  # the criterion with the attacked shift
     CERTIFIED_SHIFT = "certified_shift"  # an upper bound on the worst shift
     CERTIFIED_LOSS_BOUND = "certified_loss_bound"  # Result 1 with a certified shift

@@ -216,8 +216,9 @@ def evaluate_classification(
     ``head_certified_robust`` (where CROWN reads the encoder) certifies this head's
     margins directly, or takes the task-agnostic certificate where that is tighter.
     AutoAttack runs on the ``autoattack_rows`` (a mask) that PGD left robust:
-    ``robust_autoattack`` marks those no attack broke, ``square_only`` those only Square
-    did. The sanity arrays (:func:`~robust_transfer.sanity.sanity_arrays`) come with it.
+    ``robust_autoattack`` marks the subset's points neither PGD nor AutoAttack broke,
+    ``square_only`` those only Square did. The sanity arrays
+    (:func:`~robust_transfer.sanity.sanity_arrays`) come with it.
     """
     head = head.to(x.device).eval()
     model = nn.Sequential(encoder, head).eval()
