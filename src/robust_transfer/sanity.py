@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .attacks.classifier import margin_loss
 from .attacks.common import batches
 from .runtime import eval_mode, model_device
 from .schema import Array, Arrays
@@ -33,10 +34,7 @@ def margin_score(y: Tensor) -> Score:
     model's does (cross-entropy's also vanishes where softmax saturates)."""
 
     def score(logits: Tensor, rows: Tensor) -> Tensor:
-        labels = y[rows].to(logits.device).view(-1, 1)
-        true = logits.gather(1, labels).squeeze(1)
-        others = logits.scatter(1, labels, float("-inf"))
-        return others.amax(dim=1) - true
+        return margin_loss(logits, y[rows].to(logits.device))
 
     return score
 

@@ -26,7 +26,7 @@ def _cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
-def _margin(logits: Tensor, y: Tensor) -> Tensor:
+def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
     """``max_{j != y} z_j - z_y`` (Carlini-Wagner): positive exactly when ``y`` is not predicted."""
     true = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.scatter(1, y[:, None], -torch.inf)
@@ -53,7 +53,7 @@ def _runner_up_targets(logits: Tensor, y: Tensor, restart: int) -> Tensor:
 
 _LOSSES: dict[ClassifierLoss, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
     ClassifierLoss.CE: lambda logits, y, _target: _cross_entropy(logits, y),
-    ClassifierLoss.MARGIN: lambda logits, y, _target: _margin(logits, y),
+    ClassifierLoss.MARGIN: lambda logits, y, _target: margin_loss(logits, y),
     ClassifierLoss.TARGETED: _targeted_margin,
 }
 
