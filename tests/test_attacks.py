@@ -153,6 +153,31 @@ def test_classifier_attack_margin_finds_what_ce_finds() -> None:
     assert abs(ce.robust_accuracy - margin.robust_accuracy) < 0.05
 
 
+def test_stopping_at_success_and_given_starts() -> None:
+    """Stopping a point at its first success changes which broken point is kept, never
+    whether it broke; a given start is where the first restart begins."""
+    model = nn.Sequential(cnn_encoder(), nn.Linear(12, 4)).eval()
+    x = torch.rand(64, 1, 12, 12)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    threat = ThreatModel("Linf", 0.05)
+    full = attack_classifier(model, x, y, threat, steps=10, loss="margin")
+    stopped = attack_classifier(model, x, y, threat, steps=10, loss="margin", stop_at_success=True)
+    assert torch.equal(full.robust, stopped.robust)
+    assert 0 < int(full.robust.sum()) < len(x)
+    _inside_box_and_ball(x, stopped.x_adv, threat)
+    # Starting every point at a point already broken: one iterate decides it.
+    starts = (x + threat.eps * torch.sign(torch.randn_like(x))).clamp(0, 1)
+    with torch.no_grad():
+        broken_at_start = model(starts).argmax(1) != y
+    started = attack_classifier(
+        model, x, y, threat, steps=1, loss="margin", starts=starts, stop_at_success=True
+    )
+    assert not bool((started.robust & broken_at_start).any())
+    with pytest.raises(ValueError, match="starts"):
+        attack_classifier(model, x, y, threat, starts=starts[:3])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

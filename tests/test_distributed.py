@@ -127,8 +127,8 @@ def test_single_step_commands_refuse_torchrun(tmp_path: Path) -> None:
 
 
 def test_shard_size_changes_no_record(tmp_path: Path) -> None:
-    """Per-sample random starts and the curvature's directions from training points:
-    how the points are cut into shards leaves every number as it was (up to float
+    """Per-sample random starts, and refinements started at each point's own first-order
+    worst case: how the points are cut into shards leaves every number as it was (up to float
     summation order across batch compositions)."""
     source = tomllib.loads(CONFIG)
     del source["encoders"]["std"]  # pretraining is not what this is about

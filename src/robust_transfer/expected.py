@@ -10,25 +10,25 @@ the threat set and the box, with ``g_j = J(x)^T (w_yhat - w_j)``: arithmetic on 
 stored rows, exact per threat model (:mod:`robust_transfer.first_order`).
 
 First order misses curvature: where the encoder bends, an attack moves the features
-further than the linearisation says (a SimCLR encoder here), or less where they
-saturate (large ``L2`` radii). The profile measures that once per threat, label- and
-head-free: along the top principal directions of the features (where heads put their
-weights), both signs, a short ascent of ``u^T f(x')`` started from the first-order
-optimum gives the real gain, and the per-sample median of real over first-order gain
-scales every head's first-order drops.
+further than the linearisation says (a SimCLR encoder here, 8x8 digits at large radii),
+or less where they saturate (large ``L2`` radii, normalisation layers). Per head and
+threat, the points near the boundary by first order's account (a drop between half and
+1.5 times the margin) are refined: a short PGD on the head's margin loss, started at the
+first-order worst point of their most threatened class, decides them. Points far from
+the boundary either way keep the first-order answer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from . import first_order
-from .attacks.common import ascend_in_batches, check_attack_args
-from .attacks.engine import Objective
-from .checks import check_images, check_labels, check_positive_int
+from .attacks.classifier import attack_classifier
+from .checks import check_images, check_labels
 from .errors import InputError, InputTypeError
 from .features import extract_features
 from .runtime import eval_mode, model_device
@@ -43,23 +43,29 @@ _SPAN_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
-class CurvatureSettings:
-    """The once-per-threat curvature measurement: ``directions`` top principal
-    directions of the features (each with both signs), ``steps`` ascent steps each."""
+class RefineSettings:
+    """Which points of a head are refined, and how: those whose largest first-order drop
+    is between ``band[0]`` and ``band[1]`` times its margin (first order calls the point
+    robust below 1) get ``steps`` PGD steps of the margin loss; ``steps=0`` trusts first
+    order everywhere."""
 
-    directions: int = 2
-    steps: int = 5
-    seed: int = 0
+    steps: int = 10
+    band: tuple[float, float] = (0.5, 1.5)
 
     def __post_init__(self) -> None:
-        check_positive_int(self.directions, "curvature directions")
-        check_positive_int(self.steps, "curvature steps")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise InputError(f"refine steps must be a non-negative integer, got {self.steps!r}")
+        low, high = self.band
+        if not 0.0 <= low <= 1.0 <= high:
+            raise InputError(
+                f"the refine band must hold 1 (0 <= low <= 1 <= high), got {self.band!r}"
+            )
 
 
 @dataclass(frozen=True)
 class HeadDrops:
     """A head on the profiled points: its prediction, and per class ``j`` the margin
-    ``m_j`` (0 at the predicted class), its corrected first-order drop (0 there too) and
+    ``m_j`` (0 at the predicted class), its first-order drop (0 there too) and
     ``w_yhat - w_j`` in the profile's orthonormal basis (N, C, r)."""
 
     prediction: Tensor
@@ -78,9 +84,7 @@ class EncoderProfile:
     """What :func:`profile_encoder` measured; heads and threats are given later.
 
     ``rows`` holds ``Q^T J(x)`` (N, r, d) for the orthonormal columns of ``basis``
-    (k, r). ``curvature`` caches the per-sample factor of each threat measured so far;
-    ``principal`` (m, k) are the feature directions it probes, by default the top
-    principal directions of ``features``.
+    (k, r).
     """
 
     encoder: nn.Module
@@ -88,11 +92,9 @@ class EncoderProfile:
     features: Tensor
     basis: Tensor
     rows: Tensor
-    settings: CurvatureSettings = CurvatureSettings()
+    refine: RefineSettings = RefineSettings()
     batch_size: int = 256
-    curvature: dict[ThreatModel, Tensor] = field(default_factory=dict)
     backward_passes: int = 0
-    principal: Tensor | None = None
 
     @property
     def flat_x(self) -> Tensor:
@@ -126,7 +128,7 @@ class EncoderProfile:
         self.backward_passes += added.shape[1]
 
     def head_drops(self, head: nn.Linear, threat: ThreatModel) -> HeadDrops:
-        """Margins and corrected first-order drops of ``head`` on the profiled points."""
+        """Margins and first-order drops of ``head`` on the profiled points."""
         if not isinstance(threat, ThreatModel):
             raise InputTypeError(f"threat must be a ThreatModel, got {type(threat).__name__}")
         _check_head(head, self.features.shape[1])
@@ -143,94 +145,67 @@ class EncoderProfile:
             part = slice(start, start + chunk)
             g = torch.einsum("ncr,nrd->ncd", coefficients[part], self.rows[part])
             drops[part] = first_order.drop(g, self.flat_x[part, None, :], threat)
-        factor = self.curvature_factor(threat)[:, None]
-        return HeadDrops(prediction, margins, drops * factor, coefficients)
+        return HeadDrops(prediction, margins, drops, coefficients)
 
     def directional_shift(self, head: nn.Linear, threat: ThreatModel) -> Tensor:
-        """Per sample: the largest (corrected first-order) shift of the features along a
+        """Per sample: the largest first-order shift of the features along a
         unit class-difference direction ``(w_yhat - w_j) / ||w_yhat - w_j||`` of the head,
         the part of the total shift the head can feel."""
         return self.head_drops(head, threat).directional_shift()
 
     def expected_robust(
-        self, head: nn.Linear, y: Tensor, threat: ThreatModel, *, check: bool = True
+        self, head: nn.Linear, y: Tensor, threat: ThreatModel, *, refine: bool = True
     ) -> Tensor:
         """Per sample: the head is expected to classify every point of ``B(x)`` as ``y``.
 
-        With ``check`` (one forward pass of the encoder per call, no backward pass), each
-        point expected robust is also tried at the first-order worst point for its most
-        threatened class; a point misclassified there is not robust, whatever the
-        estimate said (encoders whose features saturate fool first order most).
+        With ``refine``, the points near the boundary by first order's account (see
+        :class:`RefineSettings`) are attacked briefly from their first-order worst point
+        and robust exactly when that attack fails. This costs a few forward and backward
+        passes of those points only.
         """
-        return self._expected(self.head_drops(head, threat), head, y, threat, check=check)
+        return self._expected(self.head_drops(head, threat), head, y, threat, refine=refine)
 
     def assess(self, head: nn.Linear, y: Tensor, threat: ThreatModel) -> tuple[Tensor, Tensor]:
-        """:meth:`expected_robust` (checked) and :meth:`directional_shift` from one pass
+        """:meth:`expected_robust` (refined) and :meth:`directional_shift` from one pass
         over the head's drops."""
         drops = self.head_drops(head, threat)
-        return self._expected(drops, head, y, threat, check=True), drops.directional_shift()
+        return self._expected(drops, head, y, threat, refine=True), drops.directional_shift()
 
     def _expected(
-        self, drops: HeadDrops, head: nn.Linear, y: Tensor, threat: ThreatModel, *, check: bool
+        self, drops: HeadDrops, head: nn.Linear, y: Tensor, threat: ThreatModel, *, refine: bool
     ) -> Tensor:
         margins, prediction = drops.margins, drops.prediction
         y = check_labels(y, len(margins), num_classes=margins.shape[1]).to(margins.device)
         own = nn.functional.one_hot(prediction, margins.shape[1]).bool()
-        robust = (prediction == y) & ((margins > drops.drops) | own).all(dim=1)
-        if check and bool(robust.any()):
-            rows = robust.nonzero().flatten()
-            slack = torch.where(own, torch.inf, margins - drops.drops)[rows]
-            picked = drops.coefficients[rows, slack.argmin(dim=1)]  # (R, r)
-            g = torch.einsum("nr,nrd->nd", picked, self.rows[rows])
-            _, delta = first_order.optimum(g, self.flat_x[rows], threat)
-            x_worst = (self.flat_x[rows] + delta).clamp(0.0, 1.0).view(-1, *self.x.shape[1:])
-            features = extract_features(self.encoder, x_worst, batch_size=self.batch_size)
-            with torch.no_grad():
-                logits = head(features.to(head.weight.device))
-            robust[rows] = logits.argmax(dim=1).to(y.device) == y[rows]
-        return robust
-
-    def curvature_factor(self, threat: ThreatModel) -> Tensor:
-        """Per sample: the median over the probe directions of the real gain an ascent
-        finds over the first-order gain (1 where first order predicts no gain)."""
-        cached = self.curvature.get(threat)
-        if cached is None:
-            cached = self._measure_curvature(threat)
-            self.curvature[threat] = cached
-        return cached
-
-    def _measure_curvature(self, threat: ThreatModel) -> Tensor:
-        principal = self.principal
-        if principal is None:
-            principal = principal_directions(self.features, self.settings.directions)
-        principal = principal.to(self.features)
-        directions = torch.cat([principal, -principal])
-        # The largest first-order rise of u^T f is the largest drop of -u^T f.
-        drops, deltas = first_order.optimum(
-            -self.jacobian_rows(directions), self.flat_x[:, None, :], threat
-        )
-        gains_linear, starts = drops, self.flat_x[:, None, :] + deltas
-        n, m = len(self.x), len(directions)
-        gains_real = _directional_gain(
-            self.encoder,
-            self.x.repeat(m, *([1] * (self.x.dim() - 1))),
-            starts.transpose(0, 1).reshape(n * m, *self.x.shape[1:]),
-            directions.repeat_interleave(n, dim=0),
+        correct = prediction == y
+        robust = correct & ((margins > drops.drops) | own).all(dim=1)
+        # The drop over the margin of the most threatened class (inf on a tie).
+        share = torch.where(own, 0.0, drops.drops / margins.clamp(min=1e-30)).amax(dim=1)
+        low, high = self.refine.band
+        thin = correct & (share >= low) & (share <= high)
+        if not refine or self.refine.steps == 0 or not bool(thin.any()):
+            return robust
+        rows = thin.nonzero().flatten()
+        slack = torch.where(own, torch.inf, margins - drops.drops)[rows]
+        picked = drops.coefficients[rows, slack.argmin(dim=1)]  # (R, r)
+        g = torch.einsum("nr,nrd->nd", picked, self.rows[rows])
+        _, delta = first_order.optimum(g, self.flat_x[rows], threat)
+        starts = (self.flat_x[rows] + delta).clamp(0.0, 1.0).view(-1, *self.x.shape[1:])
+        device = model_device(self.encoder, self.x.device)
+        model = nn.Sequential(self.encoder, copy.deepcopy(head).to(device)).eval()
+        attacked = attack_classifier(
+            model,
+            self.x[rows],
+            y[rows],
             threat,
-            self.settings,
-            self.batch_size,
-        ).view(m, n)
-        ratios = torch.where(
-            gains_linear.T > 0, gains_real / gains_linear.T.clamp(min=1e-30), torch.ones(())
+            loss="margin",
+            steps=self.refine.steps,
+            batch_size=self.batch_size,
+            starts=starts,
+            stop_at_success=True,
         )
-        return ratios.median(dim=0).values.clamp(min=0.0)
-
-
-def principal_directions(features: Tensor, count: int) -> Tensor:
-    """The top ``count`` principal directions (rows) of ``features`` (N, k)."""
-    centred = features - features.mean(dim=0)
-    rows: Tensor = torch.linalg.svd(centred, full_matrices=False).Vh
-    return rows[: min(count, *centred.shape)]
+        robust[rows] = attacked.robust.to(robust.device)
+        return robust
 
 
 def _check_head(head: object, features: int) -> None:
@@ -268,59 +243,13 @@ def _rows(encoder: nn.Module, x: Tensor, directions: Tensor, batch_size: int) ->
     return torch.cat(parts).to(x.dtype)
 
 
-def _directional_gain(
-    encoder: nn.Module,
-    x: Tensor,
-    starts: Tensor,
-    directions: Tensor,
-    threat: ThreatModel,
-    settings: CurvatureSettings,
-    batch_size: int,
-) -> Tensor:
-    """``u^T (f(x') - f(x))`` at the best point of a short ascent from ``starts``."""
-    args = check_attack_args(
-        encoder,
-        x,
-        threat,
-        steps=settings.steps,
-        restarts=1,
-        batch_size=batch_size,
-        step_size=None,
-        seed=settings.seed,
-        sample_ids=None,
-    )
-
-    def gain(clean: Tensor, extra: tuple[Tensor, ...]) -> Objective:
-        (u,) = extra
-        clean = clean.flatten(1)
-
-        def objective(x_adv: Tensor, rows: Tensor, restart: int) -> tuple[Tensor, None]:
-            return ((encoder(x_adv).flatten(1) - clean[rows]) * u[rows]).sum(dim=1), None
-
-        return objective
-
-    best = ascend_in_batches(
-        args,
-        (directions,),
-        gain,
-        batch_size=batch_size,
-        rerun_successful=True,
-        progress=False,
-        desc="curvature",
-        purpose="the curvature measurement",
-        starts=starts,
-    )
-    return ((best.outputs_adv - best.outputs).flatten(1) * directions).sum(dim=1)
-
-
 def profile_encoder(
     encoder: nn.Module,
     x: Tensor,
     *,
     directions: Tensor | None = None,
-    settings: CurvatureSettings | None = None,
+    refine: RefineSettings | None = None,
     batch_size: int = 256,
-    principal: Tensor | None = None,
 ) -> EncoderProfile:
     """The once-per-encoder, label-free and head-free pass of the expected robust accuracy.
 
@@ -328,9 +257,8 @@ def profile_encoder(
     directions (e.g. the rows of the heads to come); by default every feature is
     stored when that is at most :data:`FULL_JACOBIAN_LIMIT` numbers, else nothing is,
     and each head adds the span of its class-difference directions (at most one
-    backward pass per class, once). ``principal`` (m, k) fixes the curvature's probe
-    directions (e.g. from other points of the same data, so that profiling a data set
-    in parts gives every part the same ones).
+    backward pass per class, once). ``refine`` sets how each head's thin-margin points
+    are refined (:class:`RefineSettings`).
     """
     x = check_images(x)
     features = extract_features(encoder, x, batch_size=batch_size).to(x)
@@ -341,9 +269,8 @@ def profile_encoder(
         features,
         torch.zeros(k, 0, dtype=x.dtype, device=x.device),
         torch.zeros(len(x), 0, d, dtype=x.dtype, device=x.device),
-        settings or CurvatureSettings(),
+        refine or RefineSettings(),
         batch_size,
-        principal=principal,
     )
     if directions is not None:
         profile._extend(directions)

@@ -55,7 +55,6 @@ class Array(StrEnum):
     HEAD_CERTIFIED_ROBUST = "head_certified_robust"  # CROWN on this head's margins, or the above
     EXPECTED_ROBUST = "expected_robust"  # the first-order estimate from the encoder's profile
     DIRECTIONAL_SHIFT = "directional_shift"  # its largest shift along a class difference
-    CURVATURE = "curvature"  # the profile's per-sample curvature factor for a threat
     AUTOATTACKED = "autoattacked"  # in the unit's AutoAttack subset
     ZERO_GRADIENT = "zero_gradient"  # the attacked score's gradient is exactly zero
     NONFINITE_GRADIENT = "nonfinite_gradient"  # ... or has a NaN or infinity
@@ -183,7 +182,6 @@ class StoreKind(StrEnum):
     CERTIFICATES = "certificates"  # every certifier's bound on the evaluation points
     TRAIN_CERTIFICATES = "train-certificates"  # ... on training points
     HEADS = "heads"  # a trained head (and a fine-tuned encoder's weights)
-    CURVATURE = "curvature"  # the expected robust accuracy's curvature factor per threat
 
 
 class Key(StrEnum):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_labels, parse_choice
+from ..errors import InputError
 from ..threat import ThreatModel
 from .common import ascend_in_batches, check_attack_args
 from .engine import Objective
@@ -119,13 +120,18 @@ def attack_classifier(
     step_size: float | None = None,
     progress: bool = False,
     sample_ids: Tensor | None = None,
+    starts: Tensor | None = None,
+    stop_at_success: bool = False,
 ) -> ClassifierAttackResult:
-    """PGD with random starts; restarts only re-attack points still robust.
+    """PGD with random starts (or, for the first restart, ``starts``: points of the
+    threat set, e.g. a first-order worst case); restarts only re-attack points still robust.
 
     ``loss`` is cross-entropy (``"ce"``), the Carlini-Wagner margin (``"margin"``) or the
     targeted margin ``z_t - z_y`` (``"targeted"``) whose target ``t`` is, at restart ``r``,
     the wrong class with the ``r+1``-th highest clean logit: give it as many restarts as
-    there are wrong classes worth trying.
+    there are wrong classes worth trying. With ``stop_at_success`` a point stops at its
+    first misclassified iterate (``robust`` is the same answer, for less work; ``x_adv``
+    is then that first success).
     """
     args = check_attack_args(
         model,
@@ -137,8 +143,11 @@ def attack_classifier(
         step_size=step_size,
         seed=seed,
         sample_ids=sample_ids,
+        stop_at_success=stop_at_success,
     )
     y = check_labels(y, args.x.shape[0], "y")
+    if starts is not None and (not isinstance(starts, Tensor) or starts.shape != args.x.shape):
+        raise InputError(f"starts must be a tensor shaped like x {tuple(args.x.shape)}")
     loss_fn = _LOSSES[parse_choice(ClassifierLoss, loss, "loss")]
     net = args.model
 
@@ -162,6 +171,7 @@ def attack_classifier(
         progress=progress,
         desc=f"PGD {args.threat}",
         purpose="the classifier attack",
+        starts=starts,
     )
     return ClassifierAttackResult.of(
         args.x, best.x_adv, y, best.outputs, best.outputs_adv, args.threat

@@ -38,6 +38,7 @@ def check_attack_args(
     step_size: float | None,
     seed: int,
     sample_ids: Tensor | None,
+    stop_at_success: bool = False,
 ) -> AttackArgs:
     """Validated arguments. ``sample_ids`` (default ``0 .. N-1``) name the rows of ``x``:
     a sample's random starts depend on the seed and its id only, so attacking a data set
@@ -54,7 +55,9 @@ def check_attack_args(
         raise InputError(f"step_size must be positive, got {step_size!r}")
     ids = torch.arange(x.shape[0]) if sample_ids is None else check_sample_ids(sample_ids, len(x))
     noise = SampleNoise(check_seed(seed), ids.cpu())
-    return AttackArgs(model, x, threat, AscentSettings(steps, restarts, step_size), noise)
+    return AttackArgs(
+        model, x, threat, AscentSettings(steps, restarts, step_size, stop_at_success), noise
+    )
 
 
 def batches(n: int, batch_size: int, *, progress: bool, desc: str) -> Iterator[slice]:

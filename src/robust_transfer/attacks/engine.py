@@ -35,6 +35,9 @@ class AscentSettings:
     """Constant step (Madry et al. PGD) when given; otherwise a cosine-annealed step
     from ``2 * eps`` down to zero, which explores with large steps first and settles
     into a local maximum at the end."""
+    stop_at_success: bool = False
+    """PGD drops a row at its first success: for callers that need only whether a
+    point breaks (its best point is then the first success, not the highest score)."""
 
     def step_at(self, t: int, eps: float) -> float:
         if self.step_size is not None:
@@ -155,8 +158,14 @@ def maximize(
             (grad,) = torch.autograd.grad(score.sum(), x_adv)
             if t == 0:
                 zero_grad_rows += int((grad.flatten(1).abs().amax(dim=1) == 0).sum())
+            x_adv = x_adv.detach()
+            if settings.stop_at_success and bool(success.any()):
+                going = ~success
+                if not bool(going.any()):
+                    break
+                rows, x0, x_adv, grad = rows[going], x0[going], x_adv[going], grad[going]
             step = settings.step_at(t, threat.eps)
-            x_adv = threat.project(x0, x_adv.detach() + step * threat.ascent_direction(grad))
+            x_adv = threat.project(x0, x_adv + step * threat.ascent_direction(grad))
 
     result = over_restarts(
         pgd, x, threat, settings, noise, rerun_successful=rerun_successful, start=start

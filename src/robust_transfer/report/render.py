@@ -98,8 +98,9 @@ def _expected_section(
     )
     text = (
         "The **expected** robust accuracy of a head comes from the encoder's profile "
-        "(its Jacobian at each point, measured once, and a per-threat curvature factor; "
-        "no attack on the head), **attacked** from PGD and the task-agnostic "
+        "(its Jacobian at each point, measured once; first order decides the points far "
+        "from the boundary, a short attack from the first-order worst point those near "
+        "it), **attacked** from PGD and the task-agnostic "
         "perturbation on the head. Over "
         f"{len(rows)} units the expected accuracy is off by {100 * sum(errors) / len(errors):.1f} "
         f"points on average (worst {100 * max(errors):.1f}); the paper's criterion with the "

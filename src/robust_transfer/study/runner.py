@@ -34,12 +34,7 @@ from ..certify.lipschitz import proven_lipschitz
 from ..data.sources import load_split
 from ..data.tasks import Split, get_task
 from ..errors import ConfigError, SoundnessError
-from ..expected import (
-    CurvatureSettings,
-    EncoderProfile,
-    principal_directions,
-    profile_encoder,
-)
+from ..expected import EncoderProfile, profile_encoder
 from ..features import extract_features, median_distance
 from ..losses import RegressionLoss
 from ..models import head_arrays, head_from_arrays, resolve_encoder
@@ -214,7 +209,6 @@ class StudyRun:
         self._profiles: dict[str, EncoderProfile] = {}
         self._models: dict[tuple[str, ...], tuple[nn.Module, nn.Linear, dict[str, object]]] = {}
         self._prepared: dict[str, nn.Module] = {}
-        self._principal: dict[str, Tensor] = {}
 
     def units(self) -> Iterator[Unit]:
         for task in self.config.tasks:
@@ -426,40 +420,14 @@ class StudyRun:
 
         return self._stored(_key(kind, task, variant, threat, shard), compute)
 
-    def _profile(
-        self,
-        unit: Unit,
-        variant: str,
-        encoder: nn.Module,
-        x: Tensor,
-        shard: Shard,
-    ) -> EncoderProfile:
-        """The encoder's profile on the shard's points (recomputed per run: its Jacobian
-        costs one backward pass per feature) with the stored curvature factor of the
-        unit's threat. The curvature probes the principal directions of the training
-        points' features, the same for every shard."""
-        task, threat = unit.task.name, unit.threat
-        if variant not in self._principal:
-            x_train = self._train_points(self._split(unit.task))
-            self._principal[variant] = principal_directions(
-                extract_features(encoder, x_train), CurvatureSettings().directions
-            )
+    def _profile(self, variant: str, encoder: nn.Module, x: Tensor) -> EncoderProfile:
+        """The encoder's profile on the shard's points, shared by the units of the shard
+        (recomputed per run: its Jacobian costs one backward pass per feature)."""
         if variant not in self._profiles:
             self._profiles[variant] = profile_encoder(
-                encoder,
-                x,
-                batch_size=self.config.attack.batch_size,
-                principal=self._principal[variant],
+                encoder, x, batch_size=self.config.attack.batch_size
             )
-        profile = self._profiles[variant]
-
-        def compute() -> tuple[Arrays, dict[str, object]]:
-            with self.runtime.search_precision():
-                return {Array.CURVATURE: profile.curvature_factor(threat)}, {}
-
-        key = _key(StoreKind.CURVATURE, task, variant, threat, shard)
-        profile.curvature[threat] = self._stored(key, compute)[0][Array.CURVATURE]
-        return profile
+        return self._profiles[variant]
 
     def _radius(
         self, spec: AdaptationSpec, unit: Unit, encoder: nn.Module, split: Split
@@ -591,8 +559,8 @@ class StudyRun:
     def _evaluate(self, unit: Unit, shard: Shard) -> None:
         group = (unit.task.name, unit.encoder, shard.index)
         if self._group is None or group[:2] != self._group[:2]:
-            # Another encoder or task: its models and directions are not needed again.
-            self._models, self._prepared, self._principal = {}, {}, {}
+            # Another encoder or task: its models are not needed again.
+            self._models, self._prepared = {}, {}
         if group != self._group:
             self._group, self._profiles = group, {}
         split = self._split(unit.task)
@@ -625,7 +593,7 @@ class StudyRun:
                     sample_ids=ids,
                 )
         else:
-            profile = self._profile(unit, variant, encoder, x, shard)
+            profile = self._profile(variant, encoder, x)
             with self.runtime.search_precision():
                 arrays = evaluate_classification(
                     encoder,
