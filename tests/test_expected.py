@@ -257,8 +257,9 @@ def test_held_out_heads_on_unseen_encoder_families() -> None:
                 )
     worst = max(abs(e[3]) for e in errors)
     mean = sum(abs(e[3]) for e in errors) / len(errors)
-    assert mean <= 2.5, errors
-    assert worst <= 8.0, errors
+    # The targets are 2 and 8 points; measured here: within 0.8 everywhere.
+    assert mean <= 2.0, errors
+    assert worst <= 5.0, errors
 
 
 def test_bad_input_is_refused() -> None:

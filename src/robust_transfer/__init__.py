@@ -25,7 +25,7 @@ from .bounds import (
 )
 from .certify import NoCertificate, certified_shift, certify_all, lipschitz_shift
 from .errors import RobustTransferError
-from .expected import EncoderProfile, profile_encoder
+from .expected import EncoderProfile, RefineSettings, profile_encoder
 from .features import extract_features
 from .losses import RegressionLoss
 from .models import load_encoder
@@ -46,6 +46,7 @@ __all__ = [
     "EncoderProfile",
     "NoCertificate",
     "Norm",
+    "RefineSettings",
     "RegressionAttackResult",
     "RegressionLoss",
     "RepresentationAttackResult",
