@@ -100,13 +100,6 @@ class EncoderProfile:
     def flat_x(self) -> Tensor:
         return self.x.flatten(1)
 
-    def jacobian_rows(self, directions: Tensor) -> Tensor:
-        """``J(x)^T v`` (N, m, d) for feature directions ``v`` (m, k); directions outside
-        the stored span cost one backward pass each, once."""
-        self._extend(directions)
-        coefficients = directions.to(self.basis) @ self.basis  # (m, r)
-        return torch.einsum("mr,nrd->nmd", coefficients, self.rows)
-
     def _extend(self, directions: Tensor) -> None:
         k = self.basis.shape[0]
         if directions.dim() != 2 or directions.shape[1] != k:
