@@ -11,7 +11,6 @@ from robust_transfer.data.tasks import get_task
 from robust_transfer.study.config import default_config
 from robust_transfer.training.pretrain import cached_pretrain
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parent / ".cache"
 
 

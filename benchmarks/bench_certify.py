@@ -15,14 +15,13 @@ a certificate an attack beats stops the benchmark.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from _encoders import RESULTS, encoder_named
+from _encoders import encoder_named
+from _record import RESULTS, command, describe, environment, write
 from torch import Tensor, nn
 
 from robust_transfer import ThreatModel, extract_features, train_linear_probe
@@ -131,8 +130,9 @@ def markdown(report: dict[str, object]) -> str:
     lines = [
         "# Certificates: time and tightness",
         "",
-        f"{report['points']} held-out digits 5-9, encoders pretrained as the default study "
-        f"does, {report['threads']} CPU threads, torch {report['torch']}. Tightness: median "
+        describe(report["environment"]),  # type: ignore[arg-type]
+        f"Reproduce: `{report['command']}`. {report['points']} held-out digits 5-9, encoders "
+        "pretrained as the default study does; times are one run. Tightness: median "
         "over points of certified / attacked shift (1 = exact); the attacked shift is the "
         "study's representation attack. Certified accuracies are of a linear probe on "
         "digits 5-9; head-specific = CROWN on the probe's margins, united with the "
@@ -157,9 +157,6 @@ def markdown(report: dict[str, object]) -> str:
         f"Head-specific minus task-agnostic certified accuracy: mean "
         f"{100 * statistics.mean(gains):.1f} points, largest {100 * max(gains):.1f}. No "
         "certified shift was below an attacked one and no certified point was broken.",
-        "",
-        f"Reproduce: `python benchmarks/bench_certify.py --points {report['points']} "
-        f"--encoders {report['encoders']}`",
     ]
     return "\n".join(lines) + "\n"
 
@@ -181,16 +178,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         ).eval()
         rows += bench(name, encoder, x, y, probe)
     report: dict[str, object] = {
-        "machine": platform.platform(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "environment": environment(),
+        "command": command("bench_certify.py", argv),
         "points": args.points,
         "encoders": args.encoders,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(report))
+    write(args.out, report, markdown(report))
     return report
 
 

@@ -23,15 +23,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import _encoders
+import numpy as np
 import torch
+from _record import RESULTS, command, describe, environment, write
 from torch import Tensor, nn
 
 from robust_transfer import (
@@ -48,8 +49,6 @@ from robust_transfer.study.config import StudyConfig, default_config
 from robust_transfer.study.evaluate import classification_theory, measure_shift, study_pgd
 from robust_transfer.training.pretrain import PretrainConfig, cached_pretrain
 
-RESULTS = Path(__file__).resolve().parent / "results"
-CACHE = Path(__file__).resolve().parent / ".cache"
 T = TypeVar("T")
 
 ESTIMATES = {
@@ -66,8 +65,21 @@ def timed(run: Callable[..., T], *args: object, **kwargs: object) -> tuple[T, fl
     return value, time.perf_counter() - start
 
 
+def _groupings(classes: int) -> int:
+    """How many groupings of ``classes`` labels into at least 2 exist (Bell number - 1)."""
+    row = [1]
+    for _ in range(classes - 1):
+        nxt = [row[-1]]
+        for value in row:
+            nxt.append(nxt[-1] + value)
+        row = nxt
+    return row[-1] - 1
+
+
 def label_sets(classes: int, count: int, seed: int) -> list[Tensor]:
-    """``count`` distinct groupings of ``classes`` labels into 2..classes new labels."""
+    """``count`` distinct groupings of ``classes`` labels into 2..classes new labels (all
+    of them, when fewer exist)."""
+    count = min(count, _groupings(classes))
     generator = torch.Generator().manual_seed(seed)
     found: list[Tensor] = [torch.arange(classes)]
     seen = {tuple(found[0].tolist())}
@@ -98,9 +110,19 @@ def fit_heads(encoder: nn.Module, count: int, points: int, seed: int) -> tuple[T
     split = get_task("mnist-5-9").downstream
     train, test = split.train, split.test
     features = extract_features(encoder, train.x)
+    sets = label_sets(len(train.classes), count, seed)
+    generator = torch.Generator().manual_seed(seed)
     heads, labels = [], []
-    for mapping in label_sets(len(train.classes), count, seed):
-        heads.append(train_linear_probe(features, mapping[train.y]).eval())
+    for index in range(count):
+        mapping = sets[index % len(sets)]
+        # Once every grouping has a head, further heads learn them again from random
+        # halves of the training set: other heads for the same task.
+        rows = (
+            torch.arange(len(features))
+            if index < len(sets)
+            else torch.randperm(len(features), generator=generator)[: len(features) // 2]
+        )
+        heads.append(train_linear_probe(features[rows], mapping[train.y[rows]]).eval())
         labels.append(mapping[test.y[:points]])
     return test.x[:points], Heads(heads, labels)
 
@@ -134,12 +156,7 @@ def bench_encoder(
     name: str, config: StudyConfig, threats: tuple[ThreatModel, ...], args: argparse.Namespace
 ) -> dict[str, object]:
     settings = config.attack
-    spec = config.encoders[name]
-    assert spec.pretrain is not None
-    assert spec.pretrain_task is not None
-    pretrain = get_task(spec.pretrain_task).pretrain
-    assert pretrain is not None
-    encoder = cached_pretrain(spec.pretrain, pretrain.train, CACHE).encoder.eval()
+    encoder = _encoders.encoder_named(name)
     x, heads = fit_heads(encoder, max(args.heads), args.points, args.seed)
 
     profile, t_jacobian = timed(profile_encoder, encoder, x)
@@ -208,9 +225,15 @@ def bench_encoder(
                 "autoattack_over_full": aa / full_path,
             }
         )
+    every = list(range(1, len(t_head) + 1))
     return {
         "encoder": name,
         "points": len(x),
+        # Least-squares lines, seconds = once + per_head * K, over every K measured.
+        "fitted_s": {
+            "expected_path": _line(every, [once + sum(t_head[:k]) for k in every]),
+            "study_pgd": _line(every, [sum(t_pgd[:k]) for k in every]),
+        },
         "once_per_encoder_s": {
             "jacobian": t_jacobian,
             "representation_attack_and_certificates": t_shift,
@@ -237,7 +260,7 @@ def bench_wide(
     config = PretrainConfig(
         protocol="standard", arch="resnet18", feature_dim=512, epochs=1, limit=args.wide_train
     )
-    encoder = cached_pretrain(config, pretrain.train, CACHE).encoder.eval()
+    encoder = cached_pretrain(config, pretrain.train, _encoders.CACHE).encoder.eval()
     x, heads = fit_heads(encoder, 5, args.wide_points, args.seed)
     features = int(extract_features(encoder, x[:1]).shape[1])
 
@@ -272,15 +295,22 @@ def bench_wide(
     }
 
 
+def _line(heads: list[int], seconds: list[float]) -> dict[str, float]:
+    if len(heads) < 2:
+        return {"once": seconds[0], "per_head": 0.0}
+    per_head, once = np.polyfit(heads, seconds, 1)
+    return {"once": float(once), "per_head": float(per_head)}
+
+
 def markdown(record: dict[str, object]) -> str:
     settings = record["settings"]
     assert isinstance(settings, dict)
     lines = [
         "# What the theory saves: amortised expected robust accuracy vs attacking each head",
         "",
-        f"Reproduce: `{settings['command']}`. {settings['device']}, "
-        f"{settings['threads']} threads, torch {settings['torch']}, {settings['machine']}. "
-        f"Threats: {', '.join(settings['threats'])} (the default study's grid). "
+        describe(record["environment"]),  # type: ignore[arg-type]
+        f"Reproduce: `{settings['command']}`. Every time is one run (the heads and threats "
+        "are the repeats). Threats: {', '.join(settings['threats'])} (the default study's grid). "
         "Heads: linear probes on held-out groupings of digits 5-9.",
         "",
     ]
@@ -306,7 +336,16 @@ def markdown(record: dict[str, object]) -> str:
             )
         per_threat = result["expected_vs_study_pgd_per_threat"]
         assert isinstance(per_threat, dict)
+        fitted = result["fitted_s"]
+        assert isinstance(fitted, dict)
         lines += [
+            "",
+            "Fitted over every K measured (seconds = once + per head x K): "
+            + "; ".join(
+                f"{path} {line['once']:.1f} + {line['per_head']:.2f} K"
+                for path, line in fitted.items()
+            )
+            + ".",
             "",
             _error_table(result),
             "",
@@ -365,29 +404,24 @@ def _rounded(values: object) -> object:
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=200)
-    parser.add_argument("--heads", type=int, nargs="+", default=[1, 5, 20])
+    parser.add_argument("--heads", type=int, nargs="+", default=[1, 5, 20, 100])
     parser.add_argument("--encoders", default="standard,simclr")
     parser.add_argument("--aa-heads", type=int, default=2)
     parser.add_argument("--aa-points", type=int, default=100)
     parser.add_argument("--wide-points", type=int, default=32, help="0 skips the ResNet-18")
     parser.add_argument("--wide-train", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_expected")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     config = default_config()
     threats = next(task for task in config.tasks if task.name == "mnist-5-9").threats
     record: dict[str, object] = {
+        "environment": environment(),
         "settings": {
-            "command": " ".join(
-                ["python benchmarks/bench_expected.py", *(sys.argv[1:] if argv is None else argv)]
-            ),
+            "command": command("bench_expected.py", argv),
             "threats": [str(t) for t in threats],
             "attack": dataclasses.asdict(config.attack),
-            "device": "cpu",
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "machine": platform.platform(),
         },
         "encoders": [
             bench_encoder(name, config, threats, args) for name in args.encoders.split(",")
@@ -395,9 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     }
     if args.wide_points > 0:
         record["wide"] = bench_wide(threats, config.attack, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_expected.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.out / "bench_expected.md").write_text(markdown(record) + "\n")
+    write(args.out, record, markdown(record))
     return record
 
 

@@ -4,17 +4,19 @@ Each size runs in a fresh process (so its peak resident memory is its own): a st
 one encoder, one linear probe and one threat over N held-out points, N a factor of 10
 apart. With points taken a shard at a time, the peak memory beyond the input data stays
 flat and the time grows linearly; the same study at the largest N in one shard (how the
-study ran before it streamed) shows what the shards save. Results go to
-``benchmarks/results/bench_scale.json`` and ``.md`` (cited by the README).
+study ran before it streamed) shows what the shards save. Then the same study from the
+command line in one process and shared by ``torchrun`` among two (one thread each):
+the speed-up, and whether the records are identical. Results go to
+``benchmarks/results/bench_scale.json`` and ``.md``.
 
-    python benchmarks/bench_scale.py [--sizes 100 1000 10000] [--shard 256]
+    python benchmarks/bench_scale.py [--sizes 100 1000 10000] [--shard 256] [--torchrun-points 1000]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import resource
 import subprocess
 import sys
@@ -23,9 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from _record import RESULTS, command, describe, environment, write
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN_POINTS = 1000
 
 CONFIG = """
@@ -114,6 +115,50 @@ def _measure(points: int, shard: int, steps: int) -> dict[str, float]:
     return measured
 
 
+def _records(out: Path) -> list[dict[str, object]]:
+    from robust_transfer.schema import RESULTS_FILE
+
+    results = json.loads((out / RESULTS_FILE).read_text())
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in results["records"]]
+
+
+def processes(points: int, shard: int, steps: int) -> dict[str, object]:
+    """The same study in one process and shared by ``torchrun`` among two (one thread
+    each, gloo), timed from the command line, and whether their records agree."""
+    bin_dir = Path(sys.executable).parent
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        workdir = Path(folder)
+        for name, n, seed in (("train", TRAIN_POINTS, 1), ("test", points, 2)):
+            x, y = _digits(n, seed)
+            np.savez(workdir / f"{name}.npz", x=x, y=y)
+        config = workdir / "scale.toml"
+        config.write_text(CONFIG.format(points=points, shard=shard, steps=steps))
+        records = []
+        for label, count, threads in (
+            ("one process, 2 threads", 1, 2),
+            ("torchrun, 1 process x 1 thread", 1, 1),
+            ("torchrun, 2 processes x 1 thread", 2, 1),
+        ):
+            out = workdir / f"out-{len(rows)}"
+            run = [str(bin_dir / "robust-transfer"), "run", str(config), "--out", str(out)]
+            run += ["--cache", str(workdir / "cache"), "--quiet", "--device", "cpu"]
+            if label.startswith("torchrun"):
+                launch = [str(bin_dir / "torchrun"), "--standalone", f"--nproc-per-node={count}"]
+                run = [*launch, "--no-python", *run]
+            env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+            start = time.perf_counter()
+            subprocess.run(run, capture_output=True, text=True, check=True, env=env)
+            rows.append({"run": label, "seconds": time.perf_counter() - start})
+            records.append(_records(out))
+    return {
+        "points": points,
+        "runs": rows,
+        "speedup_2_over_1": rows[1]["seconds"] / rows[2]["seconds"],  # type: ignore[operator]
+        "identical_records": records[1] == records[2],
+    }
+
+
 def _slope(xs: list[float], ys: list[float]) -> float:
     """The exponent b of y ~ x^b, by least squares on logarithms."""
     return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
@@ -127,8 +172,8 @@ def markdown(record: dict[str, object]) -> str:
     lines = [
         "# Memory and time against the number of evaluation points",
         "",
-        f"`{settings['command']}` on {settings['machine']}, torch {settings['torch']}, "
-        f"{settings['threads']} threads, {settings['device']}. Each row is a fresh process; "
+        describe(record["environment"]),  # type: ignore[arg-type]
+        f"Reproduce: `{settings['command']}`. Each row is a fresh process; "
         "peak is its peak resident memory, base what it held before the study (Python, "
         "torch), data the held-out images themselves (float32).",
         "",
@@ -146,6 +191,20 @@ def markdown(record: dict[str, object]) -> str:
         f"Fitted over the sharded sizes: time ~ points^{record['time_slope']:.2f}, "
         f"peak beyond the data ~ points^{record['memory_slope']:.2f}.",
     ]
+    shared = record.get("processes")
+    if isinstance(shared, dict):
+        lines += [
+            "",
+            f"## One process against two under torchrun ({shared['points']} points, "
+            "the command line, start-up included)",
+            "",
+            "| run | seconds |",
+            "| --- | ---: |",
+            *(f"| {run['run']} | {run['seconds']:.1f} |" for run in shared["runs"]),
+            "",
+            f"Two processes over one (one thread each): {shared['speedup_2_over_1']:.2f}x; "
+            f"records identical: {'yes' if shared['identical_records'] else 'NO'}.",
+        ]
     return "\n".join(lines)
 
 
@@ -155,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--shard", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-unsharded", action="store_true", help="skip the one-shard run")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--torchrun-points", type=int, default=1000, help="0 skips torchrun")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_scale")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -166,15 +226,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     sizes = [float(run["points"]) for run in runs]
     extra = [max(run["peak_mb"] - run["base_mb"] - run["data_mb"], 1.0) for run in runs]
     record: dict[str, object] = {
-        "settings": {
-            "command": " ".join(
-                ["python benchmarks/bench_scale.py", *(sys.argv[1:] if argv is None else argv)]
-            ),
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "machine": platform.platform(),
-        },
+        "environment": environment(),
+        "settings": {"command": command("bench_scale.py", argv)},
         "time_slope": _slope(sizes, [run["seconds"] for run in runs]),
         "memory_slope": _slope(sizes, extra),
         "runs": runs,
@@ -182,9 +235,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if not args.no_unsharded:
         largest = max(args.sizes)
         record["runs"] = [*runs, _measure(largest, largest, args.steps)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_scale.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.out / "bench_scale.md").write_text(markdown(record) + "\n")
+    if args.torchrun_points:
+        record["processes"] = processes(args.torchrun_points, args.shard, args.steps)
+    write(args.out, record, markdown(record))
     return record
 
 

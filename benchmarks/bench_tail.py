@@ -15,13 +15,12 @@ median, 5th percentile and minimum of shift / reference, and each method's time.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import torch
-from _encoders import RESULTS, encoder_named
+from _encoders import encoder_named
+from _record import RESULTS, command, describe, environment, write
 from torch import Tensor, nn
 
 from robust_transfer import AttackSettings, ThreatModel, attack_representation
@@ -118,23 +117,21 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "worst_median": min(float(row["median"]) for row in ratios),
         }
     report = {
-        "machine": platform.platform(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "environment": environment(),
+        "command": command("bench_tail.py", argv),
         "points": args.points,
         "reference": f"{args.reference_restarts} restarts x {args.reference_steps} steps of "
         "APGD and of PGD, per sample the largest shift of any run",
         "rows": rows,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     lines = [
         "# Representation attack against a 10-restart, 500-step reference",
         "",
-        f"{args.points} held-out digits 5-9, encoders pretrained as the default study does, "
-        f"{report['threads']} CPU threads, torch {torch.__version__}. Reference: "
-        f"{report['reference']}. Ratio = shift / reference per sample.",
+        describe(report["environment"]),  # type: ignore[arg-type]
+        f"Reproduce: `{report['command']}`. {args.points} held-out digits 5-9, encoders "
+        f"pretrained as the default study does. Reference: {report['reference']}. Ratio = "
+        "shift / reference per sample; seconds are one run.",
         "",
         "| encoder | threat | method | median | 5th pct | min | seconds |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
@@ -150,11 +147,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             f"| {label} | {s['worst_q05']:.3f} | {s['mean_q05']:.3f} | {s['worst_median']:.3f} |"
             for label, s in summary.items()
         ),
-        "",
-        "Reproduce: `python benchmarks/bench_tail.py` "
-        f"`--points {args.points} --encoders {args.encoders}`",
     ]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write(args.out, report, "\n".join(lines))
     return report
 
 

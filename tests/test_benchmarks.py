@@ -59,3 +59,107 @@ def test_the_certificate_benchmark_runs_small(tmp_path: Path) -> None:
         assert row["head_specific_certified_acc"] >= row["task_agnostic_certified_acc"]
         assert row["head_specific_certified_acc"] <= row["pgd_robust_acc"]
     assert "| encoder | threat | lipschitz |" in out.with_suffix(".md").read_text()
+
+
+def test_the_attack_benchmark_runs_small(tmp_path: Path) -> None:
+    import bench_attack
+
+    out = tmp_path / "attack"
+    argv = ["--encoder", "random", "--batch", "8", "--resnet-batch", "2", "--steps", "2"]
+    record = bench_attack.main([*argv, "--repeats", "1", "--out", str(out)])
+    limit, peers = record["limit"], record["peers"]
+    assert isinstance(limit, list)
+    assert isinstance(peers, list)
+    assert [row["method"] for row in limit] == ["pgd", "apgd"] * 2
+    assert all(row["ratio"] > 0 for row in limit)
+    assert {row["attack"] for row in peers} == {"robust-transfer", "torchattacks", "foolbox"}
+    assert all(0 <= row["robust_acc"] <= 100 for row in peers)
+    assert "| threat | attack | ms/step |" in out.with_suffix(".md").read_text()
+
+
+def test_the_adaptation_benchmark_runs_small(tmp_path: Path) -> None:
+    import bench_adapt
+
+    out = tmp_path / "adapt"
+    record = bench_adapt.main(
+        ["--encoders", "random", "--repeats", "1", "--epochs", "1", "--out", str(out)]
+    )
+    (row,) = record["rows"]  # type: ignore[misc]
+    assert row["probe_seconds"] > 0
+    assert row["end_to_end_epochs"] == 1
+    assert 0 <= row["end_to_end_accuracy"] <= 100
+    assert "| encoder | train points | probe s |" in out.with_suffix(".md").read_text()
+
+
+def test_the_expected_benchmark_runs_small_and_counts_heads_past_the_groupings(
+    tmp_path: Path,
+) -> None:
+    import bench_expected
+
+    # Five labels group in 51 ways; heads past that relearn groupings from other data.
+    assert bench_expected._groupings(5) == 51
+    assert len(bench_expected.label_sets(5, 60, seed=0)) == 51
+    out = tmp_path / "expected"
+    argv = ["--encoders", "random", "--points", "6", "--heads", "1", "3", "--aa-heads", "0"]
+    record = bench_expected.main([*argv, "--wide-points", "0", "--out", str(out)])
+    (result,) = record["encoders"]  # type: ignore[misc]
+    assert [row["heads"] for row in result["timing"]] == [1, 3]
+    assert result["errors_vs_study_pgd"]["expected"]["pairs"] == 3 * 6
+    assert result["fitted_s"]["study_pgd"]["per_head"] > 0
+    assert "Fitted over every K measured" in out.with_suffix(".md").read_text()
+
+
+def test_collect_joins_the_results_with_where_they_were_measured(tmp_path: Path) -> None:
+    import bench_adapt
+    import collect
+
+    results = tmp_path / "results"
+    bench_adapt.main(
+        [
+            "--encoders",
+            "random",
+            "--repeats",
+            "1",
+            "--epochs",
+            "1",
+            "--out",
+            str(results / "bench_adapt"),
+        ]
+    )
+    (results / "bench_scale.json").write_text(json.dumps({"settings": {"torch": "x"}}))
+    (results / "bench_scale.md").write_text("# Scale\n\nbody\n")
+    text = collect.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")])
+    assert text == (tmp_path / "RESULTS.md").read_text()
+    assert text.index("## Adaptation") < text.index("## Scale")  # headings one level down
+    assert "torch 2." in text
+    assert "| [bench_scale](#bench-scale) | torch x |" in text
+
+
+def test_the_scale_benchmark_runs_small(tmp_path: Path) -> None:
+    import bench_scale
+
+    out = tmp_path / "scale"
+    argv = ["--sizes", "20", "40", "--shard", "20", "--steps", "1", "--no-unsharded"]
+    record = bench_scale.main([*argv, "--torchrun-points", "20", "--out", str(out)])
+    assert [run["points"] for run in record["runs"]] == [20, 40]  # type: ignore[attr-defined]
+    shared = record["processes"]
+    assert isinstance(shared, dict)
+    assert shared["identical_records"] is True
+    assert len(shared["runs"]) == 3
+    assert "One process against two under torchrun" in out.with_suffix(".md").read_text()
+
+
+def test_the_profile_benchmark_runs_small(tmp_path: Path) -> None:
+    import bench_profile
+
+    out = tmp_path / "profile"
+    argv = ["--encoder", "random", "--points", "8", "--certify-points", "2", "--heads", "1"]
+    record = bench_profile.main([*argv, "--out", str(out)])
+    paths = record["paths"]
+    assert isinstance(paths, dict)
+    assert len(paths) == 5
+    for path in paths.values():
+        assert path["wall_s"] > 0
+        assert 0 <= path["compiled_share"] <= 1
+        assert path["top"][0]["own_s"] >= path["top"][-1]["own_s"]
+    assert "| path | wall s | compiled share |" in out.with_suffix(".md").read_text()
