@@ -357,3 +357,24 @@ def test_runtime_is_checked() -> None:
         Runtime(torch.device("cpu"), rank=1.5, world_size=2)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown device"):
         Runtime.detect("tpu:0")
+
+
+def test_feature_extraction_checks_every_input_once_by_either_route() -> None:
+    from torch.utils.data import TensorDataset
+
+    from robust_transfer import extract_features
+    from robust_transfer.errors import InputError
+
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x = torch.rand(10, 3, 2, 2)
+    labels = torch.zeros(10, dtype=torch.long)
+    by_tensor = extract_features(encoder, x, batch_size=4)
+    by_dataset = extract_features(encoder, TensorDataset(x, labels), batch_size=4)
+    assert torch.equal(by_tensor, by_dataset)
+    for bad, match in ((float("nan"), "NaN"), (1.5, r"\[0, 1\]")):
+        broken = x.clone()
+        broken[9, 0, 0, 0] = bad  # in the last batch only
+        with pytest.raises(InputError, match=match):
+            extract_features(encoder, broken, batch_size=4)
+        with pytest.raises(InputError, match=match):
+            extract_features(encoder, TensorDataset(broken, labels), batch_size=4)

@@ -35,7 +35,10 @@ def extract_features(
     if isinstance(data, Tensor):
         check_images(data)
         chunks: list[Tensor] = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
+        checked = True
     elif isinstance(data, Dataset):
+        # Items arrive a batch at a time: each batch is checked as it comes.
+        checked = False
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=_collate_inputs)
         chunks = loader  # type: ignore[assignment]
     else:
@@ -44,7 +47,8 @@ def extract_features(
     parts = []
     with eval_mode(encoder, purpose="feature extraction"), torch.no_grad():
         for chunk in tqdm(chunks, desc="features", disable=not progress, unit="batch", leave=False):
-            parts.append(encoder(check_images(chunk).to(device)).flatten(1).cpu())
+            inputs = chunk if checked else check_images(chunk)
+            parts.append(encoder(inputs.to(device)).flatten(1).cpu())
     if not parts:
         raise InputError("data is empty")
     return torch.cat(parts)
