@@ -26,8 +26,8 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-# About an hour on 2 cores: every benchmark at the sizes its results were published
-# with, then benchmarks/RESULTS.md (which the README quotes).
+# About an hour on 2 cores: every benchmark, then benchmarks/RESULTS.md, whose figures
+# the README quotes.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_attack.py --resnet-batch 16 --repeats 5
 	$(BIN)/python benchmarks/bench_tail.py --encoders standard,adversarial,simclr

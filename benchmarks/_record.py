@@ -68,13 +68,21 @@ def command(script: str, argv: list[str] | None) -> str:
     return " ".join(["python", f"benchmarks/{script}", *args])
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_seconds(repeats: int, run: Callable[[], object]) -> float:
-    """The median of ``repeats`` timed runs after one untimed warm-up."""
+    """The median of ``repeats`` timed runs after one untimed warm-up (on a GPU, each
+    timed to the end of its kernels)."""
     run()
     times = []
     for _ in range(max(1, repeats)):
+        _synchronize()
         start = time.perf_counter()
         run()
+        _synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -6,7 +6,8 @@ L-BFGS. End to end: the same linear head trained by mini-batch Adam with the fro
 encoder in the loop (a forward pass per batch and epoch, no gradient through it: the
 cheapest end-to-end variant, so the ratio is a lower bound on what caching saves),
 until its held-out accuracy is within ``--tolerance`` points of the probe's. Times are
-medians of ``--repeats`` runs; evaluation is not timed.
+medians of ``--repeats`` runs (after a warm-up of the probe); evaluation is not timed.
+Where some runs never reach the probe's accuracy, the ratio is a lower bound (``>=``).
 
     python benchmarks/bench_adapt.py [--encoders standard,adversarial] [--repeats 3]
 """
@@ -46,6 +47,7 @@ def end_to_end(
     *,
     epochs: int,
     batch: int,
+    lr: float,
     seed: int,
 ) -> tuple[float, float, int]:
     """Train a head through the encoder until ``target`` held-out accuracy: (seconds,
@@ -54,7 +56,7 @@ def end_to_end(
     with torch.no_grad():
         features = encoder(train.x[:1]).flatten(1).shape[1]
     head = nn.Linear(features, train.num_classes)
-    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     seconds, accuracy = 0.0, 0.0
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
@@ -76,6 +78,7 @@ def end_to_end(
 def bench(name: str, args: argparse.Namespace) -> dict[str, object]:
     encoder = encoder_named(name)
     split = get_task("mnist-5-9").downstream
+    probe(encoder, split.train)  # warm-up
     probes = [probe(encoder, split.train) for _ in range(args.repeats)]
     probe_seconds = statistics.median(seconds for _, seconds in probes)
     probe_accuracy = 100 * head_accuracy(encoder, probes[0][0], split.test)
@@ -88,6 +91,7 @@ def bench(name: str, args: argparse.Namespace) -> dict[str, object]:
             target,
             epochs=args.epochs,
             batch=args.batch,
+            lr=args.lr,
             seed=seed,
         )
         for seed in range(args.repeats)
@@ -115,7 +119,9 @@ def markdown(record: dict[str, object]) -> str:
         describe(record["environment"]),  # type: ignore[arg-type]
         f"Reproduce: `{settings['command']}`. Digits 5-9, medians of {settings['repeats']} "
         f"runs; end to end stops once within {settings['tolerance']} points of the probe's "
-        f"held-out accuracy (at most {settings['epochs']} epochs, batch {settings['batch']}).",
+        f"held-out accuracy (at most {settings['epochs']} epochs, batch {settings['batch']}, "
+        f"Adam at {settings['lr']}). Where runs never get there, the ratio is a lower bound "
+        "at a lower accuracy.",
         "",
         "| encoder | train points | probe s | probe acc. % | end-to-end s | end-to-end acc. % "
         "| epochs | runs reaching the probe | end-to-end / probe |",
@@ -126,7 +132,8 @@ def markdown(record: dict[str, object]) -> str:
             f"| {row['encoder']} | {row['train_points']} | {row['probe_seconds']:.2f} | "
             f"{row['probe_accuracy']:.1f} | {row['end_to_end_seconds']:.2f} | "
             f"{row['end_to_end_accuracy']:.1f} | {row['end_to_end_epochs']:g} | "
-            f"{row['reached']}/{settings['repeats']} | {'' if row['reached'] else '>= '}"
+            f"{row['reached']}/{settings['repeats']} | "
+            f"{'' if row['reached'] == settings['repeats'] else '>= '}"
             f"{row['ratio']:.1f}x |"
         )
     return "\n".join(lines)
@@ -136,7 +143,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoders", default="standard,adversarial")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=100)
+    # The best of 1e-3, 3e-3, 1e-2 and 3e-2 on the standard encoder (60 epochs: 80.4%,
+    # 86.2%, 87.6% at 30 epochs, 89.8%; the probe: 93.4%).
+    parser.add_argument("--lr", type=float, default=3e-2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--tolerance", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_adapt")
@@ -148,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "repeats": args.repeats,
             "epochs": args.epochs,
             "batch": args.batch,
+            "lr": args.lr,
             "tolerance": args.tolerance,
         },
         "rows": [bench(name, args) for name in args.encoders.split(",")],

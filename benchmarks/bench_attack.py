@@ -41,8 +41,11 @@ THREATS = (ThreatModel(Norm.LINF, 0.1), ThreatModel(Norm.L2, 1.0))
 
 
 def _bare_loop(model: nn.Module, x: Tensor, steps: int, loss: Callable[[Tensor], Tensor]) -> None:
-    """The floor of any gradient attack: ``steps`` forward and backward passes, nothing else."""
-    x_adv = x.clone()
+    """The floor of any gradient attack: ``steps`` forward and backward passes, nothing
+    else. It starts, as the attacks do, from a random point of the threat set: at the
+    clean point the gradients of the shift are tiny, and on a CPU their subnormal
+    floats can make a backward pass several times slower than an attack's."""
+    x_adv = (x + THREATS[0].eps * (2 * torch.rand_like(x) - 1)).clamp(0, 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         (grad,) = torch.autograd.grad(loss(model(x_adv)), x_adv)
@@ -102,6 +105,23 @@ def _peer_attacks(
     return {"torchattacks": torchattacks_pgd, "foolbox": run_foolbox}
 
 
+class _Watched(nn.Module):
+    """The model, noting which points were ever misclassified at a batch the attack sent
+    it. Ours counts a point broken at any iterate, the peers only at their last: scoring
+    the peers through this wrapper counts their every iterate too."""
+
+    def __init__(self, model: nn.Module, y: Tensor) -> None:
+        super().__init__()
+        self.model, self.y = model, y
+        self.broken = torch.zeros_like(y, dtype=torch.bool)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits: Tensor = self.model(x)
+        if len(x) == len(self.y):
+            self.broken |= logits.detach().argmax(dim=1) != self.y
+        return logits
+
+
 def peers(
     model: nn.Module, x: Tensor, y: Tensor, steps: int, repeats: int
 ) -> list[dict[str, object]]:
@@ -117,25 +137,27 @@ def peers(
                 model, x, y, threat, steps=steps, step_size=alpha, seed=0, batch_size=len(x)
             ).robust
 
-        found = {"robust-transfer": ours}
+        robust: dict[str, tuple[Tensor, Tensor | None]] = {"robust-transfer": (ours(), None)}
+        runs: dict[str, Callable[[], object]] = {"robust-transfer": ours}
         for name, attack in _peer_attacks(model, threat, steps, alpha).items():
-
-            def theirs(attack: Callable[[Tensor, Tensor], Tensor] = attack) -> Tensor:
-                x_adv = attack(x, y)
-                with torch.no_grad():
-                    return clean & (model(x_adv).argmax(dim=1) == y)
-
-            found[name] = theirs
-        seconds = {name: median_seconds(repeats, run) for name, run in found.items()}
-        accuracy = {name: 100 * float(run().float().mean()) for name, run in found.items()}
-        for name in found:
+            watched = _Watched(model, y).eval()
+            x_adv = _peer_attacks(watched, threat, steps, alpha)[name](x, y)
+            with torch.no_grad():
+                last = clean & (watched(x_adv).argmax(dim=1) == y)
+            robust[name] = (clean & ~watched.broken, last)
+            runs[name] = lambda attack=attack: attack(x, y)
+        seconds = {name: median_seconds(repeats, run) for name, run in runs.items()}
+        for name, (any_step, last_step) in robust.items():
             rows.append(
                 {
                     "threat": str(threat),
                     "attack": name,
                     "ms_per_step": 1000 * seconds[name] / steps,
                     "time_vs_ours": seconds[name] / seconds["robust-transfer"],
-                    "robust_acc": accuracy[name],
+                    "robust_acc_any_iterate": 100 * float(any_step.float().mean()),
+                    "robust_acc_last_iterate": None
+                    if last_step is None
+                    else 100 * float(last_step.float().mean()),
                 }
             )
     return rows
@@ -168,18 +190,23 @@ def markdown(record: dict[str, object]) -> str:
         f"{settings['encoder']} encoder and a linear probe; step size 2.5 eps / steps, one "
         "random start, cross-entropy)",
         "",
-        "| threat | attack | ms/step | time / ours | robust accuracy % |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| threat | attack | ms/step | time / ours | robust acc. %, any iterate "
+        "| robust acc. %, last iterate |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for row in record["peers"]:  # type: ignore[attr-defined]
+        last = row["robust_acc_last_iterate"]
         lines.append(
             f"| {row['threat']} | {row['attack']} | {row['ms_per_step']:.1f} | "
-            f"{row['time_vs_ours']:.2f} | {row['robust_acc']:.1f} |"
+            f"{row['time_vs_ours']:.2f} | {row['robust_acc_any_iterate']:.1f} | "
+            f"{'-' if last is None else f'{last:.1f}'} |"
         )
     lines += [
         "",
-        "Ours counts a point broken if any iterate misclassifies it, the peers only if the last "
-        "one does; the random starts differ between libraries.",
+        "Ours counts a point broken at any iterate; the peers keep only their last, so their "
+        "every iterate is also scored (through a wrapper that watches each batch they send "
+        "the model; the times come from runs without it). Random starts differ between "
+        "libraries, and torchattacks' L2 start is not uniform in the ball.",
     ]
     return "\n".join(lines)
 
@@ -197,9 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder = encoder_named(args.encoder).to(device)
     split = get_task("mnist-5-9").downstream
-    head = train_linear_probe(
-        extract_features(encoder, split.train.x.to(device)), split.train.y.to(device)
-    )
+    head = train_linear_probe(extract_features(encoder, split.train.x), split.train.y)
     model = nn.Sequential(encoder, head.to(device)).eval()
     x, y = split.test.x[: args.batch].to(device), split.test.y[: args.batch].to(device)
 

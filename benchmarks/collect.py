@@ -18,6 +18,7 @@ ORDER = (
     "bench_attack",
     "bench_tail",
     "bench_expected",
+    "bench_expected_encoders",
     "bench_certify",
     "bench_adapt",
     "bench_scale",
@@ -42,8 +43,9 @@ def collect(results: Path) -> str:
         "# Benchmark results",
         "",
         "Written by `make bench` (each benchmark, then `python benchmarks/collect.py`). Every "
-        "ratio inside a section was measured in that section's one run; times are medians of "
-        "the repeats each section states. Each section names the command that reproduces it.",
+        "ratio inside a section was measured in that section's one run. Each section says "
+        "whether its times are medians of repeats or single runs (where many heads, threats "
+        "or sizes are the repeats), where it was measured, and the command that reproduces it.",
         "",
         "| benchmark | measured with |",
         "| --- | --- |",

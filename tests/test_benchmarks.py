@@ -71,9 +71,11 @@ def test_the_attack_benchmark_runs_small(tmp_path: Path) -> None:
     assert isinstance(limit, list)
     assert isinstance(peers, list)
     assert [row["method"] for row in limit] == ["pgd", "apgd"] * 2
-    assert all(row["ratio"] > 0 for row in limit)
     assert {row["attack"] for row in peers} == {"robust-transfer", "torchattacks", "foolbox"}
-    assert all(0 <= row["robust_acc"] <= 100 for row in peers)
+    for row in peers:
+        # A peer's every iterate holds its last: scoring all of them breaks at least as many.
+        if row["attack"] != "robust-transfer":
+            assert row["robust_acc_any_iterate"] <= row["robust_acc_last_iterate"]
     assert "| threat | attack | ms/step |" in out.with_suffix(".md").read_text()
 
 
@@ -85,9 +87,8 @@ def test_the_adaptation_benchmark_runs_small(tmp_path: Path) -> None:
         ["--encoders", "random", "--repeats", "1", "--epochs", "1", "--out", str(out)]
     )
     (row,) = record["rows"]  # type: ignore[misc]
-    assert row["probe_seconds"] > 0
-    assert row["end_to_end_epochs"] == 1
-    assert 0 <= row["end_to_end_accuracy"] <= 100
+    assert row["ratio"] == pytest.approx(row["end_to_end_seconds"] / row["probe_seconds"])
+    assert row["probe_accuracy"] > 40  # even random features separate five digits well
     assert "| encoder | train points | probe s |" in out.with_suffix(".md").read_text()
 
 
@@ -100,11 +101,14 @@ def test_the_expected_benchmark_runs_small_and_counts_heads_past_the_groupings(
     assert bench_expected._groupings(5) == 51
     assert len(bench_expected.label_sets(5, 60, seed=0)) == 51
     out = tmp_path / "expected"
-    argv = ["--encoders", "random", "--points", "6", "--heads", "1", "3", "--aa-heads", "0"]
-    record = bench_expected.main([*argv, "--wide-points", "0", "--out", str(out)])
+    argv = ["--encoders", "random", "--points", "6", "--heads", "1", "3", "--aa-heads", "1"]
+    record = bench_expected.main(
+        [*argv, "--aa-points", "2", "--wide-points", "0", "--out", str(out)]
+    )
     (result,) = record["encoders"]  # type: ignore[misc]
     assert [row["heads"] for row in result["timing"]] == [1, 3]
     assert result["errors_vs_study_pgd"]["expected"]["pairs"] == 3 * 6
+    assert result["errors_vs_autoattack"]["study PGD"]["pairs"] == 6  # one head, six eps
     assert result["fitted_s"]["study_pgd"]["per_head"] > 0
     assert "Fitted over every K measured" in out.with_suffix(".md").read_text()
 
@@ -158,8 +162,9 @@ def test_the_profile_benchmark_runs_small(tmp_path: Path) -> None:
     paths = record["paths"]
     assert isinstance(paths, dict)
     assert len(paths) == 5
-    for path in paths.values():
-        assert path["wall_s"] > 0
-        assert 0 <= path["compiled_share"] <= 1
-        assert path["top"][0]["own_s"] >= path["top"][-1]["own_s"]
+    # The attack and the estimator's profile are backward passes, inside torch's engine.
+    for name, path in paths.items():
+        if name.startswith(("representation attack", "estimator profile")):
+            assert any("run_backward" in t["function"] for t in path["top"])
+            assert path["compiled_share"] > 0.5
     assert "| path | wall s | compiled share |" in out.with_suffix(".md").read_text()

@@ -359,17 +359,29 @@ def test_runtime_is_checked() -> None:
         Runtime.detect("tpu:0")
 
 
-def test_feature_extraction_checks_every_input_once_by_either_route() -> None:
+def test_feature_extraction_checks_every_input_once_by_either_route(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from torch.utils.data import TensorDataset
 
-    from robust_transfer import extract_features
+    from robust_transfer import extract_features, features
     from robust_transfer.errors import InputError
 
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     x = torch.rand(10, 3, 2, 2)
     labels = torch.zeros(10, dtype=torch.long)
+    checked: list[int] = []
+    check = features.check_images
+
+    def counting(value: object, name: str = "x") -> Tensor:
+        checked.append(len(value))  # type: ignore[arg-type]
+        return check(value, name)
+
+    monkeypatch.setattr(features, "check_images", counting)
     by_tensor = extract_features(encoder, x, batch_size=4)
+    assert checked == [10]  # the whole tensor, once
     by_dataset = extract_features(encoder, TensorDataset(x, labels), batch_size=4)
+    assert checked == [10, 4, 4, 2]  # then each batch of the data set as it comes
     assert torch.equal(by_tensor, by_dataset)
     for bad, match in ((float("nan"), "NaN"), (1.5, r"\[0, 1\]")):
         broken = x.clone()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -32,23 +34,26 @@ def extract_features(
     if not isinstance(encoder, nn.Module):
         raise InputTypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
     check_positive_int(batch_size, "batch_size")
+    chunks: Iterable[Tensor]
     if isinstance(data, Tensor):
         check_images(data)
-        chunks: list[Tensor] = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
-        checked = True
+        chunks = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
+        total = len(chunks)
     elif isinstance(data, Dataset):
-        # Items arrive a batch at a time: each batch is checked as it comes.
-        checked = False
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=_collate_inputs)
-        chunks = loader  # type: ignore[assignment]
+        # Items arrive a batch at a time: each batch is checked as it comes.
+        chunks = (check_images(batch) for batch in loader)
+        total = len(loader)
     else:
         raise InputTypeError(f"data must be a tensor or a torch Dataset, got {type(data).__name__}")
     device = model_device(encoder, torch.device("cpu"))
     parts = []
     with eval_mode(encoder, purpose="feature extraction"), torch.no_grad():
-        for chunk in tqdm(chunks, desc="features", disable=not progress, unit="batch", leave=False):
-            inputs = chunk if checked else check_images(chunk)
-            parts.append(encoder(inputs.to(device)).flatten(1).cpu())
+        batches = tqdm(
+            chunks, total=total, desc="features", disable=not progress, unit="batch", leave=False
+        )
+        for chunk in batches:
+            parts.append(encoder(chunk.to(device)).flatten(1).cpu())
     if not parts:
         raise InputError("data is empty")
     return torch.cat(parts)
