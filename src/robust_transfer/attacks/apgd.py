@@ -4,8 +4,9 @@ and a per-sample step size that halves at checkpoints where the ascent stalls, e
 halving restarting from the sample's best point.
 
 It serves the same :data:`~.engine.Objective` as :func:`~.engine.maximize` and runs the
-same number of forward and backward passes per step; where PGD's fixed schedule leaves
-a sample stuck (the tail of the attacked shift), the adaptive step keeps moving.
+same number of forward and backward passes (the last iterate only forward); where PGD's
+fixed schedule leaves a sample stuck (the tail of the attacked shift), the adaptive step
+keeps moving.
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ def checkpoints(steps: int) -> list[int]:
         gap = max(gap - shrink, least)
         mark += gap
     return marks
+
+
+def _score(
+    objective: Objective, x_adv: Tensor, rows: Tensor, restart: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """The objective and success at ``x_adv``, without a gradient (the last iterate's)."""
+    with torch.no_grad(), search_autocast(x_adv.device):
+        score, success = objective(x_adv, rows, restart)
+    if success is None:
+        success = torch.zeros_like(score, dtype=torch.bool)
+    return score.to(dtype), success
 
 
 def _score_and_grad(
@@ -88,6 +100,10 @@ def maximize_apgd(
                 z = threat.project(
                     x0, x_k + _MOMENTUM * (z - x_k) + (1 - _MOMENTUM) * (x_k - x_prev)
                 )
+            if k == settings.steps - 1:
+                # Nothing steps from the last iterate: it needs no gradient.
+                best.offer(rows, z, *_score(objective, z, rows, restart, x.dtype))
+                break
             score, success, grad = _score_and_grad(objective, z, rows, restart, x.dtype)
             best.offer(rows, z, score, success)
             raised += (score > score_k).float()
