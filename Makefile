@@ -29,7 +29,7 @@ test: lint
 # About an hour on 2 cores: every benchmark, then benchmarks/RESULTS.md, whose figures
 # the README quotes.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_attack.py --resnet-batch 16 --repeats 5
+	$(BIN)/python benchmarks/bench_attack.py --resnet-batch 16 --repeats 7
 	$(BIN)/python benchmarks/bench_tail.py --encoders standard,adversarial,simclr
 	$(BIN)/python benchmarks/bench_expected.py --encoders simclr --points 200 --aa-heads 1 --aa-points 50
 	$(BIN)/python benchmarks/bench_certify.py

@@ -73,18 +73,29 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(repeats: int, run: Callable[[], object]) -> float:
-    """The median of ``repeats`` timed runs after one untimed warm-up (on a GPU, each
-    timed to the end of its kernels)."""
-    run()
-    times = []
-    for _ in range(max(1, repeats)):
-        _synchronize()
-        start = time.perf_counter()
+def interleaved(repeats: int, runs: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
+    """Seconds of each run in ``repeats`` rounds after one untimed warm-up each. Every
+    round times every run once, in an order rotated from round to round, so a drift of
+    the machine's speed (a shared host) hits all runs alike: compare them by the median
+    of their per-round ratios. On a GPU each run is timed to the end of its kernels."""
+    names = list(runs)
+    for run in runs.values():
         run()
-        _synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(max(1, repeats)):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            _synchronize()
+            start = time.perf_counter()
+            runs[name]()
+            _synchronize()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """The median over rounds of ``name``'s time over ``reference``'s."""
+    return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
 
 
 def write(out: Path, record: dict[str, object], markdown: str) -> None:

@@ -6,9 +6,9 @@ forward and backward passes of the same encoder and batch, for the default study
 small CNN and a ResNet-18 (weights do not change the cost, so it is built untrained).
 The peers: our classifier PGD, torchattacks' and foolbox's on the same model (the
 pretrained encoder and a linear probe on digits 5-9), the same held-out points, steps,
-step size and one random start, under Linf and L2: time and robust accuracy. Every
-time is the median of ``--repeats`` runs after a warm-up, and every ratio is measured in
-this one run.
+step size and one random start, under Linf and L2: time and robust accuracy. The runs
+compared are timed in ``--repeats`` interleaved rounds after a warm-up (a drift of the
+machine's speed then hits them alike): a ratio is the median of the per-round ratios.
 
     python benchmarks/bench_attack.py [--batch 256] [--steps 20] [--repeats 5]
 """
@@ -16,6 +16,7 @@ this one run.
 from __future__ import annotations
 
 import argparse
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import foolbox
 import torch
 import torchattacks
 from _encoders import encoder_named
-from _record import RESULTS, command, describe, environment, median_seconds, write
+from _record import RESULTS, command, describe, environment, interleaved, median_ratio, write
 from torch import Tensor, nn
 
 from robust_transfer import (
@@ -59,25 +60,24 @@ def limit(
     with torch.no_grad():
         clean = encoder(x)
     threat = THREATS[0]
-    bare = median_seconds(
-        repeats, lambda: _bare_loop(encoder, x, steps, lambda f: (f - clean).pow(2).sum())
-    )
+    runs: dict[str, Callable[[], object]] = {
+        "bare": lambda: _bare_loop(encoder, x, steps, lambda f: (f - clean).pow(2).sum())
+    }
+    for method in ("pgd", "apgd"):
+        runs[method] = lambda method=method: attack_representation(
+            encoder, x, threat, steps=steps, seed=0, method=method, batch_size=len(x)
+        )
+    times = interleaved(repeats, runs)
     rows = []
     for method in ("pgd", "apgd"):
-        ours = median_seconds(
-            repeats,
-            lambda method=method: attack_representation(
-                encoder, x, threat, steps=steps, seed=0, method=method, batch_size=len(x)
-            ),
-        )
         rows.append(
             {
                 "encoder": name,
                 "batch": len(x),
                 "method": method,
-                "bare_ms_per_step": 1000 * bare / steps,
-                "attack_ms_per_step": 1000 * ours / steps,
-                "ratio": ours / bare,
+                "bare_ms_per_step": 1000 * statistics.median(times["bare"]) / steps,
+                "attack_ms_per_step": 1000 * statistics.median(times[method]) / steps,
+                "ratio": median_ratio(times, method, "bare"),
             }
         )
     return rows
@@ -146,14 +146,14 @@ def peers(
                 last = clean & (watched(x_adv).argmax(dim=1) == y)
             robust[name] = (clean & ~watched.broken, last)
             runs[name] = lambda attack=attack: attack(x, y)
-        seconds = {name: median_seconds(repeats, run) for name, run in runs.items()}
+        times = interleaved(repeats, runs)
         for name, (any_step, last_step) in robust.items():
             rows.append(
                 {
                     "threat": str(threat),
                     "attack": name,
-                    "ms_per_step": 1000 * seconds[name] / steps,
-                    "time_vs_ours": seconds[name] / seconds["robust-transfer"],
+                    "ms_per_step": 1000 * statistics.median(times[name]) / steps,
+                    "time_vs_ours": median_ratio(times, name, "robust-transfer"),
                     "robust_acc_any_iterate": 100 * float(any_step.float().mean()),
                     "robust_acc_last_iterate": None
                     if last_step is None
@@ -170,8 +170,9 @@ def markdown(record: dict[str, object]) -> str:
         "# Attack cost: the limit and the peers",
         "",
         f"{describe(record['environment'])}",  # type: ignore[arg-type]
-        f"Reproduce: `{settings['command']}`. Times are medians of {settings['repeats']} runs "
-        f"after a warm-up; {settings['steps']} steps.",
+        f"Reproduce: `{settings['command']}`. {settings['steps']} steps. After a warm-up, "
+        f"the runs compared are timed in {settings['repeats']} interleaved rounds: times are "
+        "medians over rounds, ratios the medians of the per-round ratios.",
         "",
         "## The limit: representation attack per step against a bare forward and backward",
         "",
