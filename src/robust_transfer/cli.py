@@ -29,7 +29,7 @@ from .models.specs import FORMS
 from .pipeline import run_study
 from .report.render import write_report
 from .report.tables import text
-from .runtime import Precision, Runtime
+from .runtime import Precision, Runtime, release_processes
 from .schema import RESULTS_FILE, Array, Arrays, Field, Record, check_results
 from .study.config import default_config, default_config_text, load_config, parse_config
 from .study.evaluate import attacked_shift, classification_theory, measure_shift
@@ -569,6 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RobustTransferError as err:
         print(f"robust-transfer {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        release_processes()
 
 
 if __name__ == "__main__":
