@@ -83,26 +83,31 @@ def limit(
     return rows
 
 
-def _peer_attacks(
-    model: nn.Module, threat: ThreatModel, steps: int, alpha: float
-) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
-    """Each peer as ``(x, y) -> x_adv`` at our settings."""
-    linf = threat.norm is Norm.LINF
-    torchattacks_pgd = (
-        torchattacks.PGD(model, eps=threat.eps, alpha=alpha, steps=steps)
-        if linf
-        else torchattacks.PGDL2(model, eps=threat.eps, alpha=alpha, steps=steps)
-    )
-    foolbox_model = foolbox.PyTorchModel(model, bounds=(0.0, 1.0))
-    foolbox_pgd = (foolbox.attacks.LinfPGD if linf else foolbox.attacks.L2PGD)(
-        abs_stepsize=alpha, steps=steps, random_start=True
-    )
+Attack = Callable[[Tensor, Tensor], Tensor]
 
-    def run_foolbox(x: Tensor, y: Tensor) -> Tensor:
-        _, clipped, _ = foolbox_pgd(foolbox_model, x, y, epsilons=threat.eps)
+
+def _torchattacks_pgd(model: nn.Module, threat: ThreatModel, steps: int, alpha: float) -> Attack:
+    kind = torchattacks.PGD if threat.norm is Norm.LINF else torchattacks.PGDL2
+    return kind(model, eps=threat.eps, alpha=alpha, steps=steps)
+
+
+def _foolbox_pgd(model: nn.Module, threat: ThreatModel, steps: int, alpha: float) -> Attack:
+    fmodel = foolbox.PyTorchModel(model, bounds=(0.0, 1.0))
+    kind = foolbox.attacks.LinfPGD if threat.norm is Norm.LINF else foolbox.attacks.L2PGD
+    attack = kind(abs_stepsize=alpha, steps=steps, random_start=True)
+
+    def run(x: Tensor, y: Tensor) -> Tensor:
+        _, clipped, _ = attack(fmodel, x, y, epsilons=threat.eps)
         return clipped
 
-    return {"torchattacks": torchattacks_pgd, "foolbox": run_foolbox}
+    return run
+
+
+# Each peer at our settings, as (model, threat, steps, step size) -> (x, y) -> x_adv.
+PEERS: dict[str, Callable[[nn.Module, ThreatModel, int, float], Attack]] = {
+    "torchattacks": _torchattacks_pgd,
+    "foolbox": _foolbox_pgd,
+}
 
 
 class _Watched(nn.Module):
@@ -139,12 +144,13 @@ def peers(
 
         robust: dict[str, tuple[Tensor, Tensor | None]] = {"robust-transfer": (ours(), None)}
         runs: dict[str, Callable[[], object]] = {"robust-transfer": ours}
-        for name, attack in _peer_attacks(model, threat, steps, alpha).items():
+        for name, make in PEERS.items():
             watched = _Watched(model, y).eval()
-            x_adv = _peer_attacks(watched, threat, steps, alpha)[name](x, y)
+            x_adv = make(watched, threat, steps, alpha)(x, y)
             with torch.no_grad():
                 last = clean & (watched(x_adv).argmax(dim=1) == y)
             robust[name] = (clean & ~watched.broken, last)
+            attack = make(model, threat, steps, alpha)
             runs[name] = lambda attack=attack: attack(x, y)
         times = interleaved(repeats, runs)
         for name, (any_step, last_step) in robust.items():

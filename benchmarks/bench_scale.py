@@ -123,10 +123,11 @@ def _measure(points: int, shard: int, steps: int) -> dict[str, float]:
 
 
 def _records(out: Path) -> list[dict[str, object]]:
-    from robust_transfer.schema import RESULTS_FILE
+    """A run's records without their timings (what two runs may share)."""
+    from robust_transfer.schema import RESULTS_FILE, records_of
 
-    results = json.loads((out / RESULTS_FILE).read_text())
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in results["records"]]
+    records = records_of(json.loads((out / RESULTS_FILE).read_text()))
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
 def processes(points: int, shard: int, steps: int) -> dict[str, object]:

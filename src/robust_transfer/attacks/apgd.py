@@ -47,8 +47,8 @@ def checkpoints(steps: int) -> list[int]:
 def _score(
     objective: Objective, x_adv: Tensor, rows: Tensor, restart: int, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """The objective and success at ``x_adv``, without a gradient (the last iterate's)."""
-    with torch.no_grad(), search_autocast(x_adv.device):
+    """The objective and success at ``x_adv`` (with a graph when grad mode is on)."""
+    with search_autocast(x_adv.device):
         score, success = objective(x_adv, rows, restart)
     if success is None:
         success = torch.zeros_like(score, dtype=torch.bool)
@@ -59,12 +59,9 @@ def _score_and_grad(
     objective: Objective, x_adv: Tensor, rows: Tensor, restart: int, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
     x_adv = x_adv.detach().requires_grad_(True)
-    with torch.enable_grad(), search_autocast(x_adv.device):
-        score, success = objective(x_adv, rows, restart)
-    score = score.to(dtype)
+    with torch.enable_grad():
+        score, success = _score(objective, x_adv, rows, restart, dtype)
     (grad,) = torch.autograd.grad(score.sum(), x_adv)
-    if success is None:
-        success = torch.zeros_like(score, dtype=torch.bool)
     return score.detach(), success, grad
 
 
@@ -102,7 +99,8 @@ def maximize_apgd(
                 )
             if k == settings.steps - 1:
                 # Nothing steps from the last iterate: it needs no gradient.
-                best.offer(rows, z, *_score(objective, z, rows, restart, x.dtype))
+                with torch.no_grad():
+                    best.offer(rows, z, *_score(objective, z, rows, restart, x.dtype))
                 break
             score, success, grad = _score_and_grad(objective, z, rows, restart, x.dtype)
             best.offer(rows, z, score, success)
