@@ -1,5 +1,7 @@
+import numpy as np
 import pytest
 import torch
+from scipy.optimize import minimize
 
 from robust_transfer import Norm, ThreatModel, parse_eps
 
@@ -55,6 +57,42 @@ def test_linf_projection_is_euclidean() -> None:
     v = torch.tensor([[0.0, 0.45, 0.9, 2.0, -1.0]])
     expected = torch.tensor([[0.3, 0.45, 0.7, 0.7, 0.3]])
     torch.testing.assert_close(threat.project(x, v), expected)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.4, 1.5])
+def test_l2_projection_is_euclidean_onto_the_ball_and_the_box(eps: float) -> None:
+    """Against a general solver (SLSQP, nearest point of the ball and the box) on points
+    half of whose pixels sit on the box, as in digits: clipping after scaling into the ball
+    would fall short of the ball and be farther from the target."""
+    threat = ThreatModel("L2", eps)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 10, generator=generator, dtype=torch.float64)
+    x[:, :5] = (x[:, :5] > 0.5).double()
+    v = x + 0.6 * torch.randn(6, 10, generator=generator, dtype=torch.float64)
+    projected = threat.project(x, v)
+    for xi, vi, pi in zip(x.numpy(), v.numpy(), projected.numpy(), strict=True):
+        best = minimize(
+            lambda z, vi=vi: ((z - vi) ** 2).sum(),
+            np.clip(xi, 0, 1),
+            jac=lambda z, vi=vi: 2 * (z - vi),
+            bounds=[(0.0, 1.0)] * len(xi),
+            constraints=[
+                {
+                    "type": "ineq",
+                    "fun": lambda z, xi=xi: eps**2 - ((z - xi) ** 2).sum(),
+                    "jac": lambda z, xi=xi: -2 * (z - xi),
+                }
+            ],
+            method="SLSQP",
+            options={"maxiter": 500, "ftol": 1e-14},
+        )
+        np.testing.assert_allclose(pi, best.x, atol=1e-5)
+    # The naive projection (scale into the ball, then clip) is feasible but farther away.
+    delta = v - x
+    scale = (eps / delta.norm(dim=1, keepdim=True)).clamp(max=1.0)
+    naive = (x + delta * scale).clamp(0.0, 1.0)
+    assert ((projected - v).norm(dim=1) <= (naive - v).norm(dim=1) + 1e-9).all()
+    assert ((projected - v).norm(dim=1) < (naive - v).norm(dim=1) - 1e-3).any()
 
 
 @pytest.mark.parametrize("norm", ["Linf", "L2"])

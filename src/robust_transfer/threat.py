@@ -8,6 +8,7 @@ from enum import StrEnum
 from fractions import Fraction
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import InputError, InputTypeError
@@ -20,6 +21,39 @@ _TINY = 1e-12
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     """Shape a (N,) tensor to broadcast against a batch shaped like ``like``."""
     return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def l2_multiplier(size: Tensor, cap: Tensor, eps: float) -> Tensor:
+    """The largest ``lambda`` with ``sum_i min(lambda * size_i, cap_i)^2 <= eps^2`` per
+    row of ``size`` and ``cap`` (..., d), both non-negative (``inf`` where every
+    coordinate reaches its cap within ``eps``), in float64.
+
+    Moving coordinate ``i`` by ``min(lambda * size_i, cap_i)``, with ``cap_i`` its room to
+    the box, is how both the ``L2`` projection onto the ball and the box and the
+    first-order worst case spend an ``L2`` budget. Sorting the breakpoints
+    ``cap_i / size_i`` at which coordinates reach their caps gives the squared norm as
+    ``capped^2 + lambda^2 * free^2`` between breakpoints, so ``lambda`` is solved in closed
+    form on the segment where the norm reaches ``eps``.
+    """
+    a = size.double()
+    cap = cap.double().expand_as(a)
+    breaks = torch.where(a > 0, cap / a.clamp(min=torch.finfo(a.dtype).tiny), torch.inf)
+    breaks, order = breaks.sort(dim=-1)
+    a_sorted, cap_sorted = a.gather(-1, order), cap.gather(-1, order)
+    # After k coordinates are capped: their squared room, and the rest's squared size.
+    capped_sq = F.pad(cap_sorted.pow(2).cumsum(-1), (1, 0))
+    free_sq = a.pow(2).sum(-1, keepdim=True) - F.pad(a_sorted.pow(2).cumsum(-1), (1, 0))
+    free_sq = free_sq.clamp(min=0.0)
+    # The squared norm at each breakpoint; the answer caps the coordinates whose
+    # breakpoint keeps it within eps^2.
+    finite = torch.isfinite(breaks)
+    at_break = capped_sq[..., :-1] + torch.where(finite, breaks, 0.0).pow(2) * free_sq[..., :-1]
+    at_break = torch.where(finite, at_break, torch.inf)
+    k = (at_break <= eps**2).sum(dim=-1, keepdim=True)
+    rest = (eps**2 - capped_sq.gather(-1, k)).clamp(min=0.0)
+    free = free_sq.gather(-1, k)
+    tiny = torch.finfo(a.dtype).tiny
+    return torch.where(free > 0, (rest / free.clamp(min=tiny)).sqrt(), torch.inf).squeeze(-1)
 
 
 def _draw(
@@ -120,21 +154,22 @@ class ThreatModel:
         return norms
 
     def project(self, x: Tensor, x_adv: Tensor) -> Tensor:
-        """A point of ``B(x)`` for every row of ``x_adv``.
+        """The Euclidean projection of every row of ``x_adv`` onto ``B(x)``.
 
-        For ``Linf`` this is the Euclidean projection. For ``L2`` it is the projection
-        onto the ball followed by clipping to the box; clipping towards a box that
-        contains ``x`` only shrinks each coordinate of the perturbation, so the result
-        stays in the ball.
+        For ``Linf`` the set is a box, so coordinates clip independently. For ``L2`` the
+        projection onto the ball and the box is ``clip(x + t * delta)`` with the largest
+        ``t <= 1`` that keeps it in the ball (the KKT conditions of the projection give
+        ``clip(x + delta / (1 + mu))``). Scaling into the ball and then clipping, as is
+        common, wastes the budget the clipped coordinates release: on digits, whose
+        pixels mostly sit at 0 or 1, a random step keeps about 60% of its norm.
         """
         delta = x_adv - x
         if self.norm is Norm.LINF:
-            delta = delta.clamp(-self.eps, self.eps)
-        else:
-            norms = torch.linalg.vector_norm(delta.flatten(1), dim=1).clamp_min(_TINY)
-            factor = (self.eps / norms).clamp(max=1.0)
-            delta = delta * _per_sample(factor, delta)
-        return (x + delta).clamp(0.0, 1.0)
+            return (x + delta.clamp(-self.eps, self.eps)).clamp(0.0, 1.0)
+        flat, base = delta.flatten(1), x.flatten(1)
+        room = torch.where(flat > 0, 1.0 - base, base).clamp(min=0.0)
+        scale = l2_multiplier(flat.abs(), room, self.eps).clamp(max=1.0).to(delta.dtype)
+        return (x + delta * _per_sample(scale, delta)).clamp(0.0, 1.0)
 
     def random_start(
         self, x: Tensor, source: torch.Generator | SampleNoise | None = None, *, stream: int = 0
