@@ -38,11 +38,14 @@ class AscentSettings:
     stop_at_success: bool = False
     """PGD drops a row at its first success: for callers that need only whether a
     point breaks (its best point is then the first success, not the highest score)."""
+    step_scale: float = 1.0
+    """Scales the annealed step (from ``2 * step_scale * eps``): below 1 for a search
+    that refines a point already found rather than explores."""
 
     def step_at(self, t: int, eps: float) -> float:
         if self.step_size is not None:
             return self.step_size
-        return eps * (1.0 + math.cos(math.pi * t / self.steps))
+        return self.step_scale * eps * (1.0 + math.cos(math.pi * t / self.steps))
 
 
 @dataclass(frozen=True)
