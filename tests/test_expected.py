@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import cnn_encoder, linear_encoder, random_head
 from scipy.optimize import linprog, minimize
-from torch import nn
+from torch import Tensor, nn
 
 from robust_transfer import ThreatModel, attack_classifier, expected, first_order
 from robust_transfer.errors import InputError, InputTypeError
@@ -135,10 +135,13 @@ def test_a_new_head_costs_no_encoder_pass() -> None:
         profile.expected_robust(head, y % 4, threat, refine=False)
         profile.directional_shift(head, threat)
     assert len(calls) == before
-    # The refinement: at most steps + 3 passes (clean, iterates, final) of the points
-    # near the boundary by first order's account, and only those.
-    low, high = RefineSettings().band
-    refined_points, threat = 0, ThreatModel("Linf", 0.3)
+    # The refinement: each refined point is attacked once, at most steps + 3 passes
+    # (clean, iterates, final); every point of the first band is refined, and no point
+    # beyond the limits is.
+    settings = RefineSettings()
+    (low, high), (lowest, highest) = settings.band, settings.limits
+    first_band, threat = 0, ThreatModel("Linf", 0.3)
+    reachable = 0
     for seed in range(5):
         head = random_head(12, 4, seed=seed)
         drops = profile.head_drops(head, threat)
@@ -146,12 +149,14 @@ def test_a_new_head_costs_no_encoder_pass() -> None:
         unrefined = profile.expected_robust(head, y % 4, threat, refine=False)
         own = nn.functional.one_hot(drops.prediction, 4).bool()
         share = torch.where(own, 0.0, drops.drops / drops.margins.clamp(min=1e-30)).amax(1)
-        near = (drops.prediction == y % 4) & (share >= low) & (share <= high)
-        assert torch.equal(estimate[~near], unrefined[~near])
-        refined_points += int(near.sum())
-    assert refined_points > 0
+        correct = drops.prediction == y % 4
+        within = correct & (share >= lowest) & (share <= highest)
+        assert torch.equal(estimate[~within], unrefined[~within])
+        first_band += int((correct & (share >= low) & (share <= high)).sum())
+        reachable += int(within.sum())
+    assert first_band > 0
     passes = sum(calls[before:])
-    assert refined_points * 3 <= passes <= refined_points * (RefineSettings().steps + 3)
+    assert first_band * 3 <= passes <= reachable * (settings.steps + 3)
     assert profile.backward_passes == 12
 
 
@@ -280,3 +285,60 @@ def test_bad_input_is_refused() -> None:
         RefineSettings(steps=-1)
     with pytest.raises(InputError):
         RefineSettings(band=(0.5, 0.9))
+    with pytest.raises(InputError, match="limits"):
+        RefineSettings(band=(0.5, 1.5), limits=(0.6, 3.0))
+    with pytest.raises(InputError, match="widen"):
+        RefineSettings(widen=0.0)
+
+
+class _Quadratic(nn.Module):
+    """Features ``[u, u^2]`` of ``u = w^T x - c``: an encoder that bends everywhere, whose
+    heads' exact robustness is a one-dimensional problem."""
+
+    def __init__(self, w: Tensor, c: float) -> None:
+        super().__init__()
+        self.register_buffer("w", w)
+        self.c = c
+
+    def forward(self, x: Tensor) -> Tensor:
+        u = x.flatten(1) @ self.w - self.c
+        return torch.stack([u, u * u], dim=1)
+
+
+def test_the_refinement_widens_as_far_as_the_encoder_bends() -> None:
+    """On ``q(u) = u^2 - 0.04`` as class 0 against class 1, first order is wrong both ways
+    far from the margin (too optimistic for points between the roots, too pessimistic
+    outside them). Exact answer: ``u`` sweeps an interval under ``Linf`` and the box, and
+    the point is robust when ``q`` keeps its sign on it (a convex ``q``'s minimum is at
+    its clamped vertex, its maximum at an end)."""
+    d, eps = 16, 0.1
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(400, d, generator=generator).clamp(0.05, 0.95)
+    x[:, :4] = (x[:, :4] > 0.5).float()  # pixels on the box, as in digits
+    w = torch.randn(d, generator=generator) / 4
+    encoder = _Quadratic(w, float(w.sum()) / 2).eval()
+    head = nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+        head.bias.copy_(torch.tensor([-0.04, 0.0]))
+    u = encoder(x)[:, 0].double()
+    w64, x64 = w.double(), x.double()
+    up = torch.where(w64 > 0, 1 - x64, x64).clamp(max=eps) @ w64.abs()
+    down = torch.where(w64 > 0, x64, 1 - x64).clamp(max=eps) @ w64.abs()
+    low, high = u - down, u + up
+    q = lambda v: v * v - 0.04  # noqa: E731
+    y = (q(u) <= 0).long()
+    lowest_q = q(torch.clamp(torch.zeros_like(u), low, high))
+    highest_q = torch.maximum(q(low), q(high))
+    exact = torch.where(y == 0, lowest_q > 0, highest_q <= 0)
+    threat = ThreatModel("Linf", eps)
+
+    first_order_only = profile_encoder(encoder, x).expected_robust(head, y, threat, refine=False)
+    fixed_band = profile_encoder(
+        encoder, x, refine=RefineSettings(band=(0.9, 1.1), limits=(0.9, 1.1))
+    ).expected_robust(head, y, threat)
+    widening = profile_encoder(encoder, x).expected_robust(head, y, threat)
+    # First order and the fixed band miss points far from the margin; widening finds them.
+    assert int((first_order_only != exact).sum()) >= 20
+    assert int((fixed_band != exact).sum()) >= 10
+    assert int((widening != exact).sum()) <= 2

@@ -12,10 +12,12 @@ stored rows, exact per threat model (:mod:`robust_transfer.first_order`).
 First order misses curvature: where the encoder bends, an attack moves the features
 further than the linearisation says (a SimCLR encoder here, 8x8 digits at large radii),
 or less where they saturate (large ``L2`` radii, normalisation layers). Per head and
-threat, the points near the boundary by first order's account (a drop between half and
-1.5 times the margin) are refined: a short PGD on the head's margin loss, started at the
-first-order worst point of their most threatened class, decides them. Points far from
-the boundary either way keep the first-order answer.
+threat, the points near the boundary by first order's account (a drop between 0.9 and
+1.1 times the margin) are refined: a short PGD on the head's margin loss, started at the
+first-order worst point of their most threatened class, decides them. The band widens
+ring by ring on each side for as long as the refinement keeps changing answers there, so
+an encoder that bends more is refined further out (:class:`RefineSettings`). Points far
+from the boundary either way keep the first-order answer.
 """
 
 from __future__ import annotations
@@ -44,22 +46,30 @@ _SPAN_TOLERANCE = 1e-5
 
 @dataclass(frozen=True)
 class RefineSettings:
-    """Which points of a head are refined, and how: those whose largest first-order drop
-    is between ``band[0]`` and ``band[1]`` times its margin (first order calls the point
-    robust below 1) get ``steps`` PGD steps of the margin loss; ``steps=0`` trusts first
-    order everywhere."""
+    """Which points of a head are refined, and how. A point's *share* is its largest
+    first-order drop over its margin, for the most threatened class (first order calls
+    it robust below 1). The points with a share in ``band`` get ``steps`` PGD steps of
+    the margin loss; then the band widens by ``widen`` on each side, ring by ring, for as
+    long as the last ring on that side changed an answer (the encoder bends or saturates
+    that far), up to ``limits``. ``steps=0`` trusts first order everywhere."""
 
     steps: int = 10
-    band: tuple[float, float] = (0.5, 1.5)
+    band: tuple[float, float] = (0.9, 1.1)
+    widen: float = 0.1
+    limits: tuple[float, float] = (0.0, 3.0)
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise InputError(f"refine steps must be a non-negative integer, got {self.steps!r}")
-        low, high = self.band
-        if not 0.0 <= low <= 1.0 <= high:
+        (low, high), (lowest, highest) = self.band, self.limits
+        if not 0.0 <= lowest <= low <= 1.0 <= high <= highest:
             raise InputError(
-                f"the refine band must hold 1 (0 <= low <= 1 <= high), got {self.band!r}"
+                "the refine band must hold 1 and lie within the limits "
+                f"(0 <= limits[0] <= band[0] <= 1 <= band[1] <= limits[1]), got band "
+                f"{self.band!r} and limits {self.limits!r}"
             )
+        if not self.widen > 0.0:
+            raise InputError(f"refine widen must be positive, got {self.widen!r}")
 
 
 @dataclass(frozen=True)
@@ -172,20 +182,42 @@ class EncoderProfile:
         own = nn.functional.one_hot(prediction, margins.shape[1]).bool()
         correct = prediction == y
         robust = correct & ((margins > drops.drops) | own).all(dim=1)
+        if not refine or self.refine.steps == 0:
+            return robust
         # The drop over the margin of the most threatened class (inf on a tie).
         share = torch.where(own, 0.0, drops.drops / margins.clamp(min=1e-30)).amax(dim=1)
+        device = model_device(self.encoder, self.x.device)
+        model = nn.Sequential(self.encoder, copy.deepcopy(head).to(device)).eval()
+        (lowest, highest), widen = self.refine.limits, self.refine.widen
         low, high = self.refine.band
-        thin = correct & (share >= low) & (share <= high)
-        if not refine or self.refine.steps == 0 or not bool(thin.any()):
-            return robust
-        rows = thin.nonzero().flatten()
-        slack = torch.where(own, torch.inf, margins - drops.drops)[rows]
+        ring = correct & (share >= low) & (share <= high)
+        while bool(ring.any()):
+            rows = ring.nonzero().flatten()
+            first = robust[rows]
+            robust[rows] = self._attack(model, drops, y, threat, rows)
+            changed = robust[rows] != first
+            # A side widens only while its last ring changed an answer: an attack broke a
+            # point first order called robust (below 1), or failed to break one it did not.
+            ring = torch.zeros_like(ring)
+            if bool((changed & first).any()) and low > lowest:
+                low, inner = max(lowest, low - widen), low
+                ring |= correct & (share >= low) & (share < inner)
+            if bool((changed & ~first).any()) and high < highest:
+                high, inner = min(highest, high + widen), high
+                ring |= correct & (share > inner) & (share <= high)
+        return robust
+
+    def _attack(
+        self, model: nn.Module, drops: HeadDrops, y: Tensor, threat: ThreatModel, rows: Tensor
+    ) -> Tensor:
+        """Whether ``rows`` survive the refinement's PGD, started at the first-order
+        worst point of their most threatened class."""
+        own = nn.functional.one_hot(drops.prediction[rows], drops.margins.shape[1]).bool()
+        slack = torch.where(own, torch.inf, drops.margins[rows] - drops.drops[rows])
         picked = drops.coefficients[rows, slack.argmin(dim=1)]  # (R, r)
         g = torch.einsum("nr,nrd->nd", picked, self.rows[rows])
         _, delta = first_order.optimum(g, self.flat_x[rows], threat)
         starts = (self.flat_x[rows] + delta).clamp(0.0, 1.0).view(-1, *self.x.shape[1:])
-        device = model_device(self.encoder, self.x.device)
-        model = nn.Sequential(self.encoder, copy.deepcopy(head).to(device)).eval()
         attacked = attack_classifier(
             model,
             self.x[rows],
@@ -197,8 +229,7 @@ class EncoderProfile:
             starts=starts,
             stop_at_success=True,
         )
-        robust[rows] = attacked.robust.to(robust.device)
-        return robust
+        return attacked.robust.to(y.device)
 
 
 def _check_head(head: object, features: int) -> None:
