@@ -3,9 +3,9 @@
 The criterion and the expected robust accuracy are per sample, so a shift that falls
 short on a few points matters even when the median is right. For built-in encoders
 (pretrained as the default study pretrains them) and one eps per threat model, the
-representation attack at the default study's budget (PGD, APGD, both, and PGD with
-both's cost) and at the library's default budget (``AttackSettings()``, twice the
-study's) is compared with a reference: 10 restarts of 500-step APGD and 10
+representation attack at the default study's budget (PGD, APGD, both with the polish,
+and PGD with the cost of both ascents) and at the library's default budget
+(``AttackSettings()``, twice the study's steps) is compared with a reference: 10 restarts of 500-step APGD and 10
 of 500-step PGD, per sample the largest shift any run found. Reported per setting: the
 median, 5th percentile and minimum of shift / reference, and each method's time.
 
@@ -70,7 +70,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"pgd {budget_name}": ("pgd", steps, restarts),
         f"apgd {budget_name}": ("apgd", steps, restarts),
         f"pgd+apgd {budget_name} (the default study's)": ("pgd+apgd", steps, restarts),
-        f"pgd {steps} steps x {2 * restarts} (same cost)": ("pgd", steps, 2 * restarts),
+        f"pgd {steps} steps x {2 * restarts} (the pair's ascents' cost)": (
+            "pgd",
+            steps,
+            2 * restarts,
+        ),
         f"pgd+apgd {library.representation_steps} steps x {library.representation_restarts} "
         "(the library default)": (
             library.representation_method,
