@@ -339,6 +339,7 @@ def test_the_refinement_widens_as_far_as_the_encoder_bends() -> None:
     ).expected_robust(head, y, threat)
     widening = profile_encoder(encoder, x).expected_robust(head, y, threat)
     # First order and the fixed band miss points far from the margin; widening finds them.
-    assert int((first_order_only != exact).sum()) >= 20
-    assert int((fixed_band != exact).sum()) >= 10
+    # Measured: 89, 74 and 0 of 400.
+    assert int((first_order_only != exact).sum()) >= 60
+    assert int((fixed_band != exact).sum()) >= 40
     assert int((widening != exact).sum()) <= 2
