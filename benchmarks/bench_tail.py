@@ -7,8 +7,8 @@ representation attack at the default study's budget (PGD, APGD, both with the po
 and PGD with the cost of both ascents) and at the library's default budget
 (``AttackSettings()``, twice the study's steps) is compared with a reference: 10
 restarts of 500-step APGD and 10 of 500-step PGD, per sample the largest shift any run
-found. Reported per setting: the
-median, 5th percentile and minimum of shift / reference, and each method's time.
+found. Reported per setting: the median, 5th percentile and minimum of shift /
+reference, and each method's time.
 
     python benchmarks/bench_tail.py [--points 100] [--encoders standard,simclr,random]
 """
