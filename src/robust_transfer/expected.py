@@ -186,11 +186,13 @@ class EncoderProfile:
             return robust
         # The drop over the margin of the most threatened class (inf on a tie).
         share = torch.where(own, 0.0, drops.drops / margins.clamp(min=1e-30)).amax(dim=1)
-        device = model_device(self.encoder, self.x.device)
-        model = nn.Sequential(self.encoder, copy.deepcopy(head).to(device)).eval()
         (lowest, highest), widen = self.refine.limits, self.refine.widen
         low, high = self.refine.band
         ring = correct & (share >= low) & (share <= high)
+        if not bool(ring.any()):
+            return robust
+        device = model_device(self.encoder, self.x.device)
+        model = nn.Sequential(self.encoder, copy.deepcopy(head).to(device)).eval()
         while bool(ring.any()):
             rows = ring.nonzero().flatten()
             first = robust[rows]

@@ -37,9 +37,14 @@ def _l2_step(g: Tensor, x: Tensor, eps: float) -> Tensor:
     return torch.where(a > 0, torch.minimum(lam * a, cap), 0.0)
 
 
+def _gain(g: Tensor, step: Tensor) -> Tensor:
+    """``sum_i |g_i| step_i``, the drop a move of ``step`` per coordinate buys."""
+    return (g.abs().double() * step).sum(dim=-1).to(g.dtype)
+
+
 def l2_drop(g: Tensor, x: Tensor, eps: float) -> Tensor:
     """The exact largest drop under ``L2``."""
-    return (g.abs().double() * _l2_step(g, x, eps)).sum(dim=-1).to(g.dtype)
+    return _gain(g, _l2_step(g, x, eps))
 
 
 def optimum(g: Tensor, x: Tensor, threat: ThreatModel) -> tuple[Tensor, Tensor]:
@@ -50,8 +55,7 @@ def optimum(g: Tensor, x: Tensor, threat: ThreatModel) -> tuple[Tensor, Tensor]:
         value = linf_drop(g, x, threat.eps)
     else:
         step64 = _l2_step(g, x, threat.eps)
-        value = (g.abs().double() * step64).sum(dim=-1).to(g.dtype)
-        step = step64.to(g.dtype)
+        value, step = _gain(g, step64), step64.to(g.dtype)
     return value, -torch.sign(g) * step
 
 

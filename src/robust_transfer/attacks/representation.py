@@ -54,7 +54,7 @@ def maximize_both(
     )
     polish = AscentSettings(_POLISH_STEPS, 1, None, step_scale=_POLISH_STEP_SCALE)
     polished = maximize(
-        objective, x, threat, polish, noise, rerun_successful=True, start=found.x_adv
+        objective, x, threat, polish, noise, rerun_successful=rerun_successful, start=found.x_adv
     )
     return keep_better(found, polished)
 
