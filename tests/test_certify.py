@@ -10,6 +10,8 @@ from robust_transfer import ThreatModel, attack_representation
 from robust_transfer.certify import Refusal, get_certifier
 from robust_transfer.certify.network import chain_interval, chain_lipschitz, decompose, run
 from robust_transfer.models import LipschitzCNN, ResNet18, SmallCNN
+from robust_transfer.models.encoders import _BasicBlock
+from robust_transfer.models.lipschitz import MaxMin
 
 
 def _jacobian_norm(module: nn.Module, x: Tensor) -> float:
@@ -184,6 +186,84 @@ def test_crown_contains_a_dense_grid_and_beats_ibp_on_a_small_relu_network() -> 
         worst = _grid_extremes(encoder, x[i : i + 1], threat.eps)
         assert float(worst.norm()) <= float(crown[i])
     assert (crown < ibp).all()
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU, MaxMin], ids=["relu", "maxmin"])
+def test_crown_intermediate_bounds_contain_the_grid_and_tighten_crown(activation: type) -> None:
+    """``crown-full`` (CROWN's own intermediate bounds) against the same grid oracle: it
+    must hold the grid's worst deviation, never be looser than ``crown`` with IBP
+    intermediate bounds, and be tighter somewhere on a network three layers deep."""
+    torch.manual_seed(16)
+    encoder = nn.Sequential(
+        nn.Linear(2, 16),
+        activation(),
+        nn.Linear(16, 16),
+        activation(),
+        nn.Linear(16, 16),
+        activation(),
+        nn.Linear(16, 4),
+    ).eval()
+    threat = ThreatModel("Linf", 0.1)
+    x = torch.tensor([[0.5, 0.5], [0.3, 0.7], [0.05, 0.9], [0.95, 0.02]])
+    full = get_certifier("crown-full").certify(encoder, x, threat)
+    crown = get_certifier("crown").certify(encoder, x, threat)
+    assert not isinstance(full, Refusal)
+    assert not isinstance(crown, Refusal)
+    for i in range(len(x)):
+        worst = _grid_extremes(encoder, x[i : i + 1], threat.eps)
+        assert float(worst.norm()) <= float(full[i])
+    assert (full <= crown * (1 + 1e-6)).all()
+    assert (full < 0.9 * crown).any()
+
+
+@pytest.mark.parametrize("side", [7, 8])
+def test_the_transposed_convolution_is_autograd_s_vector_jacobian_product(side: int) -> None:
+    """CROWN's backward pass through a convolution (a transposed convolution, padded to
+    the input's size) against autograd's, on strides and sizes that leave input rows
+    outside every window."""
+    torch.manual_seed(17)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
+    x = torch.rand(1, 3, side, side)
+    net = decompose(nn.Sequential(conv).eval(), x)
+    assert not isinstance(net, Refusal)
+    op = net.ops[0]
+    assert op.transpose is not None
+    rows = torch.randn(4, *conv(x).shape[1:])
+    point = x.expand(4, -1, -1, -1).clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(conv(point), point, grad_outputs=rows)
+    assert torch.allclose(op.transpose(rows, x.shape[1:]), expected, atol=1e-5)
+
+
+def test_crown_intermediate_bounds_are_sound_on_the_lipschitz_cnn_and_residual_blocks() -> None:
+    torch.manual_seed(18)
+    residual = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        _BasicBlock(4, 8, 2),
+        _BasicBlock(8, 8, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    for encoder, shape in (
+        (LipschitzCNN(image_shape=(1, 8, 8), feature_dim=6).eval(), (1, 8, 8)),
+        (residual.eval(), (3, 8, 8)),
+    ):
+        x = torch.rand(2, *shape)
+        threat = ThreatModel("Linf", 2 / 255)
+        full = get_certifier("crown-full").certify(encoder, x, threat)
+        crown = get_certifier("crown").certify(encoder, x, threat)
+        assert not isinstance(full, Refusal)
+        assert not isinstance(crown, Refusal)
+        assert (full <= crown * (1 + 1e-6)).all()
+        attacked = attack_representation(encoder, x, threat, steps=20, restarts=2)
+        assert (attacked.shift <= full).all()
+        for i in range(len(x)):
+            delta = (torch.rand(500, *shape) * 2 - 1) * threat.eps
+            with torch.no_grad():
+                shifts = (encoder((x[i] + delta).clamp(0, 1)) - encoder(x[i : i + 1])).norm(dim=1)
+            assert (shifts <= full[i]).all()
 
 
 def test_crown_is_exact_for_an_affine_encoder() -> None:

@@ -31,6 +31,7 @@ from .lipschitz import LipschitzCertifier, lipschitz_shift
 register_certifier(LipschitzCertifier())
 register_certifier(IBPCertifier())
 register_certifier(CROWNCertifier())
+register_certifier(CROWNCertifier(intermediate="crown"))
 
 
 class NoCertificate(RobustTransferError, ValueError):

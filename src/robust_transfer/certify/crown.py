@@ -4,7 +4,8 @@ For each feature ``f_j`` two linear functions of the input bound it from above a
 below on the whole threat set: the backward pass starts from ``+e_j`` and ``-e_j`` at
 the output and crosses each layer exactly (affine maps) or through a linear relaxation
 (ReLU, and MaxMin written as ``max(a, b) = b + relu(a - b)``, ``min = a - relu(a - b)``),
-using interval (IBP) bounds of each layer's input. The linear bounds are then maximised
+using bounds of each relaxed layer's input: IBP's (``crown``), or CROWN's own, layer by
+layer, for the units IBP leaves unstable (``crown-full``). The linear bounds are then maximised
 over the threat set intersected with the box ``[0, 1]``: exactly over the box for Linf,
 and as the smaller of the ball's and the box's maximum for L2. Per sample, the shift is
 at most ``|| max(upper - f(x), f(x) - lower) ||_2``.
@@ -15,10 +16,13 @@ feature and sign, so a study runs it only when named (``certifiers = ["crown", .
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
 from .. import first_order
+from ..errors import InputError
 from ..threat import Norm, ThreatModel
 from .base import Refusal
 from .network import (
@@ -84,23 +88,32 @@ def _affine_back(
     op: Affine, coef: Tensor, const: Tensor, shape: torch.Size
 ) -> tuple[Tensor, Tensor]:
     batch, rows = coef.shape[:2]
-    with torch.enable_grad():
-        point = torch.zeros(batch * rows, *shape, dtype=coef.dtype, device=coef.device)
-        point.requires_grad_(True)
-        out = op.apply(point)
-        (back,) = torch.autograd.grad(out, point, grad_outputs=coef.reshape(out.shape))
+    flat = coef.reshape(batch * rows, *coef.shape[2:])
+    if op.transpose is not None:
+        back = op.transpose(flat, shape)
+    else:
+        with torch.enable_grad():
+            point = torch.zeros(batch * rows, *shape, dtype=coef.dtype, device=coef.device)
+            point.requires_grad_(True)
+            out = op.apply(point)
+            (back,) = torch.autograd.grad(out, point, grad_outputs=flat.reshape(out.shape))
     with torch.no_grad():
         offset = op.apply(torch.zeros(1, *shape, dtype=coef.dtype, device=coef.device))
     const = const + (coef * offset.unsqueeze(1)).flatten(2).sum(-1)
     return back.reshape(batch, rows, *shape), const
 
 
-def _pair_back(coef: Tensor, const: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
-    """MaxMin: ``<A_max, b + r> + <A_min, a - r>`` with ``r = relu(a - b)``."""
-    a_max, a_min = coef.chunk(2, dim=2)
+def _pair_gap(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    """Interval of ``a - b`` for MaxMin's channel halves ``a`` and ``b``."""
     (low_a, low_b), (up_a, up_b) = lower.chunk(2, dim=1), upper.chunk(2, dim=1)
-    gap = a_max - a_min
-    through, const = _relu_back(gap, const, low_a - up_b, up_a - low_b)
+    return low_a - up_b, up_a - low_b
+
+
+def _pair_back(coef: Tensor, const: Tensor, gap: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """MaxMin: ``<A_max, b + r> + <A_min, a - r>`` with ``r = relu(a - b)``, ``a - b`` in
+    the interval ``gap``."""
+    a_max, a_min = coef.chunk(2, dim=2)
+    through, const = _relu_back(a_max - a_min, const, *gap)
     return torch.cat([a_min + through, a_max - through], dim=2), const
 
 
@@ -112,7 +125,8 @@ def _backward(ops: list[Op], coef: Tensor, const: Tensor, store: Bounds) -> tupl
         elif isinstance(op, ReLU):
             coef, const = _relu_back(coef, const, lower, upper)
         elif isinstance(op, PairSort):
-            coef, const = _pair_back(coef, const, lower, upper)
+            gap = store.get(("gap", id(op))) or _pair_gap(lower, upper)
+            coef, const = _pair_back(coef, const, gap)
         elif isinstance(op, Residual):
             if op.after_relu:
                 coef, const = _relu_back(coef, const, *store[("sum", id(op))])
@@ -136,34 +150,152 @@ def _maximum(coef: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
     return torch.minimum(box, threat.eps * coef.flatten(2).norm(dim=-1))
 
 
-def _linear_upper(ops: list[Op], x: Tensor, threat: ThreatModel, start: Tensor) -> Tensor:
-    """Per sample and row ``r``, an upper bound on ``<start_r, f(x')>`` over the threat set
-    ∩ the box, ``start`` of shape (N, R, features); in chunks of samples."""
+def _bound_rows(
+    ops: list[Op], x: Tensor, threat: ThreatModel, rows: Tensor, store: Bounds
+) -> Tensor:
+    """Per sample and row ``r``, an upper bound on ``<rows_r, ops(x')>`` over the threat
+    set ∩ the box, given every op's input interval in ``store``."""
+    coef, const = _backward(ops, rows, torch.zeros(rows.shape[:2], device=x.device), store)
+    coef, const = coef.detach(), const.detach()
+    # The linear bound at x itself, plus its largest change over the threat set.
+    at_x = (coef * x.unsqueeze(1)).flatten(2).sum(-1) + const
+    return at_x + _maximum(coef, x, threat)
+
+
+def _widest(ops: list[Op], x: Tensor) -> int:
+    """The most elements of one sample at any op's input or output."""
     probe: Bounds = {}
     with torch.no_grad():
-        _input_bounds(ops, x[:1], x[:1], probe)
-    widest = max(x[0].numel(), start.shape[2], *(b[0][0].numel() for b in probe.values()))
-    chunk = max(1, _CHUNK_ELEMENTS // (start.shape[1] * widest))
+        out = _input_bounds(ops, x[:1], x[:1], probe)[0]
+    return max(x[0].numel(), out[0].numel(), *(b[0][0].numel() for b in probe.values()))
+
+
+def _tighten(
+    prefix: list[Op],
+    interval: tuple[Tensor, Tensor],
+    store: Bounds,
+    x: Tensor,
+    threat: ThreatModel,
+    *,
+    gap: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """CROWN bounds on the output of ``prefix`` (or, with ``gap``, on MaxMin's ``a - b``)
+    where ``interval`` (IBP's) leaves a ReLU unstable, intersected with ``interval``.
+    Stable units keep IBP's interval: a tighter one would not change their relaxation."""
+    lower, upper = _pair_gap(*interval) if gap else interval
+    lower, upper = lower.clone(), upper.clone()
+    full = interval[0].shape[1:]
+    half = lower[0].numel()
+    chunk = max(1, _CHUNK_ELEMENTS // _widest(prefix, x))
+    for sample in range(len(x)):
+        unstable = ((lower[sample] < 0) & (upper[sample] > 0)).flatten().nonzero().squeeze(1)
+        count = len(unstable)
+        if count == 0:
+            continue
+        rows = torch.zeros(2 * count, full.numel(), dtype=x.dtype, device=x.device)
+        span = torch.arange(count, device=x.device)
+        rows[span, unstable] = 1.0
+        rows[span + count, unstable] = -1.0
+        if gap:  # a - b: b sits half the channels further on
+            rows[span, unstable + half] = -1.0
+            rows[span + count, unstable + half] = 1.0
+        rows = rows.reshape(2 * count, *full)
+        one = {
+            key: (low[sample : sample + 1], up[sample : sample + 1])
+            for key, (low, up) in store.items()
+        }
+        top = torch.cat(
+            [
+                _bound_rows(prefix, x[sample : sample + 1], threat, part[None], one)[0]
+                for part in torch.split(rows, chunk)
+            ]
+        )
+        # Widened like the final bounds: a relaxation must hold for the float32 encoder.
+        top = top + ROUNDING * (top.abs() + 1.0)
+        flat_low, flat_up = lower[sample].view(-1), upper[sample].view(-1)
+        flat_up[unstable] = torch.minimum(flat_up[unstable], top[:count])
+        flat_low[unstable] = torch.maximum(flat_low[unstable], -top[count:])
+    return lower, upper
+
+
+def _crown_intervals(
+    ops: list[Op],
+    prefix: list[Op],
+    interval: tuple[Tensor, Tensor],
+    store: Bounds,
+    x: Tensor,
+    threat: ThreatModel,
+) -> tuple[Tensor, Tensor]:
+    """Like :func:`_input_bounds`, with every ReLU's and MaxMin's input interval tightened
+    by CROWN over the ops before it (``prefix`` and those of ``ops`` already passed)."""
+    for op in ops:
+        if isinstance(op, ReLU):
+            interval = _tighten(prefix, interval, store, x, threat)
+        elif isinstance(op, PairSort):
+            store[("gap", id(op))] = _tighten(prefix, interval, store, x, threat, gap=True)
+        store[id(op)] = interval
+        if isinstance(op, Residual):
+            body = _crown_intervals(op.body, prefix, interval, store, x, threat)
+            short = _crown_intervals(op.shortcut, prefix, interval, store, x, threat)
+            interval = (body[0] + short[0], body[1] + short[1])
+            if op.after_relu:
+                # The sum's bounds, by CROWN over the block without its final ReLU.
+                plain = Residual(op.body, op.shortcut, after_relu=False)
+                store[id(plain)] = store[id(op)]
+                interval = _tighten([*prefix, plain], interval, store, x, threat)
+                del store[id(plain)]
+            store[("sum", id(op))] = interval
+            if op.after_relu:
+                interval = (torch.relu(interval[0]), torch.relu(interval[1]))
+        else:
+            interval = op.interval(*interval)
+        prefix = [*prefix, op]
+    return interval
+
+
+def _linear_upper(
+    ops: list[Op], x: Tensor, threat: ThreatModel, start: Tensor, intermediate: str
+) -> Tensor:
+    """Per sample and row ``r``, an upper bound on ``<start_r, f(x')>`` over the threat set
+    ∩ the box, ``start`` of shape (N, R, features); in chunks of samples. Intermediate
+    bounds by IBP or, with ``intermediate="crown"``, by CROWN itself."""
+    chunk = max(1, _CHUNK_ELEMENTS // (start.shape[1] * max(_widest(ops, x), start.shape[2])))
     parts = []
     for first in range(0, len(x), chunk):
         part, rows = x[first : first + chunk], start[first : first + chunk]
         store: Bounds = {}
         with torch.no_grad():
-            low, high = (part - threat.eps).clamp(0, 1), (part + threat.eps).clamp(0, 1)
-            _input_bounds(ops, low, high, store)
-        coef, const = _backward(ops, rows, torch.zeros(rows.shape[:2], device=x.device), store)
-        coef, const = coef.detach(), const.detach()
-        # The linear bound at x itself, plus its largest change over the threat set.
-        at_x = (coef * part.unsqueeze(1)).flatten(2).sum(-1) + const
-        parts.append(at_x + _maximum(coef, part, threat))
+            box = ((part - threat.eps).clamp(0, 1), (part + threat.eps).clamp(0, 1))
+            if intermediate == "crown":
+                _crown_intervals(ops, [], box, store, part, threat)
+            else:
+                _input_bounds(ops, *box, store)
+        parts.append(_bound_rows(ops, part, threat, rows, store))
     return torch.cat(parts)
 
 
-class CROWNCertifier:
-    """Per-sample shift bounds from CROWN's linear bounds with IBP intermediate bounds."""
+Intermediate = Literal["ibp", "crown"]
+_INTERMEDIATE: tuple[Intermediate, ...] = ("ibp", "crown")
 
-    name = "crown"
+
+def _check_intermediate(intermediate: str) -> None:
+    if intermediate not in _INTERMEDIATE:
+        raise InputError(
+            f"unknown intermediate bounds {intermediate!r}: expected one of {_INTERMEDIATE}"
+        )
+
+
+class CROWNCertifier:
+    """Per-sample shift bounds from CROWN's linear bounds, with IBP intermediate bounds
+    (``crown``) or CROWN's own (``crown-full``: tighter, a backward pass per unstable
+    ReLU of every layer)."""
+
     by_default = False  # a backward pass per feature: run when a study names it
+
+    def __init__(self, intermediate: Intermediate = "ibp") -> None:
+        _check_intermediate(intermediate)
+        self.intermediate = intermediate
+        self.name = "crown" if intermediate == "ibp" else "crown-full"
 
     def certify(self, encoder: nn.Module, x: Tensor, threat: ThreatModel) -> Tensor | Refusal:
         net = decompose(encoder, x)
@@ -174,20 +306,27 @@ class CROWNCertifier:
         eye = torch.eye(features, dtype=x.dtype, device=x.device)
         start = torch.cat([eye, -eye]).expand(len(x), -1, -1)
         try:
-            top = _linear_upper(ops, x, threat, start)
+            top = _linear_upper(ops, x, threat, start, self.intermediate)
         except _Unsupported as err:
-            return Refusal(f"crown does not support {err}")
+            return Refusal(f"{self.name} does not support {err}")
         return shift_bound(clean, -top[:, features:], top[:, :features])
 
 
 def margin_lower_bounds(
-    encoder: nn.Module, head: nn.Linear, x: Tensor, threat: ThreatModel
+    encoder: nn.Module,
+    head: nn.Linear,
+    x: Tensor,
+    threat: ThreatModel,
+    intermediate: Intermediate = "ibp",
 ) -> Tensor | Refusal:
     """Head-specific: per sample and class ``j``, a lower bound on the margin
     ``(w_yhat - w_j)^T f(x') + b_yhat - b_j`` of the clean prediction ``yhat`` over the
     threat set ∩ the box, by CROWN on the encoder composed with the head's differences
     (``+inf`` at ``j = yhat``). All positive: no point of the set changes the prediction.
-    One backward pass per class, not per feature: cheap enough for every head."""
+    One backward pass per class, not per feature: cheap enough for every head (with IBP
+    intermediate bounds; ``intermediate="crown"`` is tighter and costs what ``crown-full``
+    does)."""
+    _check_intermediate(intermediate)
     net = decompose(encoder, x)
     if isinstance(net, Refusal):
         return net
@@ -202,7 +341,7 @@ def margin_lower_bounds(
         predicted = head(net.clean).argmax(dim=1)
     differences = weight[predicted][:, None, :] - weight[None, :, :]  # (N, K, features)
     try:
-        top = _linear_upper(ops, x, threat, -differences)
+        top = _linear_upper(ops, x, threat, -differences, intermediate)
     except _Unsupported as err:
         return Refusal(f"crown does not support {err}")
     gaps = bias[predicted][:, None] - bias[None, :]

@@ -56,11 +56,15 @@ class Op:
 @dataclass
 class Affine(Op):
     """``x -> A x + b``: ``apply`` computes it, ``magnitude`` applies ``|A|`` to a
-    non-negative input (for intervals), ``norm`` bounds ``||A||_2`` for an input shape."""
+    non-negative input (for intervals), ``norm`` bounds ``||A||_2`` for an input shape,
+    and ``transpose``, where given, applies ``A^T`` to a batch of output-shaped rows for
+    inputs of a shape (CROWN's backward pass; without it, autograd does, at the price of
+    a forward pass)."""
 
     apply: Callable[[Tensor], Tensor]
     magnitude: Callable[[Tensor], Tensor]
     norm: Callable[[tuple[int, ...]], float]
+    transpose: Callable[[Tensor, torch.Size], Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         return self.apply(x)
@@ -200,6 +204,7 @@ def _linear(weight: Tensor, bias: Tensor | None) -> Affine:
         apply=lambda x: F.linear(x, weight, bias),
         magnitude=lambda r: F.linear(r, weight.abs()),
         norm=lambda shape: _matrix_norm(weight),
+        transpose=lambda rows, shape: rows @ weight,
     )
 
 
@@ -210,7 +215,27 @@ def _conv(
         apply=lambda x: F.conv2d(x, weight, bias, stride=stride, padding=padding),
         magnitude=lambda r: F.conv2d(r, weight.abs(), stride=stride, padding=padding),
         norm=lambda shape: _conv_norm(weight, padding, shape),
+        transpose=lambda rows, shape: _conv_transpose(rows, weight, stride, padding, shape),
     )
+
+
+def _conv_transpose(
+    rows: Tensor,
+    weight: Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    shape: torch.Size,
+) -> Tensor:
+    """``A^T`` of a convolution: the transposed convolution, padded out to the input's
+    size (a stride can leave the last input rows outside every window; the padding is
+    ``(size + 2 pad - kernel) mod stride``, always below the stride)."""
+    extra = tuple(
+        size - ((out - 1) * step - 2 * pad + kernel)
+        for size, out, step, pad, kernel in zip(
+            shape[1:], rows.shape[2:], stride, padding, weight.shape[2:], strict=True
+        )
+    )
+    return F.conv_transpose2d(rows, weight, stride=stride, padding=padding, output_padding=extra)
 
 
 def _scale(scale: Tensor, shift: Tensor) -> Affine:
@@ -219,6 +244,7 @@ def _scale(scale: Tensor, shift: Tensor) -> Affine:
         apply=lambda x: x * scale + shift,
         magnitude=lambda r: r * scale.abs(),
         norm=lambda shape: float(scale.detach().abs().max()),
+        transpose=lambda rows, shape: rows * scale,
     )
 
 
