@@ -61,6 +61,11 @@ def test_the_certificate_benchmark_runs_small(tmp_path: Path) -> None:
         assert row["head_specific_certified_acc"] >= row["task_agnostic_certified_acc"]
         assert row["head_specific_certified_acc"] <= row["pgd_robust_acc"]
     assert "| encoder | threat | lipschitz |" in out.with_suffix(".md").read_text()
+    argv = ["--points", "2", "--encoders", "random", "--methods", "ibp,crown-full"]
+    report = bench_certify.main([*argv, "--threats", "Linf:1/40", "--out", str(out)])
+    (row,) = report["rows"]  # type: ignore[misc]
+    assert 1 - 1e-4 <= row["crown-full"]["tightness"] < row["ibp"]["tightness"]
+    assert "| ibp | crown-full |" in out.with_suffix(".md").read_text()
 
 
 def test_the_attack_benchmark_runs_small(tmp_path: Path) -> None:

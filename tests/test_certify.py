@@ -301,13 +301,17 @@ def test_crown_is_sound_on_the_lipschitz_cnn_and_resnet() -> None:
 
 
 def test_crown_runs_only_when_named() -> None:
-    from robust_transfer.certify import certify_all, default_certifier_names
+    from robust_transfer.certify import CROWNCertifier, certify_all, default_certifier_names
+    from robust_transfer.errors import InputError
 
     assert "crown" not in default_certifier_names()
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
     x = torch.rand(2, 4)
     assert "crown" not in certify_all(encoder, x, ThreatModel("L2", 0.1)).bounds
     assert "crown" in certify_all(encoder, x, ThreatModel("L2", 0.1), ["crown"]).bounds
+    assert "crown-full" not in default_certifier_names()
+    with pytest.raises(InputError, match="intermediate"):
+        CROWNCertifier(intermediate="exact")  # type: ignore[arg-type]
 
 
 def test_head_specific_margins_are_sound_and_never_looser() -> None:
@@ -323,7 +327,9 @@ def test_head_specific_margins_are_sound_and_never_looser() -> None:
     threat = ThreatModel("Linf", 0.05)
     x = torch.rand(20, 2) * 0.8 + 0.1
     margins = margin_lower_bounds(encoder, head, x, threat)
+    full = margin_lower_bounds(encoder, head, x, threat, intermediate="crown")
     assert not isinstance(margins, Refusal)
+    assert not isinstance(full, Refusal)
     axis = torch.linspace(-threat.eps, threat.eps, 101)
     grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2)
     with torch.no_grad():
@@ -332,8 +338,11 @@ def test_head_specific_margins_are_sound_and_never_looser() -> None:
             logits = head(encoder((x[i] + grid).clamp(0, 1)))
             true_margins = logits[:, predicted[i], None] - logits  # (grid, K)
             others = torch.arange(4) != predicted[i]
-            assert (true_margins.amin(dim=0)[others] >= margins[i][others] - 1e-6).all()
-            assert torch.isinf(margins[i][predicted[i]])
+            for bound in (margins, full):
+                assert (true_margins.amin(dim=0)[others] >= bound[i][others] - 1e-6).all()
+                assert torch.isinf(bound[i][predicted[i]])
+    finite = torch.isfinite(margins)
+    assert (full[finite] >= margins[finite] - 1e-6).all()
     settings = AttackSettings(steps=10, targeted_restarts=3, representation_steps=10)
     y = predicted.clone()
     shift = measure_shift(encoder, x, threat, settings, seed=0)

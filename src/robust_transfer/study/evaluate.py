@@ -24,6 +24,7 @@ from ..bounds import (
     squared_error_bound,
 )
 from ..certify import Refusal, certify_all, margin_lower_bounds
+from ..certify.crown import Intermediate
 from ..expected import EncoderProfile
 from ..losses import RegressionLoss, regression_loss
 from ..sanity import margin_score, sanity_arrays
@@ -206,6 +207,7 @@ def evaluate_classification(
     progress: bool = False,
     profile: EncoderProfile | None = None,
     autoattack_rows: Tensor | None = None,
+    margin_intermediate: Intermediate = "ibp",
 ) -> Arrays:
     """Per-sample outcome of a classification head, the attacks and Result 1 and 2.
 
@@ -253,7 +255,7 @@ def evaluate_classification(
         Array.ROBUST_TASK_AGNOSTIC: robust_task_agnostic,
         Array.ROBUST_ATTACKED: robust_attacked,
     }
-    margins = margin_lower_bounds(encoder, head, x, threat)
+    margins = margin_lower_bounds(encoder, head, x, threat, margin_intermediate)
     if not isinstance(margins, Refusal):
         # The union of two sound certificates: never looser than the task-agnostic one.
         head_certified = correct & (margins > 0).all(dim=1)

@@ -607,6 +607,11 @@ class StudyRun:
                     sample_ids=ids,
                     profile=profile,
                     autoattack_rows=self._autoattack_rows(unit, ids, y),
+                    # A study that pays for CROWN's own intermediate bounds gets them
+                    # on every head's margins too.
+                    margin_intermediate=(
+                        "crown" if "crown-full" in (self.config.certifiers or ()) else "ibp"
+                    ),
                 )
         violations = soundness_violations(arrays)
         if violations:
