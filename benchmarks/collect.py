@@ -20,6 +20,7 @@ ORDER = (
     "bench_expected",
     "bench_expected_encoders",
     "bench_certify",
+    "bench_certify_full",
     "bench_adapt",
     "bench_scale",
     "bench_profile",
