@@ -289,6 +289,8 @@ def test_bad_input_is_refused() -> None:
         RefineSettings(band=(0.5, 1.5), limits=(0.6, 3.0))
     with pytest.raises(InputError, match="widen"):
         RefineSettings(widen=0.0)
+    with pytest.raises(InputError, match="step_scale"):
+        RefineSettings(step_scale=0.0)
 
 
 class _Quadratic(nn.Module):

@@ -49,11 +49,14 @@ class RefineSettings:
     """Which points of a head are refined, and how. A point's *share* is its largest
     first-order drop over its margin, for the most threatened class (first order calls
     it robust below 1). The points with a share in ``band`` get ``steps`` PGD steps of
-    the margin loss; then the band widens by ``widen`` on each side, ring by ring, for as
-    long as the last ring on that side changed an answer (the encoder bends or saturates
-    that far), up to ``limits``. ``steps=0`` trusts first order everywhere."""
+    the margin loss, annealed from ``2 * step_scale * eps`` (the start is already the
+    first-order worst point: the search refines it rather than explores); then the band
+    widens by ``widen`` on each side, ring by ring, for as long as the last ring on that
+    side changed an answer (the encoder bends or saturates that far), up to ``limits``.
+    ``steps=0`` trusts first order everywhere."""
 
-    steps: int = 10
+    steps: int = 7
+    step_scale: float = 0.5
     band: tuple[float, float] = (0.9, 1.1)
     widen: float = 0.1
     limits: tuple[float, float] = (0.0, 3.0)
@@ -61,6 +64,8 @@ class RefineSettings:
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise InputError(f"refine steps must be a non-negative integer, got {self.steps!r}")
+        if not self.step_scale > 0.0:
+            raise InputError(f"refine step_scale must be positive, got {self.step_scale!r}")
         (low, high), (lowest, highest) = self.band, self.limits
         if not 0.0 <= lowest <= low <= 1.0 <= high <= highest:
             raise InputError(
@@ -227,6 +232,7 @@ class EncoderProfile:
             threat,
             loss="margin",
             steps=self.refine.steps,
+            step_scale=self.refine.step_scale,
             batch_size=self.batch_size,
             starts=starts,
             stop_at_success=True,

@@ -122,6 +122,7 @@ def attack_classifier(
     sample_ids: Tensor | None = None,
     starts: Tensor | None = None,
     stop_at_success: bool = False,
+    step_scale: float = 1.0,
 ) -> ClassifierAttackResult:
     """PGD with random starts (or, for the first restart, ``starts``: points of the
     threat set, e.g. a first-order worst case); restarts only re-attack points still robust.
@@ -131,7 +132,8 @@ def attack_classifier(
     the wrong class with the ``r+1``-th highest clean logit: give it as many restarts as
     there are wrong classes worth trying. With ``stop_at_success`` a point stops at its
     first misclassified iterate (``robust`` is the same answer, for less work; ``x_adv``
-    is then that first success).
+    is then that first success). ``step_scale`` below 1 shrinks the annealed step (from
+    ``2 * step_scale * eps``) for a search that refines a good start rather than explores.
     """
     args = check_attack_args(
         model,
@@ -144,6 +146,7 @@ def attack_classifier(
         seed=seed,
         sample_ids=sample_ids,
         stop_at_success=stop_at_success,
+        step_scale=step_scale,
     )
     y = check_labels(y, args.x.shape[0], "y")
     if starts is not None and (not isinstance(starts, Tensor) or starts.shape != args.x.shape):

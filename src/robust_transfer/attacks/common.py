@@ -39,6 +39,7 @@ def check_attack_args(
     seed: int,
     sample_ids: Tensor | None,
     stop_at_success: bool = False,
+    step_scale: float = 1.0,
 ) -> AttackArgs:
     """Validated arguments. ``sample_ids`` (default ``0 .. N-1``) name the rows of ``x``:
     a sample's random starts depend on the seed and its id only, so attacking a data set
@@ -53,10 +54,16 @@ def check_attack_args(
     check_positive_int(batch_size, "batch_size")
     if step_size is not None and not step_size > 0:
         raise InputError(f"step_size must be positive, got {step_size!r}")
+    if not step_scale > 0:
+        raise InputError(f"step_scale must be positive, got {step_scale!r}")
     ids = torch.arange(x.shape[0]) if sample_ids is None else check_sample_ids(sample_ids, len(x))
     noise = SampleNoise(check_seed(seed), ids.cpu())
     return AttackArgs(
-        model, x, threat, AscentSettings(steps, restarts, step_size, stop_at_success), noise
+        model,
+        x,
+        threat,
+        AscentSettings(steps, restarts, step_size, stop_at_success, step_scale),
+        noise,
     )
 
 
