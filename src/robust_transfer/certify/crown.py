@@ -156,7 +156,6 @@ def _bound_rows(
     """Per sample and row ``r``, an upper bound on ``<rows_r, ops(x')>`` over the threat
     set ∩ the box, given every op's input interval in ``store``."""
     coef, const = _backward(ops, rows, torch.zeros(rows.shape[:2], device=x.device), store)
-    coef, const = coef.detach(), const.detach()
     # The linear bound at x itself, plus its largest change over the threat set.
     at_x = (coef * x.unsqueeze(1)).flatten(2).sum(-1) + const
     return at_x + _maximum(coef, x, threat)
@@ -183,39 +182,35 @@ def _tighten(
     where ``interval`` (IBP's) leaves a ReLU unstable, intersected with ``interval``.
     Stable units keep IBP's interval: a tighter one would not change their relaxation."""
     lower, upper = _pair_gap(*interval) if gap else interval
-    lower, upper = lower.clone(), upper.clone()
-    full = interval[0].shape[1:]
-    half = lower[0].numel()
-    chunk = max(1, _CHUNK_ELEMENTS // _widest(prefix, x))
+    # Flat copies to write into (whatever the layout, e.g. channels_last, of the input).
+    shape, full = lower.shape, interval[0].shape[1:]
+    lower, upper = lower.reshape(len(x), -1).clone(), upper.reshape(len(x), -1).clone()
+    half = lower.shape[1]
+    # Each unit needs two rows (both signs): chunks of units keep a chunk's rows, times
+    # the widest layer they cross, within the budget.
+    chunk = max(1, _CHUNK_ELEMENTS // (2 * _widest(prefix, x)))
     for sample in range(len(x)):
-        unstable = ((lower[sample] < 0) & (upper[sample] > 0)).flatten().nonzero().squeeze(1)
-        count = len(unstable)
-        if count == 0:
-            continue
-        rows = torch.zeros(2 * count, full.numel(), dtype=x.dtype, device=x.device)
-        span = torch.arange(count, device=x.device)
-        rows[span, unstable] = 1.0
-        rows[span + count, unstable] = -1.0
-        if gap:  # a - b: b sits half the channels further on
-            rows[span, unstable + half] = -1.0
-            rows[span + count, unstable + half] = 1.0
-        rows = rows.reshape(2 * count, *full)
+        unstable = ((lower[sample] < 0) & (upper[sample] > 0)).nonzero().squeeze(1)
         one = {
             key: (low[sample : sample + 1], up[sample : sample + 1])
             for key, (low, up) in store.items()
         }
-        top = torch.cat(
-            [
-                _bound_rows(prefix, x[sample : sample + 1], threat, part[None], one)[0]
-                for part in torch.split(rows, chunk)
-            ]
-        )
-        # Widened like the final bounds: a relaxation must hold for the float32 encoder.
-        top = top + ROUNDING * (top.abs() + 1.0)
-        flat_low, flat_up = lower[sample].view(-1), upper[sample].view(-1)
-        flat_up[unstable] = torch.minimum(flat_up[unstable], top[:count])
-        flat_low[unstable] = torch.maximum(flat_low[unstable], -top[count:])
-    return lower, upper
+        for units in torch.split(unstable, chunk):
+            count = len(units)
+            rows = torch.zeros(2 * count, full.numel(), dtype=x.dtype, device=x.device)
+            span = torch.arange(count, device=x.device)
+            rows[span, units] = 1.0
+            rows[span + count, units] = -1.0
+            if gap:  # a - b: b sits half the channels further on
+                rows[span, units + half] = -1.0
+                rows[span + count, units + half] = 1.0
+            rows = rows.reshape(1, 2 * count, *full)
+            top = _bound_rows(prefix, x[sample : sample + 1], threat, rows, one)[0]
+            # Widened like the final bounds: a relaxation must hold for the float32 encoder.
+            top = top + ROUNDING * (top.abs() + 1.0)
+            upper[sample, units] = torch.minimum(upper[sample, units], top[:count])
+            lower[sample, units] = torch.maximum(lower[sample, units], -top[count:])
+    return lower.reshape(shape), upper.reshape(shape)
 
 
 def _crown_intervals(
@@ -261,21 +256,28 @@ def _linear_upper(
     bounds by IBP or, with ``intermediate="crown"``, by CROWN itself."""
     chunk = max(1, _CHUNK_ELEMENTS // (start.shape[1] * max(_widest(ops, x), start.shape[2])))
     parts = []
-    for first in range(0, len(x), chunk):
-        part, rows = x[first : first + chunk], start[first : first + chunk]
-        store: Bounds = {}
-        with torch.no_grad():
+    # Bounds, not gradients: no autograd graph through the (live) weights.
+    with torch.no_grad():
+        for first in range(0, len(x), chunk):
+            part, rows = x[first : first + chunk], start[first : first + chunk]
             box = ((part - threat.eps).clamp(0, 1), (part + threat.eps).clamp(0, 1))
+            store: Bounds = {}
+            _input_bounds(ops, *box, store)
+            top = _bound_rows(ops, part, threat, rows, store)
             if intermediate == "crown":
+                store = {}
                 _crown_intervals(ops, [], box, store, part, threat)
-            else:
-                _input_bounds(ops, *box, store)
-        parts.append(_bound_rows(ops, part, threat, rows, store))
+                # CROWN's adaptive lower slopes are not monotone in the intermediate
+                # bounds: tighter ones can loosen a bound a little, so keep the better.
+                top = torch.minimum(top, _bound_rows(ops, part, threat, rows, store))
+            parts.append(top)
     return torch.cat(parts)
 
 
 Intermediate = Literal["ibp", "crown"]
 _INTERMEDIATE: tuple[Intermediate, ...] = ("ibp", "crown")
+# The certifier's name for each kind of intermediate bounds.
+_NAMES: dict[str, str] = {"ibp": "crown", "crown": "crown-full"}
 
 
 def _check_intermediate(intermediate: str) -> None:
@@ -295,7 +297,7 @@ class CROWNCertifier:
     def __init__(self, intermediate: Intermediate = "ibp") -> None:
         _check_intermediate(intermediate)
         self.intermediate = intermediate
-        self.name = "crown" if intermediate == "ibp" else "crown-full"
+        self.name = _NAMES[intermediate]
 
     def certify(self, encoder: nn.Module, x: Tensor, threat: ThreatModel) -> Tensor | Refusal:
         net = decompose(encoder, x)
@@ -343,7 +345,7 @@ def margin_lower_bounds(
     try:
         top = _linear_upper(ops, x, threat, -differences, intermediate)
     except _Unsupported as err:
-        return Refusal(f"crown does not support {err}")
+        return Refusal(f"{_NAMES[intermediate]} does not support {err}")
     gaps = bias[predicted][:, None] - bias[None, :]
     # Widened by the rounding margin of the bound's size, like the shift bounds.
     margins = -top + gaps - ROUNDING * (top.abs() + gaps.abs() + 1.0)
