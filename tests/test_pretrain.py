@@ -35,6 +35,7 @@ THREATS = {
     PretrainProtocol.ADVERSARIAL_CONTRASTIVE: LINF,
     PretrainProtocol.LIPSCHITZ: L2,
     PretrainProtocol.IBP: ThreatModel("Linf", 0.05),
+    PretrainProtocol.CROWN_IBP: ThreatModel("Linf", 0.05),
 }
 
 
@@ -46,7 +47,7 @@ def _data() -> tuple[ImageDataset, ImageDataset]:
 
 
 # IBP training collapses on schedules shorter than this (see its docstring).
-EPOCHS = {PretrainProtocol.IBP: 8}
+EPOCHS = {PretrainProtocol.IBP: 8, PretrainProtocol.CROWN_IBP: 8}
 
 
 def _config(protocol: PretrainProtocol, **overrides: object) -> PretrainConfig:

@@ -97,8 +97,7 @@ def _affine_back(
             point.requires_grad_(True)
             out = op.apply(point)
             (back,) = torch.autograd.grad(out, point, grad_outputs=flat.reshape(out.shape))
-    with torch.no_grad():
-        offset = op.apply(torch.zeros(1, *shape, dtype=coef.dtype, device=coef.device))
+    offset = op.apply(torch.zeros(1, *shape, dtype=coef.dtype, device=coef.device))
     const = const + (coef * offset.unsqueeze(1)).flatten(2).sum(-1)
     return back.reshape(batch, rows, *shape), const
 
@@ -253,25 +252,41 @@ def _linear_upper(
 ) -> Tensor:
     """Per sample and row ``r``, an upper bound on ``<start_r, f(x')>`` over the threat set
     ∩ the box, ``start`` of shape (N, R, features); in chunks of samples. Intermediate
-    bounds by IBP or, with ``intermediate="crown"``, by CROWN itself."""
+    bounds by IBP or, with ``intermediate="crown"``, by CROWN itself. Differentiable in
+    the ops' parameters (certified training); certifiers call it without gradients."""
     chunk = max(1, _CHUNK_ELEMENTS // (start.shape[1] * max(_widest(ops, x), start.shape[2])))
     parts = []
-    # Bounds, not gradients: no autograd graph through the (live) weights.
-    with torch.no_grad():
-        for first in range(0, len(x), chunk):
-            part, rows = x[first : first + chunk], start[first : first + chunk]
-            box = ((part - threat.eps).clamp(0, 1), (part + threat.eps).clamp(0, 1))
-            store: Bounds = {}
-            _input_bounds(ops, *box, store)
-            top = _bound_rows(ops, part, threat, rows, store)
-            if intermediate == "crown":
-                store = {}
-                _crown_intervals(ops, [], box, store, part, threat)
-                # CROWN's adaptive lower slopes are not monotone in the intermediate
-                # bounds: tighter ones can loosen a bound a little, so keep the better.
-                top = torch.minimum(top, _bound_rows(ops, part, threat, rows, store))
-            parts.append(top)
+    for first in range(0, len(x), chunk):
+        part, rows = x[first : first + chunk], start[first : first + chunk]
+        box = ((part - threat.eps).clamp(0, 1), (part + threat.eps).clamp(0, 1))
+        store: Bounds = {}
+        _input_bounds(ops, *box, store)
+        top = _bound_rows(ops, part, threat, rows, store)
+        if intermediate == "crown":
+            store = {}
+            _crown_intervals(ops, [], box, store, part, threat)
+            # CROWN's adaptive lower slopes are not monotone in the intermediate
+            # bounds: tighter ones can loosen a bound a little, so keep the better.
+            top = torch.minimum(top, _bound_rows(ops, part, threat, rows, store))
+        parts.append(top)
     return torch.cat(parts)
+
+
+def crown_ibp_margins(
+    ops: list[Op], head: nn.Linear, x: Tensor, y: Tensor, threat: ThreatModel
+) -> Tensor:
+    """Per sample and class ``j``, an upper bound on ``z_j - z_y`` over the threat set ∩
+    the box (0 at ``j = y``) for the encoder ``ops`` (flat features) and ``head``: CROWN
+    with IBP intermediate bounds, CROWN-IBP (Zhang et al., 2020). Differentiable, for
+    certified training; raises :class:`ValueError` on layers CROWN does not read."""
+    weight = head.weight
+    bias = head.bias if head.bias is not None else torch.zeros_like(weight[:, 0])
+    differences = weight[None, :, :] - weight[y][:, None, :]  # (N, K, features): w_j - w_y
+    try:
+        top = _linear_upper(ops, x, threat, differences, "ibp")
+    except _Unsupported as err:
+        raise ValueError(f"CROWN-IBP does not support {err}") from err
+    return top + (bias[None, :] - bias[y][:, None])
 
 
 Intermediate = Literal["ibp", "crown"]
@@ -308,7 +323,8 @@ class CROWNCertifier:
         eye = torch.eye(features, dtype=x.dtype, device=x.device)
         start = torch.cat([eye, -eye]).expand(len(x), -1, -1)
         try:
-            top = _linear_upper(ops, x, threat, start, self.intermediate)
+            with torch.no_grad():
+                top = _linear_upper(ops, x, threat, start, self.intermediate)
         except _Unsupported as err:
             return Refusal(f"{self.name} does not support {err}")
         return shift_bound(clean, -top[:, features:], top[:, :features])
@@ -339,11 +355,11 @@ def margin_lower_bounds(
         if head.bias is not None
         else torch.zeros(len(weight), dtype=x.dtype, device=x.device)
     )
-    with torch.no_grad():
-        predicted = head(net.clean).argmax(dim=1)
+    predicted = head(net.clean).argmax(dim=1)
     differences = weight[predicted][:, None, :] - weight[None, :, :]  # (N, K, features)
     try:
-        top = _linear_upper(ops, x, threat, -differences, intermediate)
+        with torch.no_grad():
+            top = _linear_upper(ops, x, threat, -differences, intermediate)
     except _Unsupported as err:
         return Refusal(f"{_NAMES[intermediate]} does not support {err}")
     gaps = bias[predicted][:, None] - bias[None, :]

@@ -364,6 +364,10 @@ def _ops(module: nn.Module) -> list[Op] | Refusal:
     return _leaf(module)
 
 
+# Flattens every sample's output: the features a head reads.
+FLATTEN = _reshape(lambda t: t.flatten(1))
+
+
 def ops_of(module: nn.Module) -> list[Op] | Refusal:
     """``module`` as a chain of ops on its live parameters (intervals through them are
     differentiable: certified training uses them), or why it cannot be read. Unchecked:
@@ -398,4 +402,4 @@ def decompose(encoder: nn.Module, x: Tensor) -> Decomposed | Refusal:
         )
     # The centre of every bound is what the ops give (a compiled forward may differ from
     # them in the last bits).
-    return Decomposed([*ops, _reshape(lambda t: t.flatten(1))], got)
+    return Decomposed([*ops, FLATTEN], got)
