@@ -118,10 +118,11 @@ def test_lipschitz_encoder_respects_its_constant_and_certifies_points() -> None:
     assert result.metrics["train_certified_acc"] > 0.2
 
 
-def test_ibp_pretraining_certifies_probes_on_new_classes() -> None:
-    """Certified transfer: an encoder IBP-trained on digits 0-4 gives a plain linear probe
-    on digits 5-9 head-specific certificates at Linf 1/40 where a standard one gives none,
-    and PGD with many restarts breaks no certified point."""
+@pytest.mark.parametrize("method", [PretrainProtocol.IBP, PretrainProtocol.CROWN_IBP])
+def test_certified_pretraining_certifies_probes_on_new_classes(method: PretrainProtocol) -> None:
+    """Certified transfer: an encoder IBP- or CROWN-IBP-trained on digits 0-4 gives a
+    plain linear probe on digits 5-9 head-specific certificates at Linf 1/40 where a
+    standard one gives none, and PGD with many restarts breaks no certified point."""
     task = get_task("mnist-5-9")
     assert task.pretrain is not None
     train, test = task.downstream.train, task.downstream.test
@@ -129,7 +130,7 @@ def test_ibp_pretraining_certifies_probes_on_new_classes() -> None:
     y = test.y[:100]
     threat = ThreatModel("Linf", "1/40")
     certified = {}
-    for protocol in (PretrainProtocol.IBP, PretrainProtocol.STANDARD):
+    for protocol in (method, PretrainProtocol.STANDARD):
         config = _config(protocol, epochs=10, feature_dim=64, limit=1000)
         result = pretrain(config, task.pretrain.train)
         encoder = result.encoder
@@ -142,8 +143,8 @@ def test_ibp_pretraining_certifies_probes_on_new_classes() -> None:
         for loss in ("ce", "targeted"):
             attacked = attack_classifier(model, x, y, threat, steps=50, restarts=4, loss=loss)
             assert not (certified[protocol] & ~attacked.robust).any()
-    # Measured: 0.83 of 200 points (0.82 with the whole pretraining set); standard: 0.
-    assert float(certified[PretrainProtocol.IBP].float().mean()) > 0.5
+    # Measured: IBP 0.84, CROWN-IBP 0.83 of these 100 points; standard: 0.
+    assert float(certified[method].float().mean()) > 0.5
     assert not certified[PretrainProtocol.STANDARD].any()
     assert result.metrics.get("train_certified_acc") is None  # standard training
 
