@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_tail.py --encoders standard,adversarial,simclr
 	$(BIN)/python benchmarks/bench_expected.py --encoders simclr --points 200 --aa-heads 1 --aa-points 50
 	$(BIN)/python benchmarks/bench_certify.py
+	$(BIN)/python benchmarks/bench_certify.py --points 20 --methods lipschitz,ibp,crown,crown-full --threats Linf:1/40 --out benchmarks/results/bench_certify_full
 	$(BIN)/python benchmarks/bench_adapt.py
 	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_profile.py

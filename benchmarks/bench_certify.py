@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from robust_transfer import ThreatModel, extract_features, train_linear_probe
 from robust_transfer.bounds import certify
-from robust_transfer.certify import certify_all, margin_lower_bounds
+from robust_transfer.certify import certify_all, get_certifier, margin_lower_bounds
 from robust_transfer.certify.base import Refusal
 from robust_transfer.certify.crown import Intermediate
 from robust_transfer.data.tasks import get_task
@@ -183,11 +183,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--points", type=int, default=100)
     parser.add_argument("--encoders", default="standard,adversarial,lipschitz")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--threats", default=",".join(f"{t.norm.value}:{t.eps:g}" for t in THREATS))
+    parser.add_argument("--threats", help="NORM:EPS,... (default: the five of THREATS)")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_certify")
     args = parser.parse_args(argv)
-    methods = args.methods.split(",")
-    threats = [ThreatModel(*item.split(":")) for item in args.threats.split(",")]
+    methods = list(dict.fromkeys(args.methods.split(",")))
+    for method in methods:
+        get_certifier(method)  # an unknown name fails now, not after the first probe
+    threats = (
+        [ThreatModel(*item.split(":", 1)) for item in args.threats.split(",")]
+        if args.threats
+        else list(THREATS)
+    )
     torch.manual_seed(0)
     downstream = get_task("mnist-5-9").downstream
     x, y = downstream.test.x[: args.points], downstream.test.y[: args.points]

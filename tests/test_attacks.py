@@ -210,6 +210,11 @@ def test_classifier_attack_rejects_bad_labels() -> None:
         attack_classifier(model, torch.rand(4, 3), torch.zeros(5, dtype=torch.long), threat)
     with pytest.raises(TypeError, match="integer"):
         attack_classifier(model, torch.rand(4, 3), torch.zeros(4), threat)
+    for scale in (0.0, float("inf"), True, "0.5"):
+        with pytest.raises(ValueError, match="step_scale"):
+            attack_classifier(
+                model, torch.rand(4, 3), torch.zeros(4, dtype=torch.long), threat, step_scale=scale
+            )
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         attack_classifier(
             model, torch.rand(4, 3), torch.zeros(4, dtype=torch.long), threat, loss="hinge"

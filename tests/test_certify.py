@@ -291,6 +291,31 @@ def test_crown_ibp_margins_hold_the_grid_and_carry_gradients() -> None:
     for parameter in model.parameters():
         assert parameter.grad is not None
         assert bool(parameter.grad.abs().sum() > 0)
+    # Through a flatten (an op without its own transpose): the gradient of the layer after
+    # it against central differences, in float64.
+    conv = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 4)).double()
+    conv.feature_dim = 4
+    model = Classifier(conv, 3).double()
+    images, labels = torch.rand(2, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 2])
+    weights = torch.rand(2, 3, dtype=torch.float64)
+    ops = ops_of(conv)
+    assert not isinstance(ops, Refusal)
+
+    def objective() -> Tensor:
+        bound = crown_ibp_margins([*ops, FLATTEN], model.head, images, labels, threat)
+        return (bound * weights).sum()
+
+    objective().backward()
+    layer = conv[3].weight
+    assert layer.grad is not None
+    for index in [(0, 0), (1, 17), (3, 40)]:
+        with torch.no_grad():
+            layer[index] += 1e-6
+            up = objective()
+            layer[index] -= 2e-6
+            down = objective()
+            layer[index] += 1e-6
+        assert float(layer.grad[index]) == pytest.approx(float(up - down) / 2e-6, abs=1e-5)
 
 
 @pytest.mark.parametrize("side", [7, 8])

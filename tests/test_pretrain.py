@@ -18,6 +18,7 @@ from robust_transfer import (
 from robust_transfer.atomic import waited_for
 from robust_transfer.certify import margin_lower_bounds
 from robust_transfer.data import ImageDataset, get_task
+from robust_transfer.errors import InputError
 from robust_transfer.features import extract_features
 from robust_transfer.training import (
     PretrainConfig,
@@ -207,6 +208,16 @@ def test_cache_waits_for_the_writer_and_removes_a_killed_write(tmp_path: Path) -
     assert path.is_file()
     assert not killed.exists()
     assert other.exists()
+
+
+def test_certified_training_refuses_an_unreadable_encoder_before_training() -> None:
+    """A ResNet's BatchNorm in training mode has no interval bounds: refused at once, not
+    after the clean warm-up quarter of the steps."""
+    data = _data()[0].subset(torch.arange(8))
+    for protocol in (PretrainProtocol.IBP, PretrainProtocol.CROWN_IBP):
+        config = _config(protocol, arch="resnet18", epochs=1, batch_size=8)
+        with pytest.raises(InputError, match="cannot read the encoder"):
+            pretrain(config, data)
 
 
 @pytest.mark.parametrize(

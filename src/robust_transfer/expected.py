@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from . import first_order
 from .attacks.classifier import attack_classifier
+from .attacks.common import check_step_scale
 from .checks import check_images, check_labels
 from .errors import InputError, InputTypeError
 from .features import extract_features
@@ -64,8 +65,7 @@ class RefineSettings:
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise InputError(f"refine steps must be a non-negative integer, got {self.steps!r}")
-        if not self.step_scale > 0.0:
-            raise InputError(f"refine step_scale must be positive, got {self.step_scale!r}")
+        check_step_scale(self.step_scale, "refine step_scale")
         (low, high), (lowest, highest) = self.band, self.limits
         if not 0.0 <= lowest <= low <= 1.0 <= high <= highest:
             raise InputError(

@@ -3,6 +3,7 @@ runs the ascent engine over the data batch by batch."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -25,6 +26,17 @@ class AttackArgs:
     threat: ThreatModel
     settings: AscentSettings
     noise: SampleNoise
+
+
+def check_step_scale(step_scale: object, name: str = "step_scale") -> None:
+    """A finite positive number: it scales the annealed step (not a constant step_size)."""
+    if (
+        isinstance(step_scale, bool)
+        or not isinstance(step_scale, int | float)
+        or not math.isfinite(step_scale)
+        or not step_scale > 0
+    ):
+        raise InputError(f"{name} must be a finite positive number, got {step_scale!r}")
 
 
 def check_attack_args(
@@ -54,8 +66,7 @@ def check_attack_args(
     check_positive_int(batch_size, "batch_size")
     if step_size is not None and not step_size > 0:
         raise InputError(f"step_size must be positive, got {step_size!r}")
-    if not step_scale > 0:
-        raise InputError(f"step_scale must be positive, got {step_scale!r}")
+    check_step_scale(step_scale)
     ids = torch.arange(x.shape[0]) if sample_ids is None else check_sample_ids(sample_ids, len(x))
     noise = SampleNoise(check_seed(seed), ids.cpu())
     return AttackArgs(

@@ -92,11 +92,15 @@ def _affine_back(
     if op.transpose is not None:
         back = op.transpose(flat, shape)
     else:
+        # Certified training differentiates through this product: keep its graph then.
+        training = torch.is_grad_enabled()
         with torch.enable_grad():
             point = torch.zeros(batch * rows, *shape, dtype=coef.dtype, device=coef.device)
             point.requires_grad_(True)
             out = op.apply(point)
-            (back,) = torch.autograd.grad(out, point, grad_outputs=flat.reshape(out.shape))
+            (back,) = torch.autograd.grad(
+                out, point, grad_outputs=flat.reshape(out.shape), create_graph=training
+            )
     offset = op.apply(torch.zeros(1, *shape, dtype=coef.dtype, device=coef.device))
     const = const + (coef * offset.unsqueeze(1)).flatten(2).sum(-1)
     return back.reshape(batch, rows, *shape), const
@@ -190,6 +194,8 @@ def _tighten(
     chunk = max(1, _CHUNK_ELEMENTS // (2 * _widest(prefix, x)))
     for sample in range(len(x)):
         unstable = ((lower[sample] < 0) & (upper[sample] > 0)).nonzero().squeeze(1)
+        if len(unstable) == 0:
+            continue
         one = {
             key: (low[sample : sample + 1], up[sample : sample + 1])
             for key, (low, up) in store.items()
@@ -278,14 +284,14 @@ def crown_ibp_margins(
     """Per sample and class ``j``, an upper bound on ``z_j - z_y`` over the threat set ∩
     the box (0 at ``j = y``) for the encoder ``ops`` (flat features) and ``head``: CROWN
     with IBP intermediate bounds, CROWN-IBP (Zhang et al., 2020). Differentiable, for
-    certified training; raises :class:`ValueError` on layers CROWN does not read."""
+    certified training; raises :class:`InputError` on layers CROWN does not read."""
     weight = head.weight
     bias = head.bias if head.bias is not None else torch.zeros_like(weight[:, 0])
     differences = weight[None, :, :] - weight[y][:, None, :]  # (N, K, features): w_j - w_y
     try:
         top = _linear_upper(ops, x, threat, differences, "ibp")
     except _Unsupported as err:
-        raise ValueError(f"CROWN-IBP does not support {err}") from err
+        raise InputError(f"CROWN-IBP does not support {err}") from err
     return top + (bias[None, :] - bias[y][:, None])
 
 
@@ -355,7 +361,8 @@ def margin_lower_bounds(
         if head.bias is not None
         else torch.zeros(len(weight), dtype=x.dtype, device=x.device)
     )
-    predicted = head(net.clean).argmax(dim=1)
+    with torch.no_grad():
+        predicted = head(net.clean).argmax(dim=1)
     differences = weight[predicted][:, None, :] - weight[None, :, :]  # (N, K, features)
     try:
         with torch.no_grad():

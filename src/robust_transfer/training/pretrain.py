@@ -293,6 +293,15 @@ def _ibp_margins(model: Classifier, x: Tensor, y: Tensor, eps: float) -> Tensor:
     )
 
 
+def _check_certifiable(model: Classifier, x: Tensor, config: PretrainConfig) -> None:
+    """Refuse an encoder the protocol's bounds cannot read before training, not after
+    the quarter of clean warm-up steps."""
+    crown_weight = 1.0 if config.protocol is PretrainProtocol.CROWN_IBP else 0.0
+    label = torch.zeros(1, dtype=torch.long, device=x.device)
+    with torch.no_grad():
+        _certified_margins(model, x, label, _threat(config), crown_weight)
+
+
 def _certified_margins(
     model: Classifier, x: Tensor, y: Tensor, threat: ThreatModel, crown_weight: float
 ) -> Tensor:
@@ -406,6 +415,8 @@ def pretrain(
     probe_x, probe_y = data.x[:1000].to(device), data.y[:1000].to(device)
     if config.protocol in supervised:
         model = Classifier(encoder, data.num_classes).to(device)
+        if config.protocol in _CERTIFIED:
+            _check_certifiable(model, data.x[:1].to(device), config)
         metrics["final_loss"] = _train(model, data, config, supervised[config.protocol](), progress)
         metrics["train_acc"] = _accuracy(model, probe_x, probe_y)
         if config.protocol is PretrainProtocol.LIPSCHITZ:
@@ -416,7 +427,8 @@ def pretrain(
                 certified = correct & certify(model.head, features, shift)
             metrics["train_certified_acc"] = float(certified.float().mean())
         if config.protocol in _CERTIFIED:
-            # The share of training points the protocol's bounds certify (both are sound).
+            # The share of training points the protocol's bounds certify (a training
+            # metric: unlike the certifiers, these bounds are not widened for rounding).
             with torch.no_grad():
                 margins = _ibp_margins(model.eval(), probe_x, probe_y, _threat(config).eps)
                 if config.protocol is PretrainProtocol.CROWN_IBP:
