@@ -216,10 +216,12 @@ def evaluate_classification(
     margins) broke the point; ``robust_attacked`` adds the task-agnostic perturbation;
     ``adv_loss`` is the largest cross-entropy seen at any attacked point (and the clean one).
     ``head_certified_robust`` (where CROWN reads the encoder) certifies this head's
-    margins directly, or takes the task-agnostic certificate where that is tighter.
-    AutoAttack runs on the ``autoattack_rows`` (a mask) that PGD left robust:
-    ``robust_autoattack`` marks the subset's points neither PGD nor AutoAttack broke,
-    ``square_only`` those only Square did. The sanity arrays
+    margins directly (CROWN with ``margin_intermediate`` intermediate bounds: "crown"
+    is tighter and costs what the ``crown-full`` certifier does, per head), or takes the
+    task-agnostic certificate where that is tighter. AutoAttack runs on the
+    ``autoattack_rows`` (a mask) that PGD left robust: ``robust_autoattack`` marks the
+    subset's points neither PGD nor AutoAttack broke, ``square_only`` those only Square
+    did. The sanity arrays
     (:func:`~robust_transfer.sanity.sanity_arrays`) come with it.
     """
     head = head.to(x.device).eval()
