@@ -285,7 +285,7 @@ def test_crown_ibp_margins_hold_the_grid_and_carry_gradients() -> None:
             worst = (logits - logits[:, y[i], None]).amax(dim=0)
             assert (worst <= bound[i] + 1e-5).all()
             assert float(bound[i, y[i]]) == 0.0
-    ibp = _ibp_margins(model, x, y, threat.eps)
+    ibp = _ibp_margins([*ops, FLATTEN], model.head, x, y, threat.eps)
     assert (bound.sum(dim=1) < ibp.sum(dim=1)).all()
     (bound * torch.rand(bound.shape)).sum().backward()
     for parameter in model.parameters():
@@ -336,6 +336,19 @@ def test_the_transposed_convolution_is_autograd_s_vector_jacobian_product(side: 
     assert torch.allclose(op.transpose(rows, x.shape[1:]), expected, atol=1e-5)
 
 
+def _holds_attacks_and_samples(
+    encoder: nn.Module, x: Tensor, threat: ThreatModel, bound: Tensor
+) -> None:
+    """No attacked shift and none of 500 sampled points per input exceeds ``bound``."""
+    attacked = attack_representation(encoder, x, threat, steps=20, restarts=2)
+    assert (attacked.shift <= bound).all()
+    for i in range(len(x)):
+        delta = (torch.rand(500, *x.shape[1:]) * 2 - 1) * threat.eps
+        with torch.no_grad():
+            shifts = (encoder((x[i] + delta).clamp(0, 1)) - encoder(x[i : i + 1])).norm(dim=1)
+        assert (shifts <= bound[i]).all()
+
+
 def test_crown_intermediate_bounds_are_sound_on_the_lipschitz_cnn_and_residual_blocks() -> None:
     torch.manual_seed(18)
     residual = nn.Sequential(
@@ -359,13 +372,7 @@ def test_crown_intermediate_bounds_are_sound_on_the_lipschitz_cnn_and_residual_b
         assert not isinstance(full, Refusal)
         assert not isinstance(crown, Refusal)
         assert (full <= crown * (1 + 1e-6)).all()
-        attacked = attack_representation(encoder, x, threat, steps=20, restarts=2)
-        assert (attacked.shift <= full).all()
-        for i in range(len(x)):
-            delta = (torch.rand(500, *shape) * 2 - 1) * threat.eps
-            with torch.no_grad():
-                shifts = (encoder((x[i] + delta).clamp(0, 1)) - encoder(x[i : i + 1])).norm(dim=1)
-            assert (shifts <= full[i]).all()
+        _holds_attacks_and_samples(encoder, x, threat, full)
 
 
 def test_crown_is_exact_for_an_affine_encoder() -> None:
@@ -393,13 +400,7 @@ def test_crown_is_sound_on_the_lipschitz_cnn_and_resnet() -> None:
         threat = ThreatModel("Linf", 2 / 255)
         bound = get_certifier("crown").certify(encoder, x, threat)
         assert not isinstance(bound, Refusal)
-        attacked = attack_representation(encoder, x, threat, steps=20, restarts=2)
-        assert (attacked.shift <= bound).all()
-        for i in range(len(x)):
-            delta = (torch.rand(500, *shape) * 2 - 1) * threat.eps
-            with torch.no_grad():
-                shifts = (encoder((x[i] + delta).clamp(0, 1)) - encoder(x[i : i + 1])).norm(dim=1)
-            assert (shifts <= bound[i]).all()
+        _holds_attacks_and_samples(encoder, x, threat, bound)
 
 
 def test_crown_runs_only_when_named() -> None:

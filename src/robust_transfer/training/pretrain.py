@@ -277,14 +277,14 @@ def _encoder_ops(model: Classifier) -> list[Op]:
     return [*ops, FLATTEN]
 
 
-def _ibp_margins(model: Classifier, x: Tensor, y: Tensor, eps: float) -> Tensor:
+def _ibp_margins(ops: list[Op], head: nn.Linear, x: Tensor, y: Tensor, eps: float) -> Tensor:
     """Per sample and class ``j``, the interval bound on ``z_j - z_y`` over the box
     ``[x - eps, x + eps] ∩ [0, 1]`` (which holds the threat set of either norm), through
-    the encoder and the head's class differences; 0 at ``j = y``. Differentiable."""
-    ops = _encoder_ops(model)
+    the encoder's ``ops`` and the head's class differences; 0 at ``j = y``.
+    Differentiable."""
     lower, upper = chain_interval(ops, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1))
     centre, radius = (upper + lower) / 2, (upper - lower) / 2
-    weight, bias = model.head.weight, model.head.bias
+    weight, bias = head.weight, head.bias
     differences = weight[None, :, :] - weight[y][:, None, :]  # (N, K, features): w_j - w_y
     return (
         torch.einsum("nkf,nf->nk", differences, centre)
@@ -293,24 +293,26 @@ def _ibp_margins(model: Classifier, x: Tensor, y: Tensor, eps: float) -> Tensor:
     )
 
 
-def _check_certifiable(model: Classifier, x: Tensor, config: PretrainConfig) -> None:
-    """Refuse an encoder the protocol's bounds cannot read before training, not after
-    the quarter of clean warm-up steps."""
-    crown_weight = 1.0 if config.protocol is PretrainProtocol.CROWN_IBP else 0.0
-    label = torch.zeros(1, dtype=torch.long, device=x.device)
-    with torch.no_grad():
-        _certified_margins(model, x, label, _threat(config), crown_weight)
-
-
 def _certified_margins(
     model: Classifier, x: Tensor, y: Tensor, threat: ThreatModel, crown_weight: float
 ) -> Tensor:
     """IBP's bounds on ``z_j - z_y``, mixed with CROWN-IBP's (``crown_weight`` of them)."""
-    ibp = _ibp_margins(model, x, y, threat.eps)
+    ops = _encoder_ops(model)
+    ibp = _ibp_margins(ops, model.head, x, y, threat.eps)
     if crown_weight == 0.0:
         return ibp
-    crown = crown_ibp_margins(_encoder_ops(model), model.head, x, y, threat)
+    crown = crown_ibp_margins(ops, model.head, x, y, threat)
     return crown_weight * crown + (1.0 - crown_weight) * ibp
+
+
+def _tightest_margins(model: Classifier, x: Tensor, y: Tensor, config: PretrainConfig) -> Tensor:
+    """The protocol's bounds on ``z_j - z_y`` at its radius, the smaller of IBP's and (for
+    CROWN-IBP) CROWN-IBP's per entry: both hold."""
+    ops, threat = _encoder_ops(model), _threat(config)
+    margins = _ibp_margins(ops, model.head, x, y, threat.eps)
+    if config.protocol is PretrainProtocol.CROWN_IBP:
+        margins = torch.minimum(margins, crown_ibp_margins(ops, model.head, x, y, threat))
+    return margins
 
 
 def _certified_loss(config: PretrainConfig, steps: int) -> ModelLoss:
@@ -416,7 +418,10 @@ def pretrain(
     if config.protocol in supervised:
         model = Classifier(encoder, data.num_classes).to(device)
         if config.protocol in _CERTIFIED:
-            _check_certifiable(model, data.x[:1].to(device), config)
+            # An encoder the bounds cannot read is refused now, not after the clean
+            # warm-up quarter of the steps.
+            with torch.no_grad():
+                _tightest_margins(model, probe_x[:1], probe_y[:1], config)
         metrics["final_loss"] = _train(model, data, config, supervised[config.protocol](), progress)
         metrics["train_acc"] = _accuracy(model, probe_x, probe_y)
         if config.protocol is PretrainProtocol.LIPSCHITZ:
@@ -430,11 +435,7 @@ def pretrain(
             # The share of training points the protocol's bounds certify (a training
             # metric: unlike the certifiers, these bounds are not widened for rounding).
             with torch.no_grad():
-                margins = _ibp_margins(model.eval(), probe_x, probe_y, _threat(config).eps)
-                if config.protocol is PretrainProtocol.CROWN_IBP:
-                    ops, threat = _encoder_ops(model), _threat(config)
-                    crown = crown_ibp_margins(ops, model.head, probe_x, probe_y, threat)
-                    margins = torch.minimum(margins, crown)
+                margins = _tightest_margins(model.eval(), probe_x, probe_y, config)
                 margins.scatter_(1, probe_y.view(-1, 1), float("-inf"))
             metrics["train_certified_acc"] = float((margins < 0).all(dim=1).float().mean())
     elif config.protocol in contrastive:
