@@ -8,7 +8,13 @@ from torch import Tensor, nn
 
 from robust_transfer import ThreatModel, attack_representation
 from robust_transfer.certify import Refusal, get_certifier
-from robust_transfer.certify.network import chain_interval, chain_lipschitz, decompose, run
+from robust_transfer.certify.network import (
+    Residual,
+    chain_interval,
+    chain_lipschitz,
+    decompose,
+    run,
+)
 from robust_transfer.models import LipschitzCNN, ResNet18, SmallCNN
 from robust_transfer.models.encoders import _BasicBlock
 from robust_transfer.models.lipschitz import MaxMin
@@ -89,6 +95,32 @@ def test_lipschitz_cnn_constant_uses_the_actual_layer_norms() -> None:
     assert float(bound[0]) == pytest.approx(0.5 * constant, rel=1e-4)
 
 
+def test_sll_net_constant_is_its_proven_one_not_the_triangle_inequality() -> None:
+    """Each SLL block is 1-Lipschitz by construction; the triangle inequality over its
+    branch and shortcut gives more than 1. The bound is attained: an SLL network whose
+    branches are off is the identity, and the attack finds its full eps."""
+    torch.manual_seed(2)
+    encoder, shape = ENCODERS["lipschitz-sll"][0](), (1, 12, 12)
+    x = torch.rand(4, *shape)
+    net = decompose(encoder, x)
+    assert not isinstance(net, Refusal)
+    blocks = [op for op in net.ops if isinstance(op, Residual)]
+    assert len(blocks) == 4
+    assert chain_lipschitz(net.ops, shape) == pytest.approx(1.0)
+    assert chain_lipschitz(blocks[0].body, (4, 6, 6)) + 1.0 > 1.5
+    threat = ThreatModel("L2", 0.3)
+    bound = get_certifier("lipschitz").certify(encoder, x, threat)
+    assert not isinstance(bound, Refusal)
+    assert torch.allclose(bound, torch.full((4,), 0.3), rtol=1e-4)
+    with torch.no_grad():
+        for name, parameter in encoder.named_parameters():
+            if name.endswith("bias"):
+                parameter.fill_(-1e3)
+    x = 0.3 + 0.4 * x  # the ball stays inside the box
+    attacked = attack_representation(encoder, x, threat, steps=20)
+    assert (attacked.shift >= 0.999 * 0.3).all()
+
+
 def _pooling_cnn() -> nn.Module:
     torch.manual_seed(3)
     return ENCODERS["cnn-pooling"][0]()
@@ -100,8 +132,9 @@ def _pooling_cnn() -> nn.Module:
         _pooling_cnn,
         lambda: SmallCNN(image_shape=(1, 12, 12), feature_dim=8),
         lambda: LipschitzCNN(image_shape=(1, 12, 12), feature_dim=8),
+        ENCODERS["lipschitz-sll"][0],
     ],
-    ids=["pooling-cnn", "small-cnn", "lipschitz-cnn"],
+    ids=["pooling-cnn", "small-cnn", "lipschitz-cnn", "lipschitz-sll"],
 )
 def test_ibp_intervals_hold_every_sampled_point(build: object) -> None:
     """2000 random points of the box per input never leave the propagated interval."""
@@ -364,6 +397,7 @@ def test_crown_intermediate_bounds_are_sound_on_the_lipschitz_cnn_and_residual_b
     for encoder, shape in (
         (LipschitzCNN(image_shape=(1, 8, 8), feature_dim=6).eval(), (1, 8, 8)),
         (residual.eval(), (3, 8, 8)),
+        (ENCODERS["lipschitz-sll"][0](), (1, 12, 12)),
     ):
         x = torch.rand(2, *shape)
         threat = ThreatModel("Linf", 2 / 255)
@@ -395,6 +429,7 @@ def test_crown_is_sound_on_the_lipschitz_cnn_and_resnet() -> None:
     for encoder, shape in (
         (LipschitzCNN(image_shape=(1, 8, 8), feature_dim=6).eval(), (1, 8, 8)),
         (ResNet18(image_shape=(3, 8, 8), feature_dim=4).eval(), (3, 8, 8)),
+        (ENCODERS["lipschitz-sll"][0](), (1, 12, 12)),
     ):
         x = torch.rand(3, *shape)
         threat = ThreatModel("Linf", 2 / 255)

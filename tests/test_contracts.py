@@ -24,7 +24,7 @@ from robust_transfer.certify import (
     register_certifier,
 )
 from robust_transfer.certify import base as certify_base
-from robust_transfer.models import LipschitzCNN, ResNet18
+from robust_transfer.models import LipschitzCNN, ResNet18, SLLNet
 from robust_transfer.noise import SampleNoise
 from robust_transfer.runtime import Runtime
 
@@ -121,6 +121,15 @@ def _lipschitz_cnn() -> nn.Module:
     return LipschitzCNN(image_shape=(1, 12, 12), feature_dim=16).eval()
 
 
+def _sll_net() -> nn.Module:
+    encoder = SLLNet(image_shape=(1, 12, 12))
+    with torch.no_grad():
+        for name, parameter in encoder.named_parameters():
+            if name.endswith("bias"):  # branches on for some inputs, off for others
+                parameter.normal_(0.0, 0.5)
+    return encoder.eval()
+
+
 def _small_resnet() -> nn.Module:
     return _with_running_stats(_Residual())
 
@@ -132,6 +141,7 @@ ENCODERS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "cnn-batchnorm": (_cnn_batchnorm, (1, 12, 12)),
     "cnn-pooling": (_cnn_pooling, (1, 12, 12)),
     "lipschitz-cnn": (_lipschitz_cnn, (1, 12, 12)),
+    "lipschitz-sll": (_sll_net, (1, 12, 12)),
     "small-resnet": (_small_resnet, (1, 12, 12)),
 }
 THREATS = (ThreatModel("Linf", 0.05), ThreatModel("L2", 0.5))
@@ -251,7 +261,7 @@ def test_certifier_contract(method: str, threat: ThreatModel) -> None:
         certified.append(name)
     # Every fixture made of supported layers is certified (the small ResNet's forward is
     # its own code, which no certifier reads); the affine one by its stated constant.
-    expected = {"mlp", "cnn-batchnorm", "cnn-pooling", "lipschitz-cnn"}
+    expected = {"mlp", "cnn-batchnorm", "cnn-pooling", "lipschitz-cnn", "lipschitz-sll"}
     if method == "lipschitz":
         expected.add("linear")
     if method in ("crown", "crown-full"):

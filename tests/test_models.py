@@ -16,6 +16,8 @@ from robust_transfer.models import (
     CheckpointError,
     Classifier,
     LipschitzCNN,
+    SLLConv2d,
+    SLLNet,
     SmallCNN,
     build_encoder,
     load_checkpoint,
@@ -23,7 +25,14 @@ from robust_transfer.models import (
     save_checkpoint,
 )
 
-SHAPES = {"small-cnn": (1, 28, 28), "lipschitz-cnn": (1, 28, 28), "resnet18": (3, 32, 32)}
+SHAPES = {
+    "small-cnn": (1, 28, 28),
+    "lipschitz-cnn": (1, 28, 28),
+    "lipschitz-sll": (1, 12, 12),
+    "resnet18": (3, 32, 32),
+}
+# lipschitz-sll keeps every (padded) input dimension.
+FEATURES = {"lipschitz-sll": 144}
 
 
 def tiny_factory(width: int = 4) -> nn.Module:
@@ -34,10 +43,11 @@ def tiny_factory(width: int = 4) -> nn.Module:
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_shapes_config_round_trip_and_stages(arch: str) -> None:
     torch.manual_seed(0)
-    encoder = build_encoder(arch, image_shape=SHAPES[arch], feature_dim=16).eval()
+    dim = FEATURES.get(arch, 16)
+    encoder = build_encoder(arch, image_shape=SHAPES[arch], feature_dim=dim).eval()
     x = torch.rand(3, *SHAPES[arch])
     features = encoder(x)
-    assert features.shape == (3, 16)
+    assert features.shape == (3, dim)
     rebuilt = build_encoder(arch, **encoder.config()).eval()
     rebuilt.load_state_dict(encoder.state_dict())
     assert torch.equal(rebuilt(x), features)
@@ -75,9 +85,42 @@ def test_aol_layers_have_operator_norm_at_most_one() -> None:
     assert _operator_norm(AOLLinear(20, 7), (20,)) > 0.3
 
 
-def _trained_lipschitz() -> LipschitzCNN:
+def test_sll_layer_is_one_lipschitz_and_the_identity_with_its_branch_off() -> None:
+    """Exact Jacobians (autograd) at random points of random layers never exceed norm 1;
+    with every branch unit off the layer is the identity, so the bound is attained."""
+    torch.manual_seed(0)
+    for _ in range(3):
+        layer = SLLConv2d(2, 6)
+        with torch.no_grad():
+            layer.weight.mul_(torch.rand_like(layer.weight) * 4)
+            layer.bias.normal_(0.0, 1.0)
+        for _ in range(5):
+            x = torch.randn(2, 5, 5)
+            jacobian = torch.autograd.functional.jacobian(layer, x[None])
+            assert float(torch.linalg.matrix_norm(jacobian.reshape(50, 50), 2)) <= 1 + 1e-5
+    with torch.no_grad():
+        layer.bias.fill_(-1e3)
+        x = torch.rand(4, 2, 5, 5)
+        assert torch.equal(layer(x), x)
+
+
+def test_sll_net_keeps_every_input_dimension() -> None:
+    encoder = SLLNet(image_shape=(1, 10, 10))
+    assert encoder.feature_dim == 16 * 3 * 3  # padded to 12 x 12
+    assert encoder(torch.rand(2, 1, 10, 10)).shape == (2, 144)
+    with pytest.raises(ValueError, match="feature_dim must be 144"):
+        SLLNet(image_shape=(1, 10, 10), feature_dim=64)
+    with pytest.raises(ValueError, match="depth"):
+        SLLNet(depth=0)
+
+
+def _lipschitz_encoder(cls: type[LipschitzCNN | SLLNet]) -> nn.Module:
+    return SLLNet() if cls is SLLNet else LipschitzCNN(feature_dim=16)
+
+
+def _trained_lipschitz(cls: type[LipschitzCNN | SLLNet] = LipschitzCNN) -> nn.Module:
     torch.manual_seed(1)
-    encoder = LipschitzCNN(feature_dim=16)
+    encoder = _lipschitz_encoder(cls)
     model = Classifier(encoder, 3)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 3, (64,))
@@ -88,10 +131,13 @@ def _trained_lipschitz() -> LipschitzCNN:
     return encoder.eval()
 
 
+@pytest.mark.parametrize("cls", [LipschitzCNN, SLLNet])
 @pytest.mark.parametrize("trained", [False, True])
-def test_lipschitz_encoder_never_exceeds_its_constant(trained: bool) -> None:
+def test_lipschitz_encoder_never_exceeds_its_constant(
+    trained: bool, cls: type[LipschitzCNN | SLLNet]
+) -> None:
     torch.manual_seed(2)
-    encoder = _trained_lipschitz() if trained else LipschitzCNN(feature_dim=16).eval()
+    encoder = _trained_lipschitz(cls) if trained else _lipschitz_encoder(cls).eval()
     constant = encoder.lipschitz_l2
     x, other = torch.rand(200, 1, 28, 28), torch.rand(200, 1, 28, 28)
     with torch.no_grad():
@@ -102,8 +148,14 @@ def test_lipschitz_encoder_never_exceeds_its_constant(trained: bool) -> None:
     assert (attacked.shift <= constant * threat.eps * (1 + 1e-5)).all()
     with torch.no_grad():
         random = (encoder(threat.random_start(x[:32])) - encoder(x[:32])).norm(dim=1)
-    # Not vacuous: the attack moves the features much further than random noise does.
-    assert attacked.shift.mean() > 2 * random.mean()
+    # Not vacuous: the attack moves the features much further than random noise does, or,
+    # on the SLL network (near the identity, so noise moves them almost as far), nearly
+    # as far as the constant allows.
+    if cls is SLLNet:
+        assert attacked.shift.mean() > 0.85 * constant * threat.eps
+        assert attacked.shift.mean() > random.mean()
+    else:
+        assert attacked.shift.mean() > 2 * random.mean()
 
 
 def test_checkpoint_round_trip_and_sidecar(tmp_path: Path) -> None:

@@ -39,6 +39,10 @@ def test_default_config_covers_what_the_demo_promises() -> None:
         "lipschitz",
         "random",
     } <= protocols
+    architectures = {
+        spec.pretrain.architecture for spec in config.encoders.values() if spec.pretrain
+    }
+    assert {"lipschitz-cnn", "lipschitz-sll"} <= architectures
     adaptations = {spec.protocol.value for spec in config.adaptations.values()}
     assert {"linear-probe", "lp-ft", "anchored-finetune", "finetune", "certified-probe"} <= (
         adaptations

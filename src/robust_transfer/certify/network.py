@@ -10,8 +10,8 @@ certificate is never computed for a network other than the one that runs.
 Supported: ``nn.Sequential`` trees of Linear, Conv2d (any stride and padding, no
 dilation or groups), BatchNorm1d/2d and Dropout in eval mode, ReLU, MaxPool2d, AvgPool2d,
 AdaptiveAvgPool2d to 1x1, Flatten, Identity, PixelUnshuffle, and the project's
-MaxMin, AOL layers and normalisation, and the project's encoders (SmallCNN,
-LipschitzCNN, ResNet18 with its residual blocks).
+MaxMin, AOL and SLL layers and normalisation, and the project's encoders (SmallCNN,
+LipschitzCNN, SLLNet, ResNet18 with its residual blocks).
 """
 
 from __future__ import annotations
@@ -25,7 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.encoders import ResNet18, SmallCNN, _BasicBlock, _Normalize
-from ..models.lipschitz import AOLConv2d, AOLLinear, LipschitzCNN, MaxMin
+from ..models.lipschitz import (
+    AOLConv2d,
+    AOLLinear,
+    LipschitzCNN,
+    MaxMin,
+    SLLConv2d,
+    SLLNet,
+    _padded,
+)
 from .base import Refusal
 
 Interval = tuple[Tensor, Tensor]
@@ -125,18 +133,22 @@ class MaxPool(Op):
 
 @dataclass
 class Residual(Op):
-    """``relu(body(x) + shortcut(x))`` (``after_relu``) or without the ReLU."""
+    """``relu(body(x) + shortcut(x))`` (``after_relu``) or without the ReLU. ``proven``
+    is a Lipschitz constant the block has by construction (an SLL layer's 1), which the
+    triangle inequality over body and shortcut cannot see."""
 
     body: list[Op]
     shortcut: list[Op]
     after_relu: bool
+    proven: float | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         out = run(self.body, x) + run(self.shortcut, x)
         return torch.relu(out) if self.after_relu else out
 
     def lipschitz(self, shape: tuple[int, ...]) -> float:
-        return chain_lipschitz(self.body, shape) + chain_lipschitz(self.shortcut, shape)
+        triangle = chain_lipschitz(self.body, shape) + chain_lipschitz(self.shortcut, shape)
+        return triangle if self.proven is None else min(triangle, self.proven)
 
     def interval(self, lower: Tensor, upper: Tensor) -> Interval:
         body_low, body_high = chain_interval(self.body, lower, upper)
@@ -238,6 +250,22 @@ def _conv_transpose(
     return F.conv_transpose2d(rows, weight, stride=stride, padding=padding, output_padding=extra)
 
 
+def _sll(module: SLLConv2d) -> Residual:
+    """``x - C^T relu(W^T x + b)`` with ``C`` the branch weight: the shortcut is the
+    identity (no ops) and the block is 1-Lipschitz by construction."""
+    padding = (module.padding, module.padding)
+    branch = module.branch_weight()
+    back = Affine(
+        apply=lambda z: -F.conv_transpose2d(z, branch, padding=padding),
+        magnitude=lambda r: F.conv_transpose2d(r, branch.abs(), padding=padding),
+        # A transposed convolution has the singular values of the convolution.
+        norm=lambda shape: _conv_norm(branch, padding, shape),
+        transpose=lambda rows, shape: -F.conv2d(rows, branch, padding=padding),
+    )
+    body = [_conv(module.weight, module.bias, (1, 1), padding), ReLU(), back]
+    return Residual(body, [], after_relu=False, proven=1.0)
+
+
 def _scale(scale: Tensor, shift: Tensor) -> Affine:
     """``x * scale + shift`` with per-channel (broadcast) scale and shift."""
     return Affine(
@@ -306,6 +334,8 @@ def _leaf(module: nn.Module) -> list[Op] | Refusal:
         return [
             _conv(module.scaled_weight(), module.bias, (1, 1), (module.padding, module.padding))
         ]
+    if isinstance(module, SLLConv2d):
+        return [_sll(module)]
     if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
         op = _batchnorm(module)
         return op if isinstance(op, Refusal) else [op]
@@ -354,11 +384,14 @@ def _ops(module: nn.Module) -> list[Op] | Refusal:
         return [Residual(body, shortcut, after_relu=True)]
     if isinstance(module, SmallCNN):
         return _chain([module.normalize, module.conv1, module.conv2, module.conv3, module.project])
-    if isinstance(module, LipschitzCNN):
-        padded = _reshape(module._padded)
+    if isinstance(module, LipschitzCNN | SLLNet):
         centred = _scale(torch.ones(()), torch.tensor(-0.5))
-        rest = _chain([module.block1, module.block2, module.block3, module.project])
-        return rest if isinstance(rest, Refusal) else [centred, padded, *rest]
+        rest = _chain(
+            [module.block1, module.block2, module.block3, module.project]
+            if isinstance(module, LipschitzCNN)
+            else [module.block1, module.block2, module.flatten]
+        )
+        return rest if isinstance(rest, Refusal) else [centred, _reshape(_padded), *rest]
     if isinstance(module, ResNet18):
         return _chain([module.normalize, module.stem, *module.layers, module.pool, module.project])
     return _leaf(module)

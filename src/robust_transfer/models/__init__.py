@@ -1,10 +1,11 @@
-"""Encoders (small CNN, 1-Lipschitz CNN, ResNet-18), the pretraining classifier, checkpoints."""
+"""Encoders (small CNN, 1-Lipschitz CNN and SLL network, ResNet-18), the pretraining
+classifier, checkpoints."""
 
 from ..errors import CheckpointError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .encoders import Classifier, Encoder, ResNet18, SmallCNN
 from .heads import head_arrays, head_from_arrays, load_head
-from .lipschitz import AOLConv2d, AOLLinear, LipschitzCNN, MaxMin
+from .lipschitz import AOLConv2d, AOLLinear, LipschitzCNN, MaxMin, SLLConv2d, SLLNet
 from .registry import ARCHITECTURES, build_encoder
 from .specs import LoadedEncoder, load_encoder, resolve_encoder, resolve_spec, source_name
 
@@ -19,6 +20,8 @@ __all__ = [
     "LoadedEncoder",
     "MaxMin",
     "ResNet18",
+    "SLLConv2d",
+    "SLLNet",
     "SmallCNN",
     "build_encoder",
     "head_arrays",

@@ -7,10 +7,10 @@ from types import MappingProxyType
 
 from ..errors import InputError
 from .encoders import Encoder, ResNet18, SmallCNN
-from .lipschitz import LipschitzCNN
+from .lipschitz import LipschitzCNN, SLLNet
 
 ARCHITECTURES: Mapping[str, type[Encoder]] = MappingProxyType(
-    {cls.arch: cls for cls in (SmallCNN, LipschitzCNN, ResNet18)}
+    {cls.arch: cls for cls in (SmallCNN, LipschitzCNN, SLLNet, ResNet18)}
 )
 
 

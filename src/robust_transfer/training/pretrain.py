@@ -75,11 +75,12 @@ def _positive(value: object, name: str, kind: type = int) -> None:
 class PretrainConfig:
     """One pretraining run. ``threat`` is the adversary of the adversarial protocols and
     the certified radius of the Lipschitz-margin loss; ``limit`` uses only the first
-    ``limit`` training images."""
+    ``limit`` training images; ``feature_dim`` None is the architecture's own (64 for the
+    CNNs, the input's size for ``lipschitz-sll``)."""
 
     protocol: PretrainProtocol
     arch: str | None = None
-    feature_dim: int = 64
+    feature_dim: int | None = None
     epochs: int = 4
     batch_size: int = 128
     lr: float = 2e-3
@@ -93,8 +94,10 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         protocol = parse_choice(PretrainProtocol, self.protocol, "protocol")
         object.__setattr__(self, "protocol", protocol)
-        for name in ("feature_dim", "epochs", "batch_size", "attack_steps"):
+        for name in ("epochs", "batch_size", "attack_steps"):
             _positive(getattr(self, name), name)
+        if self.feature_dim is not None:
+            _positive(self.feature_dim, "feature_dim")
         for name in ("lr", "trades_beta", "temperature"):
             _positive(getattr(self, name), name, float)
         if self.limit is not None:
@@ -385,9 +388,8 @@ def pretrain(
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     device = (runtime or Runtime.detect()).device
-    encoder = build_encoder(
-        config.architecture, image_shape=data.image_shape, feature_dim=config.feature_dim
-    )
+    sizes = {} if config.feature_dim is None else {"feature_dim": config.feature_dim}
+    encoder = build_encoder(config.architecture, image_shape=data.image_shape, **sizes)
     radius = 0.0
     if config.protocol is PretrainProtocol.LIPSCHITZ:
         # The feature radius the encoder's constant guarantees at the threat model: the
@@ -396,7 +398,7 @@ def pretrain(
         if constant is None:
             raise InputError(
                 f"protocol 'lipschitz' needs an encoder 1-Lipschitz by construction; "
-                f"{config.architecture!r} is not (use 'lipschitz-cnn')"
+                f"{config.architecture!r} is not (use 'lipschitz-cnn' or 'lipschitz-sll')"
             )
         radius = lipschitz_shift(constant, _threat(config), data.x[0].numel())
     supervised: dict[PretrainProtocol, Callable[[], ModelLoss]] = {
