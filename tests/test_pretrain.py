@@ -157,15 +157,14 @@ def test_sll_encoder_keeps_certified_transfer_at_l2_half() -> None:
     """Issue 11's target: a certified probe on digits 5-9 over an encoder pretrained on
     digits 0-4 certifies most points at L2 0.5. The SLL encoder does, as a certified
     linear classifier on the raw pixels does (the identity: 1-Lipschitz, an independent
-    reference); the AOL CNN, which contracts distances, does not. PGD with restarts and
-    targeted losses breaks no certified point."""
+    reference). PGD with restarts and targeted losses breaks no certified point."""
     task = get_task("mnist-5-9")
     assert task.pretrain is not None
     train, test = task.downstream.train, task.downstream.test
     x, y = test.x[:200], test.y[:200]
     threat = ThreatModel("L2", 0.5)
     certified = {}
-    for arch in ("identity", "lipschitz-cnn", "lipschitz-sll"):
+    for arch in ("identity", "lipschitz-sll"):
         encoder: torch.nn.Module = torch.nn.Flatten()
         shift = torch.full((len(x),), threat.eps)
         if arch != "identity":
@@ -186,11 +185,10 @@ def test_sll_encoder_keeps_certified_transfer_at_l2_half() -> None:
         attacked = attack_classifier(model, x, y, threat, steps=50, restarts=2, loss=loss)
         assert not (certified["lipschitz-sll"] & ~attacked.robust).any()
     share = {arch: float(mask.float().mean()) for arch, mask in certified.items()}
-    # Measured (whole pretraining split, 30 epochs): SLL 0.815, raw pixels 0.80-0.825,
-    # AOL CNN 0.31-0.34.
+    # Measured at these settings: SLL 0.805, raw pixels 0.80 (the AOL CNN, which
+    # contracts distances, 0.155).
     assert share["lipschitz-sll"] > 0.75
     assert abs(share["lipschitz-sll"] - share["identity"]) < 0.06
-    assert share["lipschitz-cnn"] < share["lipschitz-sll"] - 0.2
 
 
 def test_same_seed_same_weights_other_seed_other_weights() -> None:

@@ -17,10 +17,12 @@ SLL (Araujo et al., "A Unified Algebraic Perspective on Lipschitz Neural Network
 ICLR 2023): the residual layer ``h(x) = x - 2 W T^{-1} relu(W^T x + b)`` with
 ``T = diag(sum_j |W^T W|_ij)`` is 1-Lipschitz. Its Jacobian is ``J = I - 2 W S W^T`` with
 ``S = T^{-1} D`` and ``D`` the ReLU's 0/1 slopes, so ``J^T J = I - 4 W S^{1/2} (I - S^{1/2}
-W^T W S^{1/2}) S^{1/2} W^T``; ``T >= W^T W`` (Gershgorin, as for AOL) and ``D <= I`` give
-``S^{1/2} W^T W S^{1/2} <= I``, hence ``J^T J <= I``. With the branch off it is the
-identity: a stack of them loses no distance it is not trained to lose, where AOL layers
-that narrow the channels contract every distance from the start.
+W^T W S^{1/2}) S^{1/2} W^T``; ``T >= W^T W`` and ``D <= I`` give ``S^{1/2} W^T W S^{1/2} <= I``,
+hence ``J^T J <= I``. ``T >= W^T W`` is Gershgorin for the convolution on the whole plane
+(its Gram rows sum to the filters' absolute self-correlations); zero padding restricts
+it to the image, which can only lower the Gram matrix in the semidefinite order. With
+the branch off it is the identity: a stack of them loses no distance it is not trained
+to lose, where AOL layers that narrow the channels contract every distance from the start.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import time
 import warnings
@@ -32,7 +33,14 @@ from ..certify.network import FLATTEN, Op, chain_interval, ops_of
 from ..checks import parse_choice
 from ..data.dataset import ImageDataset
 from ..errors import InputError, InputTypeError
-from ..models import CheckpointError, Classifier, Encoder, build_encoder, load_checkpoint
+from ..models import (
+    ARCHITECTURES,
+    CheckpointError,
+    Classifier,
+    Encoder,
+    build_encoder,
+    load_checkpoint,
+)
 from ..models.checkpoint import save_checkpoint, sidecar_path
 from ..noise import SampleNoise
 from ..runtime import Runtime
@@ -71,12 +79,22 @@ def _positive(value: object, name: str, kind: type = int) -> None:
         raise InputError(f"{name} must be positive, got {value!r}")
 
 
+def _default_feature_dim(arch: str) -> int | None:
+    """The ``feature_dim`` an architecture builds when not given one (None: it depends on
+    the images, as ``lipschitz-sll``'s does)."""
+    cls = ARCHITECTURES.get(arch)
+    if cls is None:
+        return None
+    default = inspect.signature(cls).parameters["feature_dim"].default
+    return default if isinstance(default, int) else None
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """One pretraining run. ``threat`` is the adversary of the adversarial protocols and
     the certified radius of the Lipschitz-margin loss; ``limit`` uses only the first
     ``limit`` training images; ``feature_dim`` None is the architecture's own (64 for the
-    CNNs, the input's size for ``lipschitz-sll``)."""
+    CNNs, 512 for ``resnet18``, the input's size for ``lipschitz-sll``)."""
 
     protocol: PretrainProtocol
     arch: str | None = None
@@ -119,6 +137,10 @@ class PretrainConfig:
         values = dataclasses.asdict(self)
         values["protocol"] = self.protocol.value
         values["arch"] = self.architecture
+        if self.feature_dim is None:
+            # The architecture's own default, so that a config leaving it unset keys the
+            # cache and reads in records like one that spells it out.
+            values["feature_dim"] = _default_feature_dim(self.architecture)
         values["threat"] = (
             None
             if self.threat is None
