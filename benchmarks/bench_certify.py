@@ -181,7 +181,7 @@ def markdown(report: dict[str, object]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--points", type=int, default=100)
-    parser.add_argument("--encoders", default="standard,adversarial,lipschitz")
+    parser.add_argument("--encoders", default="standard,adversarial,lipschitz,lipschitz-sll")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threats", help="NORM:EPS,... (default: the five of THREATS)")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_certify")
