@@ -121,6 +121,29 @@ def test_sll_net_constant_is_its_proven_one_not_the_triangle_inequality() -> Non
     assert (attacked.shift >= 0.999 * 0.3).all()
 
 
+def test_distance_ratio_is_exact_for_scaled_isometries() -> None:
+    """An orthogonal map keeps every distance (ratio 1), a scaled one keeps ``c``; a
+    non-linear 1-Lipschitz encoder keeps at most its constant."""
+    from robust_transfer.errors import InputError
+    from robust_transfer.features import distance_ratio
+
+    torch.manual_seed(3)
+    x = torch.rand(40, 1, 6, 6)
+    x[1] = x[0]  # a repeated input: no pair of it counts
+    orthogonal = torch.linalg.qr(torch.randn(36, 36))[0]
+    features = x.flatten(1) @ orthogonal.T
+    assert distance_ratio(x, features) == pytest.approx(1.0, rel=1e-6)  # float32 map
+    assert distance_ratio(x, 0.3 * features) == pytest.approx(0.3, rel=1e-6)
+    encoder = ENCODERS["lipschitz-sll"][0]()
+    x = torch.rand(40, 1, 12, 12)
+    with torch.no_grad():
+        assert 0.0 < distance_ratio(x, encoder(x)) <= 1.0
+    with pytest.raises(InputError, match="one feature row per input"):
+        distance_ratio(x, encoder(x[:3]))
+    with pytest.raises(InputError, match="two distinct inputs"):
+        distance_ratio(x[:1].expand(4, -1, -1, -1), torch.rand(4, 5))
+
+
 def _pooling_cnn() -> nn.Module:
     torch.manual_seed(3)
     return ENCODERS["cnn-pooling"][0]()

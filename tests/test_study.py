@@ -133,6 +133,9 @@ def test_records_have_the_promised_keys_and_invariants(study: tuple[Path, dict[s
         assert record["relative_shift"] == pytest.approx(
             record["mean_shift"] / record["feature_scale"]
         )
+        assert record["distance_ratio"] > 0.0
+        if record["lipschitz_l2"] is not None:  # the ratio can never beat the constant
+            assert record["distance_ratio"] <= record["lipschitz_l2"] * (1 + 1e-6)
         if record["certified_robust_acc"] is not None:
             assert record["certified_robust_acc"] <= record["attacked_robust_acc"]
             assert record["certified_but_broken"] == 0

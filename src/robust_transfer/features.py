@@ -59,16 +59,42 @@ def extract_features(
     return torch.cat(parts)
 
 
+def _pair_distances(values: Tensor) -> Tensor:
+    """The l2 distance of every pair ``i < j`` of rows, in float64."""
+    values = values.flatten(1).double()
+    distances = torch.cdist(values, values)
+    pairs = torch.triu_indices(len(values), len(values), offset=1)
+    return distances[pairs[0], pairs[1]]
+
+
 def median_distance(features: Tensor) -> float:
     """The median distance between the representations of two different inputs: the
     scale of an encoder's feature geometry (shifts and radii far above it move any
     point anywhere)."""
-    features = features.flatten(1).double()
     if len(features) < 2:
         raise InputError("the median distance needs at least two inputs")
-    distances = torch.cdist(features, features)
-    pairs = torch.triu_indices(len(features), len(features), offset=1)
-    return float(distances[pairs[0], pairs[1]].median())
+    return float(_pair_distances(features).median())
+
+
+def distance_ratio(inputs: Tensor, features: Tensor) -> float:
+    """The median over pairs of distinct inputs of ``||f(x) - f(x')||_2 / ||x - x'||_2``:
+    how much of the inputs' separation the features keep.
+
+    With a proven l2 constant ``L`` it is at most ``L``, and ``ratio / L`` is the share of
+    the input's separation a Lipschitz certificate keeps: a certified radius ``eps``
+    needs feature margins ``L eps`` where a classifier on the input needs ``eps``, so a
+    linear probe can be certified as widely as a linear classifier on the input itself
+    only where this is near ``L``."""
+    if len(inputs) != len(features):
+        raise InputError(
+            f"distance_ratio needs one feature row per input, got {len(inputs)} inputs "
+            f"and {len(features)} rows"
+        )
+    apart = _pair_distances(inputs)
+    distinct = apart > 0
+    if not bool(distinct.any()):
+        raise InputError("distance_ratio needs at least two distinct inputs")
+    return float((_pair_distances(features)[distinct] / apart[distinct]).median())
 
 
 def _collate_inputs(items: list[object]) -> Tensor:

@@ -109,6 +109,7 @@ class Field(StrEnum):
     DIRECTIONAL_SHARE = "directional_share"  # median directional / attacked shift
     FEATURE_SCALE = "feature_scale"  # median distance between two inputs' features
     RELATIVE_SHIFT = "relative_shift"  # mean shift / feature scale: scale free
+    DISTANCE_RATIO = "distance_ratio"  # median ||f(x) - f(x')|| / ||x - x'|| over pairs
     CERTIFIERS = "certifiers"  # the methods that certified this unit, tightest first
     REFUSED = "refused"  # certifier -> why it gave no bound for this encoder
     RADIUS = "radius"  # a certified probe's feature radius
@@ -170,6 +171,7 @@ class Meta(StrEnum):
     INPUT_SIZE = "input_size"  # the (C, H, W) a zoo encoder takes
     LAYER = "layer"  # the layer its features are cut at
     FEATURE_SCALE = "feature_scale"  # median distance between two inputs' features
+    DISTANCE_RATIO = "distance_ratio"  # median feature / input distance over pairs
 
 
 class StoreKind(StrEnum):

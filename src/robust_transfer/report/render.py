@@ -216,6 +216,12 @@ def _certificate_section(classification: Sequence[Record]) -> tuple[str, str, li
             f"median {tight[len(tight) // 2]:.3g}."
         )
     lines.append(
+        "*distance kept* is the median over pairs of evaluation inputs of feature distance "
+        "over input distance: with a Lipschitz constant `L` a certificate needs feature "
+        "margins `L eps`, so only an encoder that keeps close to `L` of the input's "
+        "separation lets a probe be certified as widely as a classifier on the input."
+    )
+    lines.append(
         "Every certificate was checked against every attack of its unit: a certified shift "
         "below an attacked one, or a certified point an attack broke, stops the run."
     )

@@ -63,6 +63,7 @@ CERTIFICATE_COLUMNS: tuple[tuple[str, str], ...] = (
     (Field.HEAD_CERTIFIED_ROBUST_ACC, "head-specific cert."),
     (Field.ATTACKED_ROBUST_ACC, "attacked"),
     (Field.CERTIFIED_TIGHTNESS, "cert./att. shift"),
+    (Field.DISTANCE_RATIO, "distance kept"),
     (Field.CERTIFIERS, "certifiers"),
     (Field.COLLAPSED_HEAD, "collapsed"),
 )

@@ -75,6 +75,7 @@ def record(run: StudyRun, unit: Unit, arrays: Arrays, meta: dict[str, object]) -
         **aggregated,
         Field.FEATURE_SCALE: scale,
         Field.RELATIVE_SHIFT: relative,
+        Field.DISTANCE_RATIO: meta.get(Meta.DISTANCE_RATIO),
         Field.STORE_KEY: list(unit.key()),
     }
 

@@ -35,7 +35,7 @@ from ..data.sources import load_split
 from ..data.tasks import Split, get_task
 from ..errors import ConfigError, SoundnessError
 from ..expected import EncoderProfile, profile_encoder
-from ..features import extract_features, median_distance
+from ..features import distance_ratio, extract_features, median_distance
 from ..losses import RegressionLoss
 from ..models import head_arrays, head_from_arrays, resolve_encoder
 from ..runtime import Runtime
@@ -326,10 +326,14 @@ class StudyRun:
             refused |= reasons if isinstance(reasons, dict) else {}
         head = parts[0][1].get(Meta.HEAD)
         variant = _variant(unit, head if isinstance(head, dict) else {})
+        features = self._features(unit, variant)
+        # The first evaluation points, in the order their shards stored the features.
+        inputs = self._split(unit.task).test.x[: len(features)]
         meta = parts[0][1] | {
             Meta.REFUSED: refused,
             Meta.SECONDS: sum(_seconds(meta) for _, meta in parts),
-            Meta.FEATURE_SCALE: median_distance(self._features(unit, variant)),
+            Meta.FEATURE_SCALE: median_distance(features),
+            Meta.DISTANCE_RATIO: distance_ratio(inputs, features),
         }
         self.store.save(unit.key(), arrays, meta)
 
