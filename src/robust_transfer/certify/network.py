@@ -385,12 +385,9 @@ def _ops(module: nn.Module) -> list[Op] | Refusal:
     if isinstance(module, SmallCNN):
         return _chain([module.normalize, module.conv1, module.conv2, module.conv3, module.project])
     if isinstance(module, LipschitzCNN | SLLNet):
+        # Both centre and zero-pad their inputs, then run their stages in order.
         centred = _scale(torch.ones(()), torch.tensor(-0.5))
-        rest = _chain(
-            [module.block1, module.block2, module.block3, module.project]
-            if isinstance(module, LipschitzCNN)
-            else [module.block1, module.block2, module.flatten]
-        )
+        rest = _chain(module.stages())
         return rest if isinstance(rest, Refusal) else [centred, _reshape(_padded), *rest]
     if isinstance(module, ResNet18):
         return _chain([module.normalize, module.stem, *module.layers, module.pool, module.project])

@@ -171,9 +171,10 @@ class SLLNet(Encoder):
             nn.PixelUnshuffle(2), *(SLLConv2d(wide, 4 * wide) for _ in range(depth))
         )
         self.block2 = nn.Sequential(
-            nn.PixelUnshuffle(2), *(SLLConv2d(4 * wide, 8 * wide) for _ in range(depth))
+            nn.PixelUnshuffle(2),
+            *(SLLConv2d(4 * wide, 8 * wide) for _ in range(depth)),
+            nn.Flatten(),
         )
-        self.flatten = nn.Flatten()
 
     def config(self) -> dict[str, object]:
         return {**super().config(), "depth": self.depth}
@@ -183,5 +184,5 @@ class SLLNet(Encoder):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        out: Tensor = self.flatten(self.block2(self.block1(_padded(x - 0.5))))
+        out: Tensor = self.block2(self.block1(_padded(x - 0.5)))
         return out
