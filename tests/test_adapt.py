@@ -181,7 +181,11 @@ def test_absolute_probe_resists_outliers_better_than_squared() -> None:
     ("values", "match"),
     [
         ({"protocol": "certified-probe"}, "needs a radius"),
-        ({"protocol": "certified-probe", "radius": -1.0}, "radius must be non-negative"),
+        ({"protocol": "certified-probe", "radius": -1.0}, "radius must be a finite number"),
+        ({"protocol": "certified-probe", "radius": float("inf")}, "radius must be a finite"),
+        ({"protocol": "finetune", "lr": float("nan")}, "lr must be a finite number above 0"),
+        ({"protocol": "finetune", "epochs": 2**63 - 1}, "epochs 9223372036854775807 exceeds"),
+        ({"protocol": "finetune", "seed": 2**64}, "seed must be an integer from 0"),
         ({"protocol": "anchored-finetune", "anchor_weight": -0.1}, "anchor_weight"),
         ({"protocol": "prompt-tuning"}, "unknown protocol"),
         ({"protocol": "finetune", "epochs": 0}, "epochs"),

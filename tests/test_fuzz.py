@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
+from robust_transfer import cli
 from robust_transfer.data.sources import load_dataset
 from robust_transfer.errors import RobustTransferError
 from robust_transfer.models.specs import resolve_encoder, resolve_spec
@@ -179,3 +181,72 @@ def test_data_files_load_or_fail_cleanly(suffix: str, payload: bytes, kind: str,
             load_dataset(str(path))
     finally:
         path.unlink(missing_ok=True)
+
+
+_DTYPES = ["float32", "float64", ">f4", "uint8", "int64", ">i8", "int8", "uint64", "bool", "<U2"]
+
+
+@seed(20261206)
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    st.sampled_from(_DTYPES),
+    st.sampled_from(_DTYPES),
+    st.lists(st.integers(min_value=0, max_value=3), max_size=5),
+    st.integers(min_value=-(2**40), max_value=2**40),
+    st.booleans(),
+)
+def test_data_arrays_load_or_fail_cleanly(
+    x_dtype: str, y_dtype: str, shape: list[int], label: int, with_classes: bool
+) -> None:
+    """Arrays of every dtype (big-endian, text, bool), rank and label range: a data set
+    that keeps the container's promises, or one of the library's errors."""
+    path = Path("/tmp/robust-transfer-fuzz-arrays.npz")
+    rng = np.random.default_rng(abs(label) % 1000)
+    x = (rng.random(shape) * 1.2).astype(x_dtype) if x_dtype != "<U2" else np.full(shape, "a")
+    n = shape[0] if shape else 1
+    y = np.array([label] + [0] * (n - 1))
+    arrays = {"x": x, "y": y.astype(y_dtype) if y_dtype != "<U2" else y.astype(str)}
+    if with_classes:
+        arrays["classes"] = np.array(["a", "b"])
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    try:
+        data = load_dataset(str(path))
+    except RobustTransferError:
+        return
+    finally:
+        path.unlink(missing_ok=True)
+    assert data.x.dtype == torch.float32
+    assert data.x.dim() == 4
+    assert int(data.y.min()) >= 0
+    assert int(data.y.max()) < data.num_classes
+
+
+_path_parts = st.sampled_from(["", " ", ".", "..", "a", "é", "x/y", "/", "-", "--json", "\t"])
+
+
+@seed(20261206)
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(name=st.lists(_path_parts, max_size=4).map("".join))
+def test_output_paths_are_used_or_refused_cleanly(
+    name: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Any path as ``report``'s folder or ``--json``'s file: a result, or one line and
+    exit code 2; never a write outside the folder the command runs in."""
+    root = tmp_path_factory.mktemp("paths")
+    data = root / "d.npz"
+    np.savez(data, x=np.zeros((2, 1, 4, 4), np.float32), y=np.array([0, 1]))
+    cwd = root / "cwd"
+    cwd.mkdir()
+    before = sorted(p.name for p in root.iterdir())
+    vulnerability = ["vulnerability", "--encoder", "torch.nn:Flatten", "--data", str(data)]
+    with contextlib.chdir(cwd):
+        for args in (
+            ["report", name],
+            [*vulnerability, "--n", "2", "--steps", "1", "--eps", "0.1", "--json", name],
+        ):
+            try:
+                code = cli.main(args)
+            except SystemExit as stop:
+                code = int(stop.code or 0)
+            assert code in (0, 2)
+    assert sorted(p.name for p in root.iterdir()) == before

@@ -238,8 +238,59 @@ def test_load_encoder_specs() -> None:
         load_encoder("os:nonexistent")
     with pytest.raises(ValueError, match=r"expected a \.safetensors"):
         load_encoder("no_colon")
-    with pytest.raises(TypeError, match="returned str"):
+    with pytest.raises(ValueError, match=r"refused: getcwd is neither an nn\.Module class"):
         load_encoder("os:getcwd")
+    with pytest.raises(TypeError, match="returned str"):
+        load_encoder("os:getcwd", trust_code=True)
+
+
+def unannotated_factory(width=4):  # type: ignore[no-untyped-def]
+    """A factory that says nothing of what it returns."""
+    return tiny_factory(width)
+
+
+def lying_factory(command: str = "") -> nn.Module:
+    """Annotated to build a module: called, so the annotation is all that guards it."""
+    return tiny_factory()
+
+
+@pytest.mark.parametrize(
+    ("spec", "options"),
+    [
+        ("os:system", {"command": "touch {marker}"}),
+        ("subprocess:call", {"args": ["touch", "{marker}"]}),
+        ("builtins:exec", {"source": "open('{marker}', 'w')"}),
+        ("pathlib:Path", {}),
+        ("test_models:unannotated_factory", {}),
+        ("functools:partial", {}),
+    ],
+)
+def test_factories_that_could_run_anything_are_refused(
+    spec: str, options: dict[str, object], tmp_path: Path
+) -> None:
+    """A shared config's factory runs only when it can be seen to build a module: a
+    payload never runs, and the same spec loads once the user vouches for it."""
+    marker = tmp_path / "ran"
+    given = {
+        key: [str(v).format(marker=marker) for v in value]
+        if isinstance(value, list)
+        else str(value).format(marker=marker)
+        for key, value in options.items()
+    }
+    with pytest.raises(ValueError, match=r"refused: .* trust_code=True"):
+        load_encoder(spec, **given)
+    assert not marker.exists()
+
+
+def test_factories_that_build_modules_need_no_trust() -> None:
+    assert isinstance(load_encoder("torch.nn:Flatten"), nn.Flatten)
+    assert load_encoder("test_models:unannotated_factory", trust_code=True)(
+        torch.rand(2, 1, 28, 28)
+    ).shape == (2, 4)
+    with pytest.raises(ValueError, match="an absolute module path"):
+        load_encoder(".models:SmallCNN")
+    with pytest.raises(ValueError, match="an absolute module path"):
+        load_encoder("os:path.join")
 
 
 def test_bad_architecture_arguments() -> None:

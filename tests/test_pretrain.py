@@ -274,8 +274,13 @@ def test_certified_training_refuses_an_unreadable_encoder_before_training() -> N
     [
         ({"protocol": "magic"}, "unknown protocol 'magic'"),
         ({"protocol": "adversarial", "threat": None}, "needs a threat model"),
-        ({"epochs": 0}, "epochs must be positive"),
-        ({"lr": -1.0}, "lr must be positive"),
+        ({"epochs": 0}, "epochs must be a positive integer"),
+        ({"epochs": 10**30}, "epochs .* exceeds 100,000"),
+        ({"attack_steps": 10**6}, "attack_steps .* exceeds 100,000"),
+        ({"feature_dim": 10**9}, "feature_dim .* exceeds 65,536"),
+        ({"seed": -1}, "seed must be an integer from 0"),
+        ({"lr": -1.0}, "lr must be a finite number above 0"),
+        ({"lr": float("inf")}, "lr must be a finite number above 0"),
         ({"threat": "Linf"}, "ThreatModel"),
     ],
 )

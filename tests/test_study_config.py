@@ -80,8 +80,8 @@ def _broken(path: list[str | int], value: object) -> dict[str, Any]:
     ("path", "value", "match"),
     [
         (["colour"], "red", "at colour: unknown key"),
-        (["seed"], "zero", "at seed: expected an integer"),
-        (["eval_points"], 0, "at eval_points: expected a positive integer"),
+        (["seed"], "zero", "at seed: seed must be an integer from 0"),
+        (["eval_points"], 0, "at eval_points: eval_points must be a positive integer"),
         (["threats", "Linf"], ["-1/10"], r"threats\.Linf\[0\]: eps must be positive"),
         (["threats", "Linf"], ["8/0"], r"threats\.Linf\[0\]: cannot parse eps"),
         (["threats", "L3"], [1.0], r"threats\.L3: unknown norm"),
@@ -105,7 +105,17 @@ def _broken(path: list[str | int], value: object) -> dict[str, Any]:
         (["tasks", 0, "test_data"], "torchvision:cifar10:test", r"test_data: give 'data' too"),
         (["tasks", 0, "data_options"], {"root": "x"}, r"data_options: give 'data' too"),
         (["tasks", 0, "data_options"], "root=x", r"data_options: expected a table"),
-        (["attack", "steps"], 0, r"attack\.steps: expected a positive integer"),
+        (["attack", "steps"], 0, r"at attack: steps must be a positive integer"),
+        (["attack", "steps"], 2**63 - 1, r"at attack: steps 9223372036854775807 exceeds"),
+        (["seed"], 10**25, "at seed: seed must be an integer from 0 to 4294967295"),
+        (["eval_points"], 2**63, "at eval_points: eval_points .* exceeds"),
+        (["threats", "Linf"], [10**400], r"threats\.Linf\[0\]: eps must be positive and finite"),
+        (["threats", "L2"], [float("inf")], r"threats\.L2\[0\]: eps must be positive and finite"),
+        (["encoders", "std", "epochs"], 2**62, r"encoders\.std: epochs .* exceeds"),
+        (["encoders", "std", "feature_dim"], 10**12, r"encoders\.std: feature_dim .* exceeds"),
+        (["encoders", "std", "lr"], float("nan"), r"encoders\.std: lr must be a finite number"),
+        (["adaptations", "lp", "epochs"], 10**9, r"adaptations\.lp: epochs .* exceeds"),
+        (["encoders", "std"], {"spec": ".models:SmallCNN"}, "an absolute module path"),
         (["tasks"], [], "no task given"),
     ],
 )
@@ -151,7 +161,7 @@ def test_the_autoattack_plan() -> None:
     ("attack", "match"),
     [
         ({"autoattack": "yes"}, r"attack\.autoattack: expected true, false or a table"),
-        ({"autoattack": {"points": 0}}, r"attack\.autoattack\.points: expected a positive"),
+        ({"autoattack": {"points": 0}}, r"attack\.autoattack\.points: points must be a positive"),
         ({"autoattack": {"adaptations": ["ft"]}}, "unknown adaptation 'ft'"),
         ({"autoattack": {"tasks": ["cifar10"]}}, r"autoattack\.tasks: unknown task 'cifar10'"),
         ({"autoattack": {"tasks": "mnist-5-9"}}, r"autoattack\.tasks: expected a list"),
@@ -160,7 +170,7 @@ def test_the_autoattack_plan() -> None:
         ({"autoattack": {"colour": 1}}, "unknown key"),
         ({"autoattack": {"threats": {"Linf": ["1/20"]}}}, r"Linf\(eps=0.05\) is in no task's"),
         ({"autoatack": {"points": 5}}, r"attack\.autoatack: unknown key"),
-        ({"representation_method": "fgsm"}, r"representation_method: 'fgsm' is not one of"),
+        ({"representation_method": "fgsm"}, r"representation_method 'fgsm' is not one of"),
     ],
 )
 def test_bad_attack_tables_name_the_key(attack: dict[str, object], match: str) -> None:
@@ -215,7 +225,7 @@ def test_certified_probe_radius_rules(radius: object, expected: tuple[object, ..
         ({"rule": "fixed"}, r"radius\.value: the fixed rule needs a value"),
         ({"rule": "certified", "method": "ibp-x"}, r"radius\.method: unknown certifier"),
         ({"rule": "quantile", "quantile": 3}, r"radius\.quantile: must lie in"),
-        ({"rule": "fixed", "value": -1.0}, "radius must be non-negative"),
+        ({"rule": "fixed", "value": -1.0}, "radius must be a finite number at least 0"),
         ({"rule": "quantile", "value": 0.3}, r"radius\.value: only the fixed rule takes a value"),
     ],
 )

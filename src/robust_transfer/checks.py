@@ -6,6 +6,8 @@ loudly, with the argument's name, before any work is done.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
 
@@ -21,6 +23,17 @@ def check_tensor(value: object, name: str) -> Tensor:
     if not isinstance(value, Tensor):
         raise InputTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value
+
+
+def check_output(output: object, what: str) -> Tensor:
+    """What a model returned: one tensor (a tuple or a dict of outputs has no single
+    meaning as features or logits)."""
+    if not isinstance(output, Tensor):
+        raise InputTypeError(
+            f"{what} returned a {type(output).__name__}, not a tensor: wrap the model so that "
+            "its forward returns one tensor (its features, or its logits)"
+        )
+    return output
 
 
 def check_finite(value: Tensor, name: str) -> None:
@@ -56,7 +69,17 @@ def check_features(features: object, name: str = "features") -> Tensor:
     if features.dim() != 2:
         raise InputError(f"{name} must have shape (N, m), got {tuple(features.shape)}")
     check_finite(features, name)
+    largest = float(features.abs().max()) if features.numel() else 0.0
+    if largest > _LARGEST_FEATURE:
+        raise InputError(
+            f"{name} reach {largest:.3g}: squared distances between them overflow float32 "
+            "(about 3.4e38); scale the encoder's output down"
+        )
     return features
+
+
+# Squares of larger values overflow float32 before a norm or a margin is taken.
+_LARGEST_FEATURE = 1e18
 
 
 def check_labels(
@@ -73,11 +96,25 @@ def check_labels(
         )
     if n and int(labels.min()) < 0:
         raise InputError(f"{name} must be non-negative class indices")
+    if n and int(labels.max()) >= CLASSES.most:
+        # Before anything is sized by them: a head of a billion classes.
+        raise InputError(f"{name} has class index {int(labels.max())}, beyond {CLASSES.what}")
     if num_classes is not None and n and int(labels.max()) >= num_classes:
         raise InputError(
             f"{name} has class index {int(labels.max())} but the head has {num_classes} classes"
         )
     return labels.long()
+
+
+def check_two_classes(labels: Tensor, name: str) -> None:
+    """Training labels of a classifier: at least two classes present. On one class any
+    head is always right, and every accuracy measured after it reads 1.0."""
+    present = torch.unique(labels)
+    if len(present) < 2:
+        only = "no points" if len(present) == 0 else f"only class {int(present[0])}"
+        raise InputError(
+            f"{name} hold {only}: a classifier needs training points of at least two classes"
+        )
 
 
 def check_per_sample(values: object, n: int, name: str) -> Tensor:
@@ -95,10 +132,47 @@ def check_per_sample(values: object, n: int, name: str) -> Tensor:
     return values
 
 
-def check_positive_int(value: object, name: str) -> int:
+@dataclass(frozen=True)
+class Limit:
+    """The largest value a count may take, and what it counts. Each lies far beyond any
+    sensible run: past it a typo (an extra digit, int64 max) would run for days, or size
+    a tensor by it, before anything else could object."""
+
+    most: int
+    what: str
+
+
+STEPS = Limit(100_000, "gradient steps (AutoAttack's APGD takes 100)")
+RESTARTS = Limit(1_000, "restarts per point")
+EPOCHS = Limit(100_000, "passes over the training data")
+POINTS = Limit(100_000_000, "points or a batch of them")
+FEATURES = Limit(65_536, "feature dimensions of a built-in encoder")
+CLASSES = Limit(1_000_000, "classes, so labels run from 0 to 999999")
+# numpy's legacy generators and scikit-learn take 32-bit seeds; torch 64-bit ones.
+SEED = Limit(2**32 - 1, "a 32-bit seed")
+
+
+def check_positive_int(value: object, name: str, limit: Limit = POINTS) -> int:
+    """A positive integer, at most ``limit.most``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if value > limit.most:
+        raise InputError(f"{name} {value} exceeds {limit.most:,}, the most {limit.what}")
     return value
+
+
+def check_number(value: object, name: str, *, low: float = 0.0, inclusive: bool = False) -> float:
+    """A finite real number above ``low`` (or at least ``low``, ``inclusive``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InputError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or number < low or (number == low and not inclusive):
+        bound = f"at least {low:g}" if inclusive else f"above {low:g}"
+        raise InputError(f"{name} must be a finite number {bound}, got {value!r}")
+    return number
 
 
 def parse_choice(kind: type[Choice], value: object, what: str) -> Choice:
@@ -113,8 +187,10 @@ def parse_choice(kind: type[Choice], value: object, what: str) -> Choice:
 
 
 def check_seed(value: object, name: str = "seed") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InputError(f"{name} must be a non-negative integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED.most:
+        raise InputError(
+            f"{name} must be an integer from 0 to {SEED.most} ({SEED.what}), got {value!r}"
+        )
     return value
 
 

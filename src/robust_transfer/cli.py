@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,15 @@ from .attacks import attack_classifier
 from .attacks.reference import attack_autoattack
 from .attacks.settings import AttackSettings
 from .bounds import weight_gap
+from .checks import (
+    POINTS,
+    RESTARTS,
+    STEPS,
+    Limit,
+    check_number,
+    check_positive_int,
+    check_seed,
+)
 from .data.dataset import ImageDataset
 from .data.sources import FORMS as DATA_FORMS
 from .data.sources import load_dataset, load_split
@@ -37,6 +47,8 @@ from .study.folder import refuse_a_file
 from .study.records import aggregate, shift_summary
 from .threat import Norm, ThreatModel, parse_eps
 from .training.adapt import AdaptConfig, AdaptProtocol, adapt, head_accuracy
+
+T = TypeVar("T")
 
 
 def _default_cache() -> Path:
@@ -83,7 +95,11 @@ def _transfer_config(args: argparse.Namespace) -> dict[str, object]:
         encoder["weights"] = str(Path(args.checkpoint).resolve())
     if args.layer:
         encoder["layer"] = args.layer
-    encoder |= {"resize": args.resize, "trust_checkpoint": args.trust_checkpoint}
+    encoder |= {
+        "resize": args.resize,
+        "trust_checkpoint": args.trust_checkpoint,
+        "trust_code": args.trust_code,
+    }
     threats = {norm: eps for norm, eps in (("Linf", args.linf), ("L2", args.l2)) if eps}
     if not threats:
         raise InputError("give at least one radius with --linf or --l2")
@@ -192,9 +208,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise MissingFileError(f"no {RESULTS_FILE} in {args.dir}: run a study there first")
     try:
-        loaded = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        loaded = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ResultsFormatError(f"{path} is not valid JSON: {err}") from err
+    except RecursionError as err:
+        raise ResultsFormatError(f"{path} nests objects too deeply to be results") from err
     md, page = write_report(check_results(loaded, str(path)), Path(args.dir))
     print(f"report: {page}\n        {md}")
     return 0
@@ -210,12 +228,28 @@ def _data(args: argparse.Namespace) -> ImageDataset:
 def _json_target(value: str) -> Path:
     """``--json FILE``, checked before any work: a folder or a missing parent would only
     fail once the results are computed."""
+    if not value.strip():
+        raise InputError("an empty path: name a file")
     path = Path(value)
     if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{value} is a folder: name a file")
+        raise InputError(f"{value} is a folder: name a file")
     if not path.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{path.parent} does not exist")
+        raise InputError(f"{path.parent} does not exist")
     return path
+
+
+def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """``parse`` as an argparse type whose errors keep their reason (argparse words any
+    other exception as "invalid <function name> value")."""
+
+    def checked(value: str) -> T:
+        try:
+            return parse(value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    checked.__name__ = parse.__name__
+    return checked
 
 
 def _threat(norm: str) -> str:
@@ -223,8 +257,38 @@ def _threat(norm: str) -> str:
     return norm
 
 
-def _eps(value: str) -> float:
-    return parse_eps(value)
+def _integer(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError as err:
+        raise InputError(f"expected an integer, got {value!r}") from err
+
+
+def _count(limit: Limit) -> Callable[[str], int]:
+    """A positive integer at most ``limit``, checked where it is parsed."""
+    return _argument(lambda value: check_positive_int(_integer(value), "the value", limit))
+
+
+def _seed(value: str) -> int:
+    return check_seed(_integer(value))
+
+
+def _real(value: str, *, inclusive: bool) -> float:
+    try:
+        number = float(value)
+    except ValueError as err:
+        raise InputError(f"expected a number, got {value!r}") from err
+    return check_number(number, "the value", inclusive=inclusive)
+
+
+def _folder(value: str) -> Path:
+    """An output folder, named: an empty string is not the current folder."""
+    if not value.strip():
+        raise InputError("an empty path: name a folder")
+    path = Path(value)
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{value} is a symbolic link to nothing: name a folder")
+    return path
 
 
 def _settings(args: argparse.Namespace) -> AttackSettings:
@@ -252,6 +316,7 @@ def _encoder(args: argparse.Namespace, runtime: Runtime) -> nn.Module:
         layer=args.layer,
         resize=args.resize,
         trust_checkpoint=args.trust_checkpoint,
+        trust_code=args.trust_code,
     )
     return encoder.to(runtime.device).eval()
 
@@ -418,6 +483,12 @@ def _encoder_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow pickled weights that need code execution (only for trusted files)",
     )
+    parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="call a package.module:factory that is neither an nn.Module class nor "
+        "annotated to return one (only for code you trust)",
+    )
 
 
 def _single_step_options(parser: argparse.ArgumentParser, *, head: bool) -> None:
@@ -432,23 +503,35 @@ def _single_step_options(parser: argparse.ArgumentParser, *, head: bool) -> None
         required=True,
         help=f"a data spec: {DATA_FORMS}",
     )
-    parser.add_argument("--threat", type=_threat, default="Linf", help="Linf or L2")
-    parser.add_argument("--eps", type=_eps, nargs="+", default=[0.1], help="radii, e.g. 8/255 0.1")
+    parser.add_argument("--threat", type=_argument(_threat), default="Linf", help="Linf or L2")
+    parser.add_argument(
+        "--eps", type=_argument(parse_eps), nargs="+", default=[0.1], help="radii, e.g. 8/255 0.1"
+    )
     parser.add_argument(
         "--n",
-        type=int,
+        type=_count(POINTS),
         default=500,
         help="N points of the data: a seeded sample, classes in proportion",
     )
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--restarts", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=_json_target, help="also write the rows to this JSON file")
+    parser.add_argument("--steps", type=_count(STEPS), default=50)
+    parser.add_argument("--restarts", type=_count(RESTARTS), default=1)
+    parser.add_argument("--batch-size", type=_count(POINTS), default=250)
+    parser.add_argument("--seed", type=_argument(_seed), default=0)
+    parser.add_argument(
+        "--json", type=_argument(_json_target), help="also write the rows to this JSON file"
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """Says what is wrong with the command line in one line, as every other error is
+    said (``--help`` still prints the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="robust-transfer",
         description="How much adversarial robustness a pretrained encoder passes on to the "
         "linear heads put on it: measured, bounded and certified.",
@@ -462,13 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
     for sub, default_out in ((run, None), (demo, "runs/demo")):
         sub.add_argument(
             "--out",
+            type=_argument(_folder),
             required=default_out is None,
             default=default_out,
             help="output folder (results.json, report.html, report.md, store/)",
         )
         sub.add_argument(
             "--cache",
-            type=Path,
+            type=_argument(_folder),
             help="where pretrained encoders are cached (default: the config's cache_dir, "
             f"else {_default_cache()})",
         )
@@ -498,7 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument(
         "--data", required=True, help=f"a data spec, split 80/20 per class: {DATA_FORMS}"
     )
-    transfer.add_argument("--out", required=True, help="output folder (as a study's)")
+    transfer.add_argument(
+        "--out", type=_argument(_folder), required=True, help="output folder (as a study's)"
+    )
     transfer.add_argument("--linf", nargs="*", default=["2/255", "4/255", "8/255"])
     transfer.add_argument("--l2", nargs="*", default=["0.25", "0.5", "1.0"])
     transfer.add_argument(
@@ -507,11 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=["linear-probe", "certified-probe"],
         help="adaptation protocols (linear-probe, certified-probe, finetune, lp-ft, ...)",
     )
-    transfer.add_argument("--n", type=int, default=500, help="evaluation points")
-    transfer.add_argument("--steps", type=int, default=10, help="PGD steps on each head")
+    transfer.add_argument("--n", type=_count(POINTS), default=500, help="evaluation points")
+    transfer.add_argument("--steps", type=_count(STEPS), default=10, help="PGD steps on each head")
     transfer.add_argument("--autoattack", action="store_true", help="AutoAttack on every head")
-    transfer.add_argument("--seed", type=int, default=0)
-    transfer.add_argument("--cache", type=Path, help="where pretrained encoders are cached")
+    transfer.add_argument("--seed", type=_argument(_seed), default=0)
+    transfer.add_argument(
+        "--cache", type=_argument(_folder), help="where pretrained encoders are cached"
+    )
     transfer.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     _study_runtime_options(transfer)
     transfer.add_argument("--test-data", help="held-out data (then --data is all training)")
@@ -524,29 +612,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--test-data", help="held-out data (default: 20%% of --data per class, kept out)"
     )
     probe.add_argument(
-        "--out", required=True, help=f"folder for {HEAD_FILE} (weight, bias) and {PROBE_FILE}"
+        "--out",
+        type=_argument(_folder),
+        required=True,
+        help=f"folder for {HEAD_FILE} (weight, bias) and {PROBE_FILE}",
     )
     probe.add_argument(
         "--protocol", choices=[p.value for p in _PROBES], default=AdaptProtocol.LINEAR_PROBE.value
     )
-    probe.add_argument("--radius", type=float, help="certified probe: feature-space radius")
+    probe.add_argument(
+        "--radius",
+        type=_argument(lambda value: _real(value, inclusive=True)),
+        help="certified probe: feature-space radius",
+    )
     probe.add_argument(
         "--eps",
-        type=_eps,
+        type=_argument(parse_eps),
         help="certified probe: radius = median attacked shift at this eps (with --threat)",
     )
-    probe.add_argument("--threat", type=_threat, default="Linf", help="Linf or L2 (with --eps)")
-    probe.add_argument("--steps", type=int, default=20, help="representation attack steps")
-    probe.add_argument("--radius-points", type=int, default=200)
-    probe.add_argument("--weight-decay", type=float, default=1e-4)
-    probe.add_argument("--robust-weight", type=float, default=0.5)
-    probe.add_argument("--n", type=int, default=50_000, help="at most N training points")
-    probe.add_argument("--batch-size", type=int, default=250)
-    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument(
+        "--threat", type=_argument(_threat), default="Linf", help="Linf or L2 (with --eps)"
+    )
+    probe.add_argument(
+        "--steps", type=_count(STEPS), default=20, help="representation attack steps"
+    )
+    probe.add_argument("--radius-points", type=_count(POINTS), default=200)
+    probe.add_argument(
+        "--weight-decay",
+        type=_argument(lambda value: _real(value, inclusive=True)),
+        default=1e-4,
+    )
+    probe.add_argument(
+        "--robust-weight", type=_argument(lambda value: _real(value, inclusive=False)), default=0.5
+    )
+    probe.add_argument("--n", type=_count(POINTS), default=50_000, help="at most N training points")
+    probe.add_argument("--batch-size", type=_count(POINTS), default=250)
+    probe.add_argument("--seed", type=_argument(_seed), default=0)
     probe.add_argument("--quiet", action="store_true", help="no progress bars")
     _device_option(probe)
     report = commands.add_parser("report", help="redraw report.html / report.md of a study")
-    report.add_argument("dir", help="the study's output folder")
+    report.add_argument("dir", type=_argument(_folder), help="the study's output folder")
     return parser
 
 
@@ -562,12 +667,37 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _failure(err: BaseException) -> str | None:
+    """The one line for a failure that is not a bug, or None for a bug (a traceback)."""
+    if isinstance(err, RobustTransferError):
+        return str(err)
+    if isinstance(err, OSError) and err.strerror:
+        # A write refused (read-only, full disk) or a path the system would not open.
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror}; what was stored so far is kept, a rerun resumes"
+    if isinstance(err, RecursionError):
+        return "the input is nested too deeply to read"
+    if isinstance(err, MemoryError):
+        return "out of memory: use fewer points or a smaller batch size"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except RobustTransferError as err:
-        print(f"robust-transfer {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(
+            f"robust-transfer {args.command}: interrupted; what was stored so far is kept, "
+            "the same command resumes",
+            file=sys.stderr,
+        )
+        return 130
+    except (RobustTransferError, OSError, RecursionError, MemoryError) as err:
+        line = _failure(err)
+        if line is None:
+            raise
+        print(f"robust-transfer {args.command}: error: {line}", file=sys.stderr)
         return 2
     finally:
         release_processes()

@@ -34,7 +34,7 @@ from .attacks.common import check_step_scale
 from .checks import check_images, check_labels
 from .errors import InputError, InputTypeError
 from .features import extract_features
-from .runtime import eval_mode, model_device
+from .runtime import eval_mode, model_device, model_input
 from .threat import ThreatModel
 
 # Above this many stored Jacobian entries the profile starts from no directions and
@@ -250,6 +250,9 @@ def _check_head(head: object, features: int) -> None:
         )
     if head.out_features < 2:
         raise InputError("the head needs at least two classes")
+    if not all(bool(torch.isfinite(p).all()) for p in (head.weight, head.bias)):
+        # A NaN margin compares false with every shift: no point would count as robust.
+        raise InputError("the head's weight or bias holds NaN or infinite values")
 
 
 def _rows(encoder: nn.Module, x: Tensor, directions: Tensor, batch_size: int) -> Tensor:
@@ -292,7 +295,7 @@ def profile_encoder(
     backward pass per class, once). ``refine`` sets how each head's thin-margin points
     are refined (:class:`RefineSettings`).
     """
-    x = check_images(x)
+    x = model_input(encoder, check_images(x))
     features = extract_features(encoder, x, batch_size=batch_size).to(x)
     k, d = features.shape[1], x[0].numel()
     profile = EncoderProfile(

@@ -9,9 +9,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checks import check_images, check_positive_int
+from .checks import check_images, check_output, check_positive_int
 from .errors import InputError, InputTypeError
-from .runtime import eval_mode, model_device
+from .runtime import eval_mode, model_device, model_input
 
 
 def _first(item: object) -> object:
@@ -36,13 +36,13 @@ def extract_features(
     check_positive_int(batch_size, "batch_size")
     chunks: Iterable[Tensor]
     if isinstance(data, Tensor):
-        check_images(data)
+        data = model_input(encoder, check_images(data))
         chunks = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
         total = len(chunks)
     elif isinstance(data, Dataset):
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=_collate_inputs)
         # Items arrive a batch at a time: each batch is checked as it comes.
-        chunks = (check_images(batch) for batch in loader)
+        chunks = (model_input(encoder, check_images(batch)) for batch in loader)
         total = len(loader)
     else:
         raise InputTypeError(f"data must be a tensor or a torch Dataset, got {type(data).__name__}")
@@ -53,10 +53,18 @@ def extract_features(
             chunks, total=total, desc="features", disable=not progress, unit="batch", leave=False
         )
         for chunk in batches:
-            parts.append(encoder(chunk.to(device)).flatten(1).cpu())
+            output = check_output(encoder(chunk.to(device)), "the encoder")
+            parts.append(output.flatten(1).cpu())
     if not parts:
         raise InputError("data is empty")
-    return torch.cat(parts)
+    features = torch.cat(parts)
+    broken = int((~torch.isfinite(features)).any(dim=1).sum())
+    if broken:
+        # NaN features give NaN shifts and margins, which read as robust downstream.
+        raise InputError(
+            f"the encoder gives NaN or infinite features for {broken} of {len(features)} inputs"
+        )
+    return features
 
 
 def _pair_distances(values: Tensor) -> Tensor:

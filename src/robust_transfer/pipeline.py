@@ -10,12 +10,13 @@ from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 from .atomic import atomic_write_text
+from .errors import InputError
 from .report.render import write_report
 from .report.tables import text
 from .runtime import Runtime
 from .schema import RESULTS_FILE, FindingField, Key, Results, records_of
 from .study.config import StudyConfig
-from .study.folder import claimed
+from .study.folder import claimed, refuse_a_file
 from .study.results import results
 from .study.runner import StudyRun
 
@@ -32,23 +33,29 @@ def run_study(
 ) -> Results:
     """Run (or resume) ``config`` into ``out``: store, ``results.json`` and the reports.
     ``runtime`` defaults to :meth:`Runtime.detect`."""
+    if not str(out).strip():
+        # Path("") is the current folder: a study would write beside the user's files.
+        raise InputError("the output folder is an empty path: name a folder")
     out = Path(out)
+    refuse_a_file(out)
     runtime = runtime or Runtime.detect()
     lead = runtime.rank == 0
     # Under torchrun every process runs this; rank 0 alone claims the folder (the others
     # work inside its claim) and writes results.json and the report.
+    run = StudyRun(
+        config,
+        out,
+        cache_dir,
+        runtime,
+        progress=progress and lead,
+        log=print if progress and lead else _quiet,
+    )
+    # Data no unit could use is refused before the folder is made.
+    runtime.together(run.check_data)
     with ExitStack() as stack:
         claim = claimed(out, config, runtime.precision.value) if lead else nullcontext()
         runtime.together(lambda: stack.enter_context(claim))
         started = time.perf_counter()
-        run = StudyRun(
-            config,
-            out,
-            cache_dir,
-            runtime,
-            progress=progress and lead,
-            log=print if progress and lead else _quiet,
-        )
         written = results(run, started)
         runtime.together(lambda: _write(written, out) if lead else None)
     if progress and lead:

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from .checks import parse_choice
 from .errors import InputError, InputTypeError, RobustTransferError
@@ -44,6 +44,16 @@ def eval_mode(model: nn.Module, *, purpose: str) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def model_input(model: nn.Module, x: Tensor) -> Tensor:
+    """``x`` as ``model`` takes it: apart from the caller's autograd graph (results must
+    not hold on to it), in the model's floating dtype (float64 images for a float32
+    model are the same images)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return x.detach().to(tensor.dtype)
+    return x.detach()
 
 
 def model_device(model: nn.Module, fallback: torch.device) -> torch.device:
@@ -127,7 +137,7 @@ class Runtime:
         the process group (nccl on CUDA, gloo on the CPU) and each process takes the GPU
         of its ``LOCAL_RANK``; any other work is refused there, as every process would
         repeat it whole."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = _process_count("WORLD_SIZE", "1")
         if world_size > 1 and not shared:
             raise InputError(
                 "this command does not share its work among processes: run it without "
@@ -136,13 +146,12 @@ class Runtime:
         chosen, precision = _device(device), parse_choice(Precision, precision, "precision")
         if world_size == 1:
             return cls(chosen, precision, compile=compile)
-        try:
-            rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        except (KeyError, ValueError) as err:
-            raise InputError(
-                f"WORLD_SIZE is {world_size} but RANK / LOCAL_RANK are missing or not "
-                f"integers ({err}): launch with torchrun"
-            ) from err
+        if "RANK" not in os.environ:
+            raise InputError(f"WORLD_SIZE is {world_size} but RANK is missing: use torchrun")
+        rank, local_rank = _process_count("RANK", "0"), _process_count("LOCAL_RANK", "0")
+        if rank >= world_size:
+            # The rendezvous would wait forever for the ranks below world_size.
+            raise InputError(f"RANK {rank} is not below WORLD_SIZE {world_size}: use torchrun")
         if chosen.type == "cuda":
             chosen = torch.device("cuda", local_rank)
             if local_rank >= torch.cuda.device_count():
@@ -211,6 +220,26 @@ class Runtime:
         }
 
 
+def _process_count(name: str, default: str) -> int:
+    """A ``torchrun`` variable: a non-negative integer (WORLD_SIZE at least 1)."""
+    value = os.environ.get(name, default)
+    lowest = 1 if name == "WORLD_SIZE" else 0
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if not lowest <= number <= _MOST_PROCESSES:
+        raise InputError(
+            f"{name}={value!r} in the environment: expected an integer from {lowest} to "
+            f"{_MOST_PROCESSES} (torchrun sets it)"
+        )
+    return number
+
+
+# More processes than any cluster gives one job: past it, a typo.
+_MOST_PROCESSES = 1 << 20
+
+
 def release_processes() -> None:
     """Tear down the process group ``torchrun`` gave this process, if any. Left to the
     interpreter's exit, gloo's threads can abort a process whose work is done
@@ -220,13 +249,21 @@ def release_processes() -> None:
         dist.destroy_process_group()
 
 
+_COMPUTING_DEVICES = ("cpu", "cuda")
+
+
 def _device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         chosen = torch.device(device)
-    except RuntimeError as err:
+    except (RuntimeError, TypeError) as err:
         raise InputError(f"unknown device {device!r}: {err}") from err
+    if chosen.type not in _COMPUTING_DEVICES:
+        # 'meta' holds shapes without values; the others need a build of their own.
+        raise InputError(
+            f"device {device!r} cannot run the work: use auto, {', '.join(_COMPUTING_DEVICES)}"
+        )
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r} asked for, but CUDA is not available here")
     if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():

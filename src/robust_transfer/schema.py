@@ -229,9 +229,38 @@ def check_results(results: object, where: str) -> Results:
             f"{where}: results format {found!r}, but this robust-transfer reads format "
             f"{RESULTS_FORMAT}; rerun the study into a new folder"
         )
-    if not isinstance(results.get(Key.RECORDS), list):
+    records = results.get(Key.RECORDS)
+    if not isinstance(records, list):
         raise ResultsFormatError(f"{where}: results have no {Key.RECORDS!s} list")
+    for index, record in enumerate(records):
+        _check_record(record, f"{where}: {Key.RECORDS!s}[{index}]")
     return results
+
+
+# What every record holds, and what a record of each kind holds besides: a report drawn
+# from a record without them would show it as the other kind, or as nothing.
+_NAMES = (Field.ENCODER, Field.TASK, Field.ADAPTATION, Field.THREAT)
+_MEASURED = {"classification": (Field.CLEAN_ACC,), "regression": (Field.CLEAN_LOSS,)}
+
+
+def _check_record(record: object, where: str) -> None:
+    if not isinstance(record, dict):
+        raise ResultsFormatError(f"{where} is not a record (a JSON object)")
+    kind = record.get(Field.KIND)
+    if kind not in _MEASURED:
+        raise ResultsFormatError(
+            f"{where}: {Field.KIND!s} is {kind!r}, not one of {', '.join(_MEASURED)}"
+        )
+    for name in _NAMES:
+        if not isinstance(record.get(name), str):
+            raise ResultsFormatError(f"{where}: {name!s} must be a string")
+    numbers = (Field.EPS, *_MEASURED[kind])
+    for name in numbers:
+        value = record.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ResultsFormatError(
+                f"{where}: a {kind} record needs a number for {name!s}, got {value!r}"
+            )
 
 
 def records_of(results: Mapping[str, object]) -> list[Record]:

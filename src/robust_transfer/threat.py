@@ -100,19 +100,18 @@ def parse_eps(value: float | int | str) -> float:
     """
     if isinstance(value, bool):
         raise InputTypeError("eps must be a number or a string such as '8/255', got a bool")
-    if isinstance(value, str):
-        try:
-            eps = float(Fraction(value.strip()))
-        except (ValueError, ZeroDivisionError) as err:
-            raise InputError(
-                f"cannot parse eps {value!r}: expected a number or a fraction like '8/255'"
-            ) from err
-    elif isinstance(value, int | float):
-        eps = float(value)
-    else:
+    if not isinstance(value, str | int | float):
         raise InputTypeError(
             f"eps must be a number or a string such as '8/255', got {type(value).__name__}"
         )
+    try:
+        eps = float(Fraction(value.strip())) if isinstance(value, str) else float(value)
+    except OverflowError:
+        eps = math.inf  # refused below, with the others that are not finite
+    except (ValueError, ZeroDivisionError) as err:
+        raise InputError(
+            f"cannot parse eps {value!r}: expected a number or a fraction like '8/255'"
+        ) from err
     if not math.isfinite(eps) or eps <= 0.0:
         raise InputError(f"eps must be positive and finite, got {value!r}")
     return eps

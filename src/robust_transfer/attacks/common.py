@@ -11,10 +11,18 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checks import check_images, check_positive_int, check_sample_ids, check_seed
+from ..checks import (
+    RESTARTS,
+    STEPS,
+    check_images,
+    check_output,
+    check_positive_int,
+    check_sample_ids,
+    check_seed,
+)
 from ..errors import InputError, InputTypeError
 from ..noise import SampleNoise
-from ..runtime import eval_mode, model_device
+from ..runtime import eval_mode, model_device, model_input
 from ..threat import ThreatModel
 from .engine import AscentResult, AscentSettings, Objective, maximize
 
@@ -60,9 +68,9 @@ def check_attack_args(
         raise InputTypeError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(threat, ThreatModel):
         raise InputTypeError(f"threat must be a ThreatModel, got {type(threat).__name__}")
-    x = check_images(x)
-    check_positive_int(steps, "steps")
-    check_positive_int(restarts, "restarts")
+    x = model_input(model, check_images(x))
+    check_positive_int(steps, "steps", STEPS)
+    check_positive_int(restarts, "restarts", RESTARTS)
     check_positive_int(batch_size, "batch_size")
     if step_size is not None and not step_size > 0:
         raise InputError(f"step_size must be positive, got {step_size!r}")
@@ -126,7 +134,12 @@ def ascend_in_batches(
             xb = x[part].to(device)
             extra = tuple(tensor[part].to(device) for tensor in extras)
             with torch.no_grad():
-                clean = model(xb)
+                clean = check_output(model(xb), "the model")
+            if not bool(torch.isfinite(clean).all()):
+                # A NaN output makes every objective NaN: no point could ever be broken.
+                raise InputError(
+                    f"{purpose}: the model's output is NaN or infinite on clean points"
+                )
             rows = torch.arange(part.start, part.stop)
             best = engine(
                 make_objective(clean, extra),

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..checks import POINTS, RESTARTS, STEPS, check_positive_int
+from ..errors import InputError
 from ..threat import ThreatModel
+from .representation import METHODS as REPRESENTATION_METHODS
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,10 @@ class AutoAttackPlan:
     encoders: tuple[str, ...] | None = None
     adaptations: tuple[str, ...] | None = None
     threats: tuple[ThreatModel, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.points is not None:
+            check_positive_int(self.points, "points", POINTS)
 
     def covers(self, task: str, encoder: str, adaptation: str, threat: ThreatModel) -> bool:
         return (
@@ -62,3 +69,17 @@ class AttackSettings:
     # AutoAttack "standard" too, on the units and points the plan names (far slower than
     # PGD): None runs none.
     autoattack: AutoAttackPlan | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "representation_steps"):
+            check_positive_int(getattr(self, name), name, STEPS)
+        for name in ("restarts", "targeted_restarts", "representation_restarts"):
+            check_positive_int(getattr(self, name), name, RESTARTS)
+        check_positive_int(self.batch_size, "batch_size", POINTS)
+        if self.representation_method not in REPRESENTATION_METHODS:
+            raise InputError(
+                f"representation_method {self.representation_method!r} is not one of "
+                f"{', '.join(REPRESENTATION_METHODS)}"
+            )
+        if self.autoattack is not None and not isinstance(self.autoattack, AutoAttackPlan):
+            raise InputError(f"autoattack must be an AutoAttackPlan, got {self.autoattack!r}")

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..checks import check_images, check_per_sample
 from ..errors import InputTypeError, RobustTransferError
-from ..runtime import eval_mode
+from ..runtime import eval_mode, model_input
 from ..threat import ThreatModel
 from .base import (
     BEST,
@@ -48,7 +48,7 @@ def certify_all(
         raise InputTypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
     if not isinstance(threat, ThreatModel):
         raise InputTypeError(f"threat must be a ThreatModel, got {type(threat).__name__}")
-    x = check_images(x)
+    x = model_input(encoder, check_images(x))
     names = default_certifier_names() if methods is None else tuple(methods)
     bounds: dict[str, Tensor] = {}
     refused: dict[str, str] = {}

@@ -21,10 +21,24 @@ def unit_float(images: NDArray[np.uint8] | Tensor) -> Tensor:
     return pixels.to(torch.float32).div_(255.0)
 
 
+# Beyond any encoder's input (ViTs take 224 to 518 px): a larger size is a typo that
+# would allocate gigabytes per image.
+_MOST_PIXELS_A_SIDE = 4096
+
+
 def as_hw(size: Size) -> tuple[int, int]:
-    height, width = (size, size) if isinstance(size, int) else size
-    if height <= 0 or width <= 0:
-        raise DataError(f"size must be positive, got {size!r}")
+    pair = (size, size) if isinstance(size, int) else size
+    if (
+        not isinstance(pair, tuple | list)
+        or len(pair) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+        or not all(0 < v <= _MOST_PIXELS_A_SIDE for v in pair)
+    ):
+        raise DataError(
+            f"size must be a positive integer or (height, width), at most "
+            f"{_MOST_PIXELS_A_SIDE} pixels a side, got {size!r}"
+        )
+    height, width = pair
     return height, width
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checks import CLASSES
 from ..errors import DataError, InputTypeError, MissingFileError
 from .dataset import ImageDataset
 
@@ -35,8 +36,17 @@ def _pt(path: Path) -> dict[str, object]:
 _READERS = {".npz": _npz, ".pt": _pt}
 
 
-def _tensor(value: object) -> Tensor:
-    return value if isinstance(value, Tensor) else torch.from_numpy(np.asarray(value))
+def _tensor(value: object, path: Path, key: str) -> Tensor:
+    """An array of the file as a tensor: numbers only, in this machine's byte order."""
+    if isinstance(value, Tensor):
+        return value
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise DataError(
+            f"{path}: {key} must hold numbers, got numpy dtype {array.dtype} "
+            f"({'text' if array.dtype.kind in 'SU' else 'not a number'})"
+        )
+    return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
 
 
 def load_array_file(path: str | Path) -> ImageDataset:
@@ -52,21 +62,36 @@ def load_array_file(path: str | Path) -> ImageDataset:
     missing = [key for key in ("x", "y") if key not in content]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)} (needs 'x' and 'y')")
-    x, y = _tensor(content["x"]), _tensor(content["y"])
+    x, y = _tensor(content["x"], path, "x"), _tensor(content["y"], path, "y")
+    if x.dim() == 0 or len(x) == 0:
+        raise DataError(f"{path} holds no points (x must be (N, C, H, W))")
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
     if not x.is_floating_point():
         raise InputTypeError(f"{path}: x must be float in [0, 1] or uint8, got {x.dtype}")
     if y.dtype.is_floating_point or y.dtype == torch.bool:
         raise InputTypeError(f"{path}: y must hold integer class labels, got {y.dtype}")
+    if y.dim() != 1 or len(y) != len(x):
+        raise DataError(f"{path}: y must have shape ({len(x)},) to match x, got {tuple(y.shape)}")
     y = y.long()
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= CLASSES.most:
+        # Checked before anything is sized by the labels: a label of 1e9 would make a
+        # billion class names.
+        raise DataError(
+            f"{path}: labels must be class indices from 0 to {CLASSES.most - 1}, got values "
+            f"in [{low}, {high}]"
+        )
     if "classes" in content:
-        classes = tuple(str(c) for c in np.asarray(content["classes"]).tolist())
+        class_names = np.asarray(content["classes"])
+        if class_names.ndim != 1 or len(class_names) > CLASSES.most:
+            raise DataError(f"{path}: classes must be a list of names, one per class")
+        classes = tuple(str(c) for c in class_names.tolist())
     else:
-        classes = tuple(str(k) for k in range(int(y.max()) + 1 if len(y) else 1))
+        classes = tuple(str(k) for k in range(high + 1))
     targets = None
     if "targets" in content:
-        targets = _tensor(content["targets"]).float()
+        targets = _tensor(content["targets"], path, "targets").float()
         if targets.dim() == 1:
             targets = targets[:, None]
     names = tuple(f"target{k}" for k in range(targets.shape[1])) if targets is not None else ()

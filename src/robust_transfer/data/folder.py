@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DataError, MissingFileError
+from ..checks import check_positive_int
+from ..errors import DataError, InputError, MissingFileError
 from ._images import Size, as_hw, unit_float
 from .dataset import ImageDataset
 
@@ -24,6 +26,12 @@ def load_image_folder(
 ) -> ImageDataset:
     """``root/<class>/<image>`` as a data set, classes sorted by name like torchvision's
     ImageFolder, images resized to ``size`` (bilinear, via PIL)."""
+    if limit_per_class is not None:
+        # A negative one would slice from the end: all but the last images, silently.
+        try:
+            check_positive_int(limit_per_class, "limit_per_class")
+        except InputError as err:
+            raise DataError(str(err)) from err
     root = Path(root)
     if not root.is_dir():
         raise MissingFileError(f"image folder not found: {root}")
@@ -37,9 +45,19 @@ def load_image_folder(
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in _SUFFIXES)
         for path in files[:limit_per_class]:
             try:
-                with Image.open(path) as image:
-                    picture = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
-            except (UnidentifiedImageError, OSError) as err:
+                with warnings.catch_warnings():
+                    # PIL only warns up to twice its pixel limit: a bomb is refused whole.
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    with Image.open(path) as image:
+                        picture = image.convert(mode).resize(
+                            (width, height), Image.Resampling.BILINEAR
+                        )
+            except (
+                UnidentifiedImageError,
+                OSError,
+                Image.DecompressionBombError,
+                Image.DecompressionBombWarning,
+            ) as err:
                 raise DataError(f"cannot read image {path}: {err}") from err
             array = np.asarray(picture, dtype=np.uint8)
             images.append(array[None] if grayscale else array.transpose(2, 0, 1))

@@ -80,10 +80,20 @@ def load_checkpoint(
     if not side.is_file():
         raise CheckpointError(f"{path}: its sidecar {side.name} is missing (half-written?)")
     try:
-        sidecar = json.loads(side.read_text())
+        sidecar = json.loads(side.read_bytes())
         stored_arch, config, digest = sidecar["arch"], sidecar["config"], sidecar["sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise CheckpointError(f"{path}: unreadable sidecar {side.name}: {err}") from err
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: sidecar {side.name} lacks {err}") from err
+    for key, value, kind in (("arch", stored_arch, str), ("config", config, dict)):
+        if not isinstance(value, kind):
+            raise CheckpointError(
+                f"{path}: sidecar {side.name}: {key} must be a {kind.__name__}, got "
+                f"{type(value).__name__}"
+            )
+    if not isinstance(digest, str):
+        raise CheckpointError(f"{path}: sidecar {side.name}: sha256 must be a string")
     if arch is not None and stored_arch != arch:
         raise CheckpointError(f"{path}: holds a {stored_arch!r} encoder, expected {arch!r}")
     if _sha256(path) != digest:
@@ -93,7 +103,7 @@ def load_checkpoint(
     try:
         encoder = build_encoder(stored_arch, **config)
         state = load_file(path, device=str(map_location))
-    except (SafetensorError, ValueError, RuntimeError) as err:
+    except (SafetensorError, ValueError, TypeError, RuntimeError, MemoryError) as err:
         raise CheckpointError(f"{path}: cannot load weights: {err}") from err
     fit_weights(encoder, state, str(path), allow_unexpected=False)
     return encoder.eval(), sidecar

@@ -5,7 +5,9 @@ encoders through :func:`resolve_encoder`. Forms today:
 
 - ``PATH.safetensors`` (or ``checkpoint:PATH``): a checkpoint of this library, checked
   against its sidecar's SHA-256;
-- ``package.module:factory``: any importable callable returning an ``nn.Module``;
+- ``package.module:factory``: an importable ``nn.Module`` class, or a function annotated
+  to return one (any other callable only with ``trust_code``: a shared config must be
+  as safe to open as a shared checkpoint);
 - ``torchvision:NAME[:WEIGHTS]``, ``timm:NAME[:TAG]``, ``robustbench:NAME:DATASET:THREAT``,
   ``open_clip:ARCH[:PRETRAINED]``: model zoos (:mod:`robust_transfer.models.zoo`).
 
@@ -16,6 +18,9 @@ own (``checkpoint``), the layer to cut at, resizing, and trust in pickled files.
 from __future__ import annotations
 
 import importlib
+import inspect
+import re
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,11 +86,33 @@ def _load_checkpoint(spec: str, options: LoadOptions) -> LoadedEncoder:
     )
 
 
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
 def _split_factory(spec: str) -> tuple[str, str]:
     module_name, colon, attribute = spec.partition(":")
     if not colon or not module_name or not attribute or ":" in attribute:
         raise InputError(f"encoder spec {spec!r}: expected 'package.module:factory'")
+    if not _DOTTED.fullmatch(module_name) or not attribute.isidentifier():
+        raise InputError(
+            f"encoder spec {spec!r}: expected 'package.module:factory', an absolute module "
+            "path of Python names and a name in it"
+        )
     return module_name, attribute
+
+
+def _builds_a_module(factory: object) -> bool:
+    """Whether ``factory`` can be seen, without calling it, to build an ``nn.Module``:
+    a subclass of it, or a function whose return annotation is one."""
+    if isinstance(factory, type):
+        return issubclass(factory, nn.Module)
+    if not inspect.isfunction(factory):
+        return False  # builtins (os.system), partials, callable objects: unseen
+    try:
+        returned = typing.get_type_hints(factory).get("return")
+    except Exception:  # an annotation that does not resolve tells nothing
+        return False
+    return isinstance(returned, type) and issubclass(returned, nn.Module)
 
 
 def _resolve_factory(spec: str, base: Path) -> str:
@@ -102,6 +129,13 @@ def _load_factory(spec: str, options: LoadOptions) -> LoadedEncoder:
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise InputError(f"encoder spec {spec!r}: {module_name} has no callable {attribute!r}")
+    if not options.trust_code and not _builds_a_module(factory):
+        raise InputError(
+            f"encoder spec {spec!r}: refused: {attribute} is neither an nn.Module class nor "
+            "a function annotated to return one, so calling it could do anything; only if "
+            "you vouch for it, pass trust_code=True (--trust-code, or trust_code = true in "
+            "the config's encoder table)"
+        )
     try:
         model = factory(**options.extra)
     except TypeError as err:
@@ -185,6 +219,7 @@ def resolve_encoder(
     layer: str | None = None,
     resize: bool = False,
     trust_checkpoint: bool = False,
+    trust_code: bool = False,
     **options: object,
 ) -> LoadedEncoder:
     """The encoder ``spec`` names, in eval mode, with its provenance.
@@ -192,7 +227,9 @@ def resolve_encoder(
     ``checkpoint``: a weights file for the architecture (safetensors, or a weights-only
     pickle; a pickle that needs code is refused unless ``trust_checkpoint``). ``layer``:
     the module to take pooled features from (``"penultimate"``: the input of the last
-    linear layer). ``resize``: resize inputs to the encoder's input size. ``options``
+    linear layer). ``resize``: resize inputs to the encoder's input size.
+    ``trust_code``: call a factory that is neither an ``nn.Module`` class nor annotated
+    to return one (refused otherwise, as it could run anything). ``options``
     go to a factory (or a zoo loader, e.g. RobustBench's ``model_dir``).
     """
     source = _source(spec)
@@ -201,6 +238,7 @@ def resolve_encoder(
         layer=layer,
         resize=resize,
         trust_checkpoint=trust_checkpoint,
+        trust_code=trust_code,
         extra=options,
     )
     loaded = source.load(source.resolve(spec, Path.cwd()), load_options)
@@ -225,6 +263,7 @@ def load_encoder(
     layer: str | None = None,
     resize: bool = False,
     trust_checkpoint: bool = False,
+    trust_code: bool = False,
     **options: object,
 ) -> nn.Module:
     """The encoder ``spec`` names (see the module docstring for the forms), in eval
@@ -235,5 +274,6 @@ def load_encoder(
         layer=layer,
         resize=resize,
         trust_checkpoint=trust_checkpoint,
+        trust_code=trust_code,
         **options,
     ).module

@@ -42,12 +42,21 @@ def read_weights(path: str | Path, *, trust_checkpoint: bool = False) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     except pickle.UnpicklingError as err:
-        # The weights-only unpickler names the class or function it would have to run.
-        if not trust_checkpoint and "Unsupported global" in str(err):
+        if not trust_checkpoint and _needs_code(err):
             raise CheckpointError(f"{path}: refused: {TRUST_HINT}") from err
         raise CheckpointError(f"{path}: corrupted or not a torch file: {_last_line(err)}") from err
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(f"{path}: corrupted or not a torch file: {_last_line(err)}") from err
+
+
+# The weights-only unpickler's words for a class or function it would have to run; torch
+# has written them "Unsupported global" and "unsupported GLOBAL", so matched loosely.
+_NEEDS_CODE = ("unsupported global",)
+
+
+def _needs_code(err: BaseException) -> bool:
+    message = str(err).lower()
+    return any(words in message for words in _NEEDS_CODE)
 
 
 def _last_line(err: BaseException) -> str:

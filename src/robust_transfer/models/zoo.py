@@ -39,13 +39,15 @@ PENULTIMATE = "penultimate"
 @dataclass(frozen=True)
 class LoadOptions:
     """What every encoder spec may be given besides its name: weights of one's own,
-    the layer to cut at, resizing, trust in pickled checkpoints, and a factory's or
-    loader's own keyword arguments (``extra``)."""
+    the layer to cut at, resizing, trust in pickled checkpoints, trust in a factory that
+    cannot be seen to build a module (``trust_code``), and a factory's or loader's own
+    keyword arguments (``extra``)."""
 
     checkpoint: Path | None = None
     layer: str | None = None
     resize: bool = False
     trust_checkpoint: bool = False
+    trust_code: bool = False
     extra: Mapping[str, object] = field(default_factory=dict)
 
 

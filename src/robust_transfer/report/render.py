@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from markdown_it import MarkdownIt
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -31,10 +33,13 @@ from ..threat import Norm
 from . import plots, tables
 
 _PROBE = "linear-probe"
+CLASSIFICATION, REGRESSION = "classification", "regression"
+# CommonMark with tables; raw HTML in the text is shown as text, never passed through.
+_MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
 
 
-def _classification(records: Sequence[Record]) -> list[Record]:
-    return [r for r in records if r.get(Field.CLEAN_ACC) is not None]
+def _of_kind(records: Sequence[Record], kind: str) -> list[Record]:
+    return [r for r in records if r.get(Field.KIND) == kind]
 
 
 def _tasks(records: Sequence[Record]) -> list[str]:
@@ -237,8 +242,8 @@ def _sections(
 ) -> list[tuple[str, str, list[str]]]:
     """(heading, Markdown text, figure names) for each section of the report."""
     records = records_of(results)
-    classification = _classification(records)
-    regression = [r for r in records if r.get(Field.CLEAN_ACC) is None]
+    classification = _of_kind(records, CLASSIFICATION)
+    regression = _of_kind(records, REGRESSION)
     sections: list[tuple[str, str, list[str]]] = []
     expected = _expected_section(classification, figures)
     if expected is not None:
@@ -250,9 +255,10 @@ def _sections(
         verdict = {True: "REPRODUCED", False: "NOT REPRODUCED", None: "NOT TESTED"}[
             finding[FindingField.HOLDS]
         ]
-        lines.append(
-            f"- **{verdict}**: {finding[FindingField.CLAIM]}  \n  {finding[FindingField.EVIDENCE]}"
+        claim, evidence = (
+            tables.escape(str(finding[key])) for key in (FindingField.CLAIM, FindingField.EVIDENCE)
         )
+        lines.append(f"- **{verdict}**: {claim}  \n  {evidence}")
     sections.append(("Findings", "\n".join(lines) or "No findings.", []))
     sections.append(_reference_section(records))
     sections.append(_certificate_section(classification))
@@ -326,7 +332,7 @@ def _sections(
                 )
                 names.append(f"adaptation-{slug}")
         rows = [r for r in classification if r[Field.TASK] == task]
-        sections.append((f"Task {task}", tables.markdown(rows), names))
+        sections.append((f"Task {tables.escape(task)}", tables.markdown(rows), names))
 
     for task in _tasks(regression):
         rows = [r for r in regression if r[Field.TASK] == task]
@@ -347,7 +353,11 @@ def _sections(
             (Field.MEAN_SHIFT, "shift"),
         )
         sections.append(
-            (f"Regression task {task}", tables.markdown(rows, columns), [f"regression-{slug}"])
+            (
+                f"Regression task {tables.escape(task)}",
+                tables.markdown(rows, columns),
+                [f"regression-{slug}"],
+            )
         )
     return sections
 
@@ -376,38 +386,39 @@ def write_report(results: Results, out: Path) -> tuple[Path, Path]:
     figures = _Figures(out / "figures")
     sections = _sections(results, store, figures)
     by_name = {name: (caption, payload) for name, caption, payload in figures.items}
-    title = f"robust-transfer study: {results.get(Key.NAME, 'study')}"
+    title = f"robust-transfer study: {tables.escape(str(results.get(Key.NAME, 'study')))}"
     versions = results.get(Key.VERSIONS)
     version = versions.get("robust_transfer") if isinstance(versions, dict) else None
     runtime = results.get(Key.RUNTIME)
     device = runtime.get(RuntimeField.DEVICE) if isinstance(runtime, dict) else None
-    meta = (
-        f"robust-transfer {version}, "
-        f"git {results.get(Key.GIT_REVISION)}, device {device}, "
-        f"{results.get(Key.SECONDS, 0):.0f} s"
+    seconds = results.get(Key.SECONDS, 0)
+    meta = tables.escape(
+        f"robust-transfer {version}, git {results.get(Key.GIT_REVISION)}, device {device}, "
+        + (f"{seconds:.0f} s" if isinstance(seconds, int | float) else "")
     )
     md = [f"# {title}", "", meta, "", _INTRO, ""]
     page = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title>",
+        f"<title>{_inline_text(title)}</title>",
         "<style>body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;"
         "padding:2px 6px;text-align:right}img{max-width:100%}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1><p>{html.escape(meta)}</p><p>{html.escape(_INTRO)}</p>",
+        _MARKDOWN.render("\n\n".join(md)),
     ]
     for heading, body, names in sections:
         md += [f"## {heading}", ""]
-        page.append(f"<h2>{html.escape(heading)}</h2>")
+        page.append(_MARKDOWN.render(f"## {heading}"))
         for name in names:
             caption, payload = by_name[name]
-            md += [f"![{caption}](figures/{name}.png)", ""]
+            md += [f"![{tables.escape(caption)}](figures/{name}.png)", ""]
             encoded = base64.b64encode(payload).decode()
             page.append(
-                f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{encoded}'>"
+                f"<figure><img alt='{html.escape(caption, quote=True)}' "
+                f"src='data:image/png;base64,{encoded}'>"
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>"
             )
         md += [body, ""]
-        page.append(_markdown_to_html(body))
+        page.append(_MARKDOWN.render(body))
     page.append("</body></html>")
     md_path, html_path = out / "report.md", out / "report.html"
     atomic_write_text(md_path, "\n".join(md))
@@ -415,21 +426,7 @@ def write_report(results: Results, out: Path) -> tuple[Path, Path]:
     return md_path, html_path
 
 
-def _markdown_to_html(body: str) -> str:
-    """The two Markdown forms the sections use: pipe tables and bullet lists."""
-    lines = body.splitlines()
-    if lines and lines[0].startswith("|"):
-        rows = [[html.escape(c.strip()) for c in line.strip("|").split("|")] for line in lines]
-        head = "".join(f"<th>{c}</th>" for c in rows[0])
-        body_rows = "".join(
-            "<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows[2:]
-        )
-        return f"<table><tr>{head}</tr>{body_rows}</table>"
-    items = body.split("\n- ")
-    rendered = []
-    for item in items:
-        text = html.escape(item.removeprefix("- ").replace("  \n  ", " "))
-        for marker in ("NOT REPRODUCED", "REPRODUCED", "NOT TESTED"):
-            text = text.replace(f"**{marker}**", f"<b>{marker}</b>")
-        rendered.append(f"<li>{text}</li>")
-    return "<ul>" + "".join(rendered) + "</ul>"
+def _inline_text(markdown: str) -> str:
+    """The plain text of one line of Markdown, HTML-escaped (for the page's title)."""
+    rendered = _MARKDOWN.renderInline(markdown)
+    return html.escape(html.unescape(re.sub(r"<[^>]*>", "", rendered)))

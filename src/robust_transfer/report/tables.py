@@ -83,6 +83,19 @@ REFERENCE_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
+# Characters that Markdown reads as markup, and the HTML it passes through: a name that
+# reaches a report (hand-edited results may hold any) is shown as the text it is.
+_MARKUP = str.maketrans(
+    {char: f"\\{char}" for char in "\\`*_[]{}()#+!|~"}
+    | {"<": "&lt;", ">": "&gt;", "&": "&amp;", "\n": " ", "\r": " "}
+)
+
+
+def escape(text: str) -> str:
+    """``text`` as literal Markdown text (one line)."""
+    return text.translate(_MARKUP)
+
+
 def cell(value: object) -> str:
     if value is None:
         return "-"
@@ -100,7 +113,9 @@ def cell(value: object) -> str:
 def markdown(rows: Sequence[Record], columns: Sequence[tuple[str, str]] = SUMMARY_COLUMNS) -> str:
     header = "| " + " | ".join(title for _, title in columns) + " |"
     rule = "| " + " | ".join("---" for _ in columns) + " |"
-    body = ["| " + " | ".join(cell(row.get(key)) for key, _ in columns) + " |" for row in rows]
+    body = [
+        "| " + " | ".join(escape(cell(row.get(key))) for key, _ in columns) + " |" for row in rows
+    ]
     return "\n".join([header, rule, *body])
 
 

@@ -16,10 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..attacks.representation import METHODS as REPRESENTATION_METHODS
 from ..attacks.settings import AttackSettings, AutoAttackPlan
 from ..certify import BEST, certifier_names, default_certifier_names
-from ..checks import Choice, parse_choice
+from ..checks import Choice, check_positive_int, check_seed, parse_choice
 from ..data.tasks import task_names
 from ..errors import ConfigError, RobustTransferError
 from ..losses import RegressionLoss
@@ -170,10 +169,16 @@ def _choice(kind: type[Choice], value: object, where: str) -> Choice:
         raise _fail(where, str(err)) from err
 
 
+def _checked(check: Callable[[object, str], Any], value: object, where: str) -> Any:
+    """``check(value, name)`` with its error given the key path."""
+    try:
+        return check(value, where.rsplit(".", 1)[-1])
+    except ValueError as err:
+        raise _fail(where, str(err)) from err
+
+
 def _positive_int(value: object, where: str) -> int:
-    number: int = _expect(value, int, where, "a positive integer")
-    if number < 1:
-        raise _fail(where, f"expected a positive integer, got {number}")
+    number: int = _checked(check_positive_int, value, where)
     return number
 
 
@@ -250,7 +255,7 @@ def _converted(table: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 # What an encoder spec may be given besides its source (resolve_encoder's arguments).
-_LOAD_KEYS = {"weights", "layer", "resize", "trust_checkpoint", "options"}
+_LOAD_KEYS = {"weights", "layer", "resize", "trust_checkpoint", "trust_code", "options"}
 
 
 def _load_options(table: Mapping[str, Any], base: Path, where: str) -> dict[str, Any]:
@@ -264,7 +269,7 @@ def _load_options(table: Mapping[str, Any], base: Path, where: str) -> dict[str,
         options["checkpoint"] = str(path)
     if "layer" in table:
         options["layer"] = _expect(table["layer"], str, f"{where}.layer", "a module name")
-    for flag in ("resize", "trust_checkpoint"):
+    for flag in ("resize", "trust_checkpoint", "trust_code"):
         if flag in table:
             options[flag] = _expect(table[flag], bool, f"{where}.{flag}", "true or false")
     return options
@@ -494,19 +499,9 @@ def _autoattack_plan(value: object) -> AutoAttackPlan | None:
 
 
 def _attack(table: Mapping[str, Any]) -> AttackSettings:
-    _unknown_keys(table, _field_names(AttackSettings), "attack")
     values = dict(table)
-    for key, value in table.items():
-        if key == "autoattack":
-            values[key] = _autoattack_plan(value)
-        elif key == "representation_method":
-            if value not in REPRESENTATION_METHODS:
-                raise _fail(
-                    "attack.representation_method",
-                    f"{value!r} is not one of {', '.join(REPRESENTATION_METHODS)}",
-                )
-        else:
-            _positive_int(value, f"attack.{key}")
+    if "autoattack" in values:
+        values["autoattack"] = _autoattack_plan(values["autoattack"])
     settings: AttackSettings = _dataclass_from(
         AttackSettings, _field_names(AttackSettings), values, "attack"
     )
@@ -518,7 +513,7 @@ def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> Stud
     base = Path.cwd() if base is None else base
     _unknown_keys(source, _TOP, "")
     name = _expect(source.get("name", "study"), str, "name", "a string")
-    seed = _expect(source.get("seed", 0), int, "seed", "an integer")
+    seed: int = _checked(check_seed, source.get("seed", 0), "seed")
     eval_points = _positive_int(source.get("eval_points", 500), "eval_points")
     radius_points = _positive_int(source.get("radius_points", 200), "radius_points")
     shard_points = _positive_int(source.get("shard_points", 256), "shard_points")
@@ -612,9 +607,13 @@ def load_config(path: str | Path) -> StudyConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        source = tomllib.loads(path.read_text())
+        source = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text, as TOML must be: {err}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from err
+    except RecursionError as err:
+        raise ConfigError(f"{path} nests tables or arrays too deeply to read") from err
     return parse_config(source, base=path.resolve().parent)
 
 

@@ -100,8 +100,8 @@ def _marker_is_ours(out: Path, config: StudyConfig, expected: str) -> bool:
     """Whether ``out``'s marker is this study's; refuse another study's results."""
     marker = out / STUDY_MARKER
     try:
-        stored = json.loads(marker.read_text())
-    except json.JSONDecodeError as err:
+        stored = json.loads(marker.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ResultsFormatError(f"{marker} is damaged: {err}; choose another folder") from err
     if not isinstance(stored, dict) or stored.get(Key.FORMAT) != RESULTS_FORMAT:
         found = stored.get(Key.FORMAT, 1) if isinstance(stored, dict) else None
@@ -154,7 +154,10 @@ def _others(out: Path) -> list[str]:
 
 
 def refuse_a_file(out: Path) -> None:
-    """An output folder's first check: ``--out`` must not name an existing file."""
+    """An output folder's first check: ``--out`` must name a folder, or nothing yet: not
+    an existing file, nor a link to nothing (it cannot be made)."""
+    if out.is_symlink() and not out.exists():
+        raise InputError(f"--out {out} is a symbolic link to nothing: name a folder")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder")
 

@@ -31,6 +31,7 @@ from ..attacks.reference import refusal as autoattack_refusal
 from ..bounds import weight_gap
 from ..certify import BEST
 from ..certify.lipschitz import proven_lipschitz
+from ..checks import check_two_classes
 from ..data.sources import load_split
 from ..data.tasks import Split, get_task
 from ..errors import ConfigError, SoundnessError
@@ -238,6 +239,18 @@ class StudyRun:
                 raise RuntimeError(f"unit {unit.key()} is missing after the run")
             results.append((unit, *loaded))
         return results
+
+    def check_data(self) -> None:
+        """Load every task's data and refuse what no unit could use, before any work:
+        a classification task needs two classes among its training points (on one
+        class every head is always right), a regression task its targets."""
+        for task in self.config.tasks:
+            split = self._split(task)
+            if task.kind is TaskKind.REGRESSION:
+                if split.train.targets is None:
+                    raise ConfigError(f"task {task.name!r} has no regression targets")
+            else:
+                check_two_classes(split.train.y, f"the training labels of task {task.name!r}")
 
     def encoder_info(self) -> dict[str, dict[str, object]]:
         used = dict.fromkeys(name for task in self.config.tasks for name in task.encoders)

@@ -27,10 +27,14 @@ from torch import Tensor, nn
 
 from ..bounds import worst_case_cross_entropy
 from ..checks import (
+    EPOCHS,
     check_features,
     check_labels,
+    check_number,
     check_per_sample,
     check_positive_int,
+    check_seed,
+    check_two_classes,
     parse_choice,
 )
 from ..data.dataset import ImageDataset
@@ -71,20 +75,19 @@ class AdaptConfig:
     def __post_init__(self) -> None:
         protocol = parse_choice(AdaptProtocol, self.protocol, "protocol")
         object.__setattr__(self, "protocol", protocol)
-        for name in ("epochs", "batch_size", "trainable_stages"):
-            check_positive_int(getattr(self, name), name)
-        if not self.lr > 0:
-            raise InputError(f"lr must be positive, got {self.lr!r}")
+        check_positive_int(self.epochs, "epochs", EPOCHS)
+        check_positive_int(self.batch_size, "batch_size")
+        check_positive_int(self.trainable_stages, "trainable_stages")
+        check_seed(self.seed)
+        check_number(self.lr, "lr")
         for name in ("weight_decay", "anchor_weight"):
-            if not getattr(self, name) >= 0:
-                raise InputError(f"{name} must be non-negative, got {getattr(self, name)!r}")
-        if not 0.0 < self.robust_weight <= 1.0:
+            check_number(getattr(self, name), name, inclusive=True)
+        if not check_number(self.robust_weight, "robust_weight") <= 1.0:
             raise InputError(f"robust_weight must lie in (0, 1], got {self.robust_weight!r}")
         if self.protocol is AdaptProtocol.CERTIFIED_PROBE:
             if self.radius is None:
                 raise InputError("the certified probe needs a radius")
-            if not self.radius >= 0:
-                raise InputError(f"radius must be non-negative, got {self.radius!r}")
+            check_number(self.radius, "radius", inclusive=True)
 
     def to_dict(self) -> dict[str, object]:
         values = dataclasses.asdict(self)
@@ -292,6 +295,7 @@ def adapt(
         raise InputTypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
     if not isinstance(data, ImageDataset):
         raise InputTypeError(f"data must be an ImageDataset, got {type(data).__name__}")
+    check_two_classes(data.y, f"the training labels of {data.name}")
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     probes: dict[AdaptProtocol, Callable[[], nn.Linear]] = {

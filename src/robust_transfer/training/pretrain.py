@@ -30,7 +30,15 @@ from ..certify.base import Refusal
 from ..certify.crown import crown_ibp_margins
 from ..certify.lipschitz import lipschitz_shift, proven_lipschitz
 from ..certify.network import FLATTEN, Op, chain_interval, ops_of
-from ..checks import parse_choice
+from ..checks import (
+    EPOCHS,
+    FEATURES,
+    STEPS,
+    check_number,
+    check_positive_int,
+    check_seed,
+    parse_choice,
+)
 from ..data.dataset import ImageDataset
 from ..errors import InputError, InputTypeError
 from ..models import (
@@ -74,11 +82,6 @@ _NEEDS_THREAT = {
 _CERTIFIED = {PretrainProtocol.IBP, PretrainProtocol.CROWN_IBP}
 
 
-def _positive(value: object, name: str, kind: type = int) -> None:
-    if isinstance(value, bool) or not isinstance(value, kind | int) or not value > 0:  # type: ignore[operator]
-        raise InputError(f"{name} must be positive, got {value!r}")
-
-
 def _default_feature_dim(arch: str) -> int | None:
     """The ``feature_dim`` an architecture builds when not given one (None: it depends on
     the images, as ``lipschitz-sll``'s does)."""
@@ -112,16 +115,16 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         protocol = parse_choice(PretrainProtocol, self.protocol, "protocol")
         object.__setattr__(self, "protocol", protocol)
-        for name in ("epochs", "batch_size", "attack_steps"):
-            _positive(getattr(self, name), name)
+        check_positive_int(self.epochs, "epochs", EPOCHS)
+        check_positive_int(self.batch_size, "batch_size")
+        check_positive_int(self.attack_steps, "attack_steps", STEPS)
         if self.feature_dim is not None:
-            _positive(self.feature_dim, "feature_dim")
+            check_positive_int(self.feature_dim, "feature_dim", FEATURES)
         for name in ("lr", "trades_beta", "temperature"):
-            _positive(getattr(self, name), name, float)
+            check_number(getattr(self, name), name)
         if self.limit is not None:
-            _positive(self.limit, "limit")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise InputError(f"seed must be an integer, got {self.seed!r}")
+            check_positive_int(self.limit, "limit")
+        check_seed(self.seed)
         if self.threat is not None and not isinstance(self.threat, ThreatModel):
             raise InputTypeError(f"threat must be a ThreatModel, got {type(self.threat).__name__}")
         if self.protocol in _NEEDS_THREAT and self.threat is None:
