@@ -302,3 +302,32 @@ def test_bad_architecture_arguments() -> None:
         SmallCNN(feature_dim=0)
     with pytest.raises(ValueError, match="bad arguments"):
         build_encoder("small-cnn", depth=3)
+
+
+def pickle_factory(path: str = "") -> nn.Module:
+    """Annotated to build a module, and loads whatever file a config names with a full
+    unpickling, as some zoo functions do with their own options."""
+    model = tiny_factory()
+    if path:
+        torch.load(path, weights_only=False)
+    return model
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_factory_cannot_unpickle_code_a_config_names(tmp_path: Path) -> None:
+    """Every torch.load under an encoder's loading is weights-only unless the user trusts
+    the checkpoints: the payload runs only with trust_checkpoint."""
+    marker, weights = tmp_path / "ran", tmp_path / "evil.pt"
+    torch.save({"w": _Payload(marker)}, weights)
+    with pytest.raises(ValueError, match="refused: it is a pickle that needs code execution"):
+        load_encoder("test_models:pickle_factory", path=str(weights))
+    assert not marker.exists()
+    load_encoder("test_models:pickle_factory", path=str(weights), trust_checkpoint=True)
+    assert marker.exists()

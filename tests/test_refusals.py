@@ -69,14 +69,17 @@ def _common(where: Path) -> list[str]:
         ("--n", "-5", "--n: the value must be a positive integer, got -5"),
         ("--n", "0", "--n: the value must be a positive integer"),
         ("--n", "1e3", "--n: expected an integer"),
-        ("--steps", str(2**63 - 1), "--steps: the value 9223372036854775807 exceeds 100,000"),
-        ("--restarts", "1000000", "--restarts: the value 1000000 exceeds 1,000"),
+        ("--steps", str(2**63 - 1), "--steps: the value 9223372036854775807 exceeds 10,000"),
+        ("--restarts", "1000000", "--restarts: the value 1000000 exceeds 100,"),
+        ("--eps", "1e-100000000", "--eps: eps must be positive and finite"),
+        ("--eps", "3/0", "--eps: cannot parse eps '3/0'"),
         ("--batch-size", "-1", "--batch-size: the value must be a positive integer"),
         ("--seed", "1234567890123456789012345", "--seed: seed must be an integer from 0"),
         ("--seed", "-1", "--seed: seed must be an integer from 0"),
         ("--eps", "1e309", "--eps: eps must be positive and finite"),
         ("--eps", "1" + "0" * 400, "--eps: eps must be positive and finite"),
         ("--eps", "nan", "--eps: cannot parse eps 'nan'"),
+        ("--eps", "1/2/3", "--eps: cannot parse eps '1/2/3'"),
         ("--eps", "abc", "--eps: cannot parse eps 'abc'"),
         ("--threat", "L3", "--threat: unknown norm 'L3'"),
         ("--device", "meta", "device 'meta' cannot run the work"),
@@ -88,6 +91,20 @@ def test_numbers_and_names_are_checked_where_parsed(
     where: Path, option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _refused(["vulnerability", *_common(where), option, value], message, capsys)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--threat", "L2", "--eps", "1e39"], "L2 eps 1e+39 exceeds 10000"),
+        (["--threat", "L2", "--eps", "1e300"], "L2 eps 1e+300 exceeds 10000"),
+        (["--threat", "Linf", "--eps", "8"], "Linf eps 8 exceeds 1"),
+    ],
+)
+def test_radii_beyond_the_box(
+    where: Path, extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _refused(["vulnerability", *_common(where), *extra], message, capsys)
 
 
 @pytest.mark.parametrize(
@@ -255,8 +272,9 @@ def test_ctrl_c_is_one_line(
     ("labels", "message"),
     [
         (np.array(["a", "b"] * 6), "y must hold numbers, got numpy dtype <U1 (text)"),
-        (np.array([0] * 11 + [10**9]), "labels must be class indices from 0 to 999999"),
-        (np.array([0] * 11 + [-3]), "labels must be class indices from 0 to 999999"),
+        (np.array([0] * 11 + [10**9]), "labels must be class indices from 0 to 9999"),
+        (np.array([0] * 11 + [-3]), "labels must be class indices from 0 to 9999"),
+        (np.array([0] * 11 + [900_000]), "labels must be class indices from 0 to 9999"),
         (np.arange(12).reshape(3, 4), "y must have shape (12,)"),
         (np.array([b"x"] * 12), "(text)"),
         (np.array([None] * 12, dtype=object), "Object arrays cannot be loaded"),
@@ -290,6 +308,8 @@ def test_big_endian_arrays_read_as_native(where: Path) -> None:
         (b"", "holds no points"),
         ({"x": np.zeros((0, 1, 28, 28), np.float32), "y": np.zeros(0, int)}, "holds no points"),
         ({"x": np.float32(0.5), "y": np.zeros(1, int)}, "holds no points"),
+        ({"x": np.zeros((20, 0, 28, 28), np.float32), "y": np.zeros(20, int)}, "no pixels"),
+        ({"x": np.zeros((20, 1, 0, 28), np.float32), "y": np.zeros(20, int)}, "no pixels"),
     ],
 )
 def test_empty_data(
@@ -380,6 +400,21 @@ def test_malformed_process_variables(
     _no_results(out)
 
 
+def _record(findings: object = None, **changes: object) -> bytes:
+    """A results file of one classification record, with ``changes`` to it."""
+    record = {
+        "kind": "classification",
+        "encoder": "e",
+        "task": "t",
+        "adaptation": "a",
+        "threat": "L2",
+        "eps": 0.5,
+        "clean_acc": 0.9,
+    }
+    results = {"format": 4, "records": [record | changes], "findings": findings}
+    return json.dumps(results).encode()
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -405,6 +440,15 @@ def test_malformed_process_variables(
         ),
         (json.dumps({"format": 4, "records": [{"encoder": "e"}]}).encode(), "kind is None"),
         (json.dumps({"format": 4, "records": [3]}).encode(), "is not a record"),
+        (_record(adaptation="x/../../../OUTSIDE"), "is not a name a study writes"),
+        (_record(encoder="<script>"), "is not a name a study writes"),
+        (_record(task="t\x00"), "is not a name a study writes"),
+        (_record(store_key=5), "store_key has an unexpected value 5"),
+        (_record(store_key=[1, 2]), "store_key has an unexpected value"),
+        (_record(attacked_robust_acc="high"), "attacked_robust_acc has an unexpected value"),
+        (_record(threat="L3"), "threat must be Linf or L2"),
+        (_record(findings=[1]), "findings[0] must hold a claim"),
+        (_record(findings=[{}]), "findings[0] must hold a claim"),
     ],
 )
 def test_reports_of_broken_results(
@@ -418,3 +462,33 @@ def test_reports_of_broken_results(
     (folder / "results.json").write_bytes(content)
     _refused(["report", str(folder)], message, capsys)
     assert sorted(p.name for p in folder.iterdir()) == ["results.json"]
+    made = {"cwd", "enc.json", "enc.safetensors", "head.safetensors", "pts.npz", "study"}
+    assert {p.name for p in where.iterdir()} == made
+
+
+def test_probe_settings_are_checked_before_its_attack(
+    where: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    probe = ["probe", *_common(where), "--out", str(where / "o"), "--protocol", "certified-probe"]
+    _refused([*probe, "--eps", "0.1", "--robust-weight", "2"], "exceeds 1", capsys)
+    _refused([*probe, "--eps", "0.1", "--weight-decay", "1e300"], "exceeds 1e+15", capsys)
+    _refused([*probe, "--radius", "1e308"], "exceeds 1e+15", capsys)
+    assert not (where / "o").exists()
+
+
+def test_json_targets_that_cannot_be_written(
+    where: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """/proc takes no new files, even from root: refused before the attack runs."""
+    args = ["vulnerability", *_common(where), "--steps", "1", "--json", "/proc/rt.json"]
+    _refused(args, "cannot write into /proc", capsys)
+
+
+def test_negative_limits_are_refused() -> None:
+    from robust_transfer.data.sources import load_dataset
+    from robust_transfer.errors import DataError
+
+    with pytest.raises(DataError, match="must be a positive integer, got -5"):
+        load_dataset("torchvision:fashion-mnist:train", root="/nonexistent", limit=-5)
+    with pytest.raises(DataError, match="must be a positive integer, got -5"):
+        load_dataset("folder:/nonexistent", limit_per_class=-5)

@@ -16,9 +16,11 @@ from robust_transfer.certify import base as certify_base
 from robust_transfer.data.tasks import get_task, stratified_sample
 from robust_transfer.errors import ResultsFormatError, SoundnessError
 from robust_transfer.features import extract_features
-from robust_transfer.models import load_encoder, load_head
+from robust_transfer.measurement import measure
+from robust_transfer.models import head_from_arrays, load_encoder, load_head
 from robust_transfer.pipeline import run_study
-from robust_transfer.schema import RESULTS_FILE
+from robust_transfer.runtime import Runtime
+from robust_transfer.schema import RESULTS_FILE, StoreKind
 from robust_transfer.study import runner
 from robust_transfer.study.config import ConfigError, parse_config
 
@@ -531,3 +533,52 @@ def test_soundness_violations_name_each_kind() -> None:
     assert len(found) == 2
     assert "ibp's certified shift is below the attacked shift on 1 point(s)" in found[0]
     assert "1 point(s) of head_certified_robust were broken" in found[1]
+
+
+_SAME = (
+    "clean_acc",
+    "pgd_robust_acc",
+    "attacked_robust_acc",
+    "task_agnostic_robust_acc",
+    "expected_robust_acc",
+    "predicted_robust_acc",
+    "certified_robust_acc",
+    "head_certified_robust_acc",
+    "loss_bound",
+    "certified_loss_bound",
+    "adv_loss",
+    "mean_shift",
+    "certified_shift",
+    "weight_gap",
+    "directional_share",
+)
+
+
+def test_the_entry_point_reports_what_the_study_reports(
+    study: tuple[Path, dict[str, Any]],
+) -> None:
+    """``measure`` + ``evaluate`` on the study's own encoders, points, heads and settings
+    give every number the study's records give."""
+    root, results = study
+    config = parse_config(SMALL)
+    run = runner.StudyRun(config, root / "out", root / "cache", Runtime.detect("cpu"), False)
+    task = config.tasks[0]
+    test = get_task(task.name).downstream.test
+    x, y = test.x[: config.eval_points], test.y[: config.eval_points]
+    for encoder_name in task.encoders:
+        encoder, _ = run.encoders.get(encoder_name)
+        key = (StoreKind.HEADS, task.name, encoder_name, "linear-probe")
+        stored = run.store.load(key)
+        assert stored is not None
+        head = head_from_arrays(stored[0], "the study's head")
+        measured = measure(encoder, x, task.threats, settings=config.attack, seed=config.seed)
+        evaluation = measured.evaluate(head, y, attack=True)
+        for mine in evaluation.records:
+            (theirs,) = [
+                r
+                for r in results["records"]
+                if (r["task"], r["encoder"], r["adaptation"], r["threat"], r["eps"])
+                == (task.name, encoder_name, "linear-probe", mine["threat"], mine["eps"])
+            ]
+            for field in _SAME:
+                assert mine[field] == pytest.approx(theirs[field], abs=1e-9), field

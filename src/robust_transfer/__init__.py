@@ -28,6 +28,7 @@ from .errors import RobustTransferError
 from .expected import EncoderProfile, RefineSettings, profile_encoder
 from .features import extract_features
 from .losses import RegressionLoss
+from .measurement import HeadEvaluation, Measurement, RobustnessCurve, measure
 from .models import load_encoder
 from .runtime import Runtime
 from .threat import Norm, ThreatModel, parse_eps
@@ -44,6 +45,8 @@ __all__ = [
     "ClassifierLoss",
     "CrossEntropyIncrease",
     "EncoderProfile",
+    "HeadEvaluation",
+    "Measurement",
     "NoCertificate",
     "Norm",
     "RefineSettings",
@@ -51,6 +54,7 @@ __all__ = [
     "RegressionLoss",
     "RepresentationAttackResult",
     "RobustTransferError",
+    "RobustnessCurve",
     "Runtime",
     "ThreatModel",
     "__version__",
@@ -69,6 +73,7 @@ __all__ = [
     "extract_features",
     "lipschitz_shift",
     "load_encoder",
+    "measure",
     "normalized_margin",
     "parse_eps",
     "profile_encoder",

@@ -57,6 +57,12 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         with temp.open("rb") as file:
             os.fsync(file.fileno())
         os.replace(temp, path)
+    except OSError as err:
+        temp.unlink(missing_ok=True)
+        if err.strerror is None:
+            raise
+        # Named by the file meant, not the temporary one beside it.
+        raise OSError(err.errno, err.strerror, str(path)) from err
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

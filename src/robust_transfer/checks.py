@@ -142,12 +142,14 @@ class Limit:
     what: str
 
 
-STEPS = Limit(100_000, "gradient steps (AutoAttack's APGD takes 100)")
-RESTARTS = Limit(1_000, "restarts per point")
-EPOCHS = Limit(100_000, "passes over the training data")
+STEPS = Limit(10_000, "gradient steps (AutoAttack's APGD takes 100)")
+RESTARTS = Limit(100, "restarts per point")
+EPOCHS = Limit(10_000, "passes over the training data")
 POINTS = Limit(100_000_000, "points or a batch of them")
 FEATURES = Limit(65_536, "feature dimensions of a built-in encoder")
-CLASSES = Limit(1_000_000, "classes, so labels run from 0 to 999999")
+# Heads compare every pair of classes (C^2 x features numbers): 10,000 classes is past
+# ImageNet's 1,000 and still fits in memory with small features.
+CLASSES = Limit(10_000, "classes, so labels run from 0 to 9999")
 # numpy's legacy generators and scikit-learn take 32-bit seeds; torch 64-bit ones.
 SEED = Limit(2**32 - 1, "a 32-bit seed")
 
@@ -161,8 +163,17 @@ def check_positive_int(value: object, name: str, limit: Limit = POINTS) -> int:
     return value
 
 
-def check_number(value: object, name: str, *, low: float = 0.0, inclusive: bool = False) -> float:
-    """A finite real number above ``low`` (or at least ``low``, ``inclusive``)."""
+def check_number(
+    value: object,
+    name: str,
+    *,
+    low: float = 0.0,
+    inclusive: bool = False,
+    most: float = 1e15,
+) -> float:
+    """A finite real number above ``low`` (or at least ``low``, ``inclusive``) and at most
+    ``most`` (by default 1e15: squares of larger ones leave float32's range of 3.4e38
+    once multiplied by features or weights)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InputError(f"{name} must be a number, got {value!r}")
     try:
@@ -172,6 +183,8 @@ def check_number(value: object, name: str, *, low: float = 0.0, inclusive: bool 
     if not math.isfinite(number) or number < low or (number == low and not inclusive):
         bound = f"at least {low:g}" if inclusive else f"above {low:g}"
         raise InputError(f"{name} must be a finite number {bound}, got {value!r}")
+    if number > most:
+        raise InputError(f"{name} {value!r} exceeds {most:g}, the most it may be")
     return number
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -17,7 +18,6 @@ from .atomic import atomic_write_text
 from .attacks import attack_classifier
 from .attacks.reference import attack_autoattack
 from .attacks.settings import AttackSettings
-from .bounds import weight_gap
 from .checks import (
     POINTS,
     RESTARTS,
@@ -26,13 +26,14 @@ from .checks import (
     check_number,
     check_positive_int,
     check_seed,
+    check_two_classes,
 )
 from .data.dataset import ImageDataset
 from .data.sources import FORMS as DATA_FORMS
 from .data.sources import load_dataset, load_split
 from .data.tasks import stratified_sample
 from .errors import InputError, MissingFileError, ResultsFormatError, RobustTransferError
-from .expected import profile_encoder
+from .measurement import Measurement, measure
 from .models import load_encoder, load_head
 from .models.heads import save_head
 from .models.specs import FORMS
@@ -40,11 +41,10 @@ from .pipeline import run_study
 from .report.render import write_report
 from .report.tables import text
 from .runtime import Precision, Runtime, release_processes
-from .schema import RESULTS_FILE, Array, Arrays, Field, Record, check_results
+from .schema import RESULTS_FILE, Array, Field, Record, check_results
 from .study.config import default_config, default_config_text, load_config, parse_config
-from .study.evaluate import attacked_shift, classification_theory, measure_shift
+from .study.evaluate import attacked_shift
 from .study.folder import refuse_a_file
-from .study.records import aggregate, shift_summary
 from .threat import Norm, ThreatModel, parse_eps
 from .training.adapt import AdaptConfig, AdaptProtocol, adapt, head_accuracy
 
@@ -163,18 +163,21 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     refuse_a_file(out)
     if args.test_data == args.data:
         raise InputError("--test-data names the training data: the held-out accuracy would lie")
+    settings = {
+        "protocol": args.protocol,
+        "seed": args.seed,
+        "weight_decay": args.weight_decay,
+        "robust_weight": args.robust_weight,
+    }
+    certified = args.protocol == AdaptProtocol.CERTIFIED_PROBE
+    AdaptConfig(**settings, radius=0.0 if certified else None)  # checked before any work
     runtime = _runtime(args)
     encoder = _encoder(args, runtime)
     split = load_split(args.data, args.test_data)
     train = stratified_sample(split.train, args.n, seed=args.seed)
+    check_two_classes(train.y, f"the training labels of {train.name}")
     radius, how = _probe_radius(args, encoder, train.x, runtime.device)
-    config = AdaptConfig(
-        protocol=args.protocol,
-        seed=args.seed,
-        weight_decay=args.weight_decay,
-        radius=radius,
-        robust_weight=args.robust_weight,
-    )
+    config = AdaptConfig(**settings, radius=radius)
     adapted = adapt(encoder, train, config, progress=not args.quiet)
     record: dict[str, object] = {
         "encoder": args.encoder,
@@ -235,6 +238,11 @@ def _json_target(value: str) -> Path:
         raise InputError(f"{value} is a folder: name a file")
     if not path.parent.is_dir():
         raise InputError(f"{path.parent} does not exist")
+    try:  # found now, not once the rows are computed
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise InputError(f"cannot write into {path.parent}: {err.strerror}") from err
     return path
 
 
@@ -273,12 +281,12 @@ def _seed(value: str) -> int:
     return check_seed(_integer(value))
 
 
-def _real(value: str, *, inclusive: bool) -> float:
+def _real(value: str, *, inclusive: bool, most: float = 1e15) -> float:
     try:
         number = float(value)
     except ValueError as err:
         raise InputError(f"expected a number, got {value!r}") from err
-    return check_number(number, "the value", inclusive=inclusive)
+    return check_number(number, "the value", inclusive=inclusive, most=most)
 
 
 def _folder(value: str) -> Path:
@@ -328,22 +336,16 @@ def _threats(args: argparse.Namespace) -> list[ThreatModel]:
     return threats
 
 
-def _shift_rows(
-    args: argparse.Namespace, encoder: nn.Module, x: Tensor
-) -> list[tuple[ThreatModel, Arrays]]:
-    """The study's task-independent arrays (attacked and certified shift) per threat."""
-    return [
-        (
-            threat,
-            measure_shift(encoder, x, threat, _settings(args), seed=args.seed, progress=True),
-        )
-        for threat in _threats(args)
-    ]
+def _measured(args: argparse.Namespace, encoder: nn.Module, x: Tensor) -> Measurement:
+    """The entry point's measurement of the encoder on ``x`` at each ``--eps``."""
+    return measure(
+        encoder, x, _threats(args), settings=_settings(args), seed=args.seed, progress=True
+    )
 
 
-def _row(threat: ThreatModel, record: Record, fields: tuple[Field, ...]) -> Record:
+def _row(record: Record, fields: tuple[Field, ...]) -> Record:
     """A CLI row: the threat and the record's fields that were computed."""
-    row: Record = {Field.THREAT: threat.norm.value, Field.EPS: threat.eps}
+    row: Record = {Field.THREAT: record[Field.THREAT], Field.EPS: record[Field.EPS]}
     return row | {key: record[key] for key in fields if record.get(key) is not None}
 
 
@@ -364,6 +366,7 @@ _BOUND_FIELDS = (
     Field.PREDICTED_ROBUST_ACC,
     Field.LOSS_BOUND,
     Field.CERTIFIED_ROBUST_ACC,
+    Field.HEAD_CERTIFIED_ROBUST_ACC,
     Field.CERTIFIED_LOSS_BOUND,
 )
 
@@ -372,10 +375,7 @@ def _cmd_vulnerability(args: argparse.Namespace) -> int:
     runtime = _runtime(args)
     encoder = _encoder(args, runtime)
     x = _data(args).x.to(runtime.device)
-    rows = [
-        _row(threat, shift_summary(arrays), _VULNERABILITY_FIELDS)
-        for threat, arrays in _shift_rows(args, encoder, x)
-    ]
+    rows = [_row(record, _VULNERABILITY_FIELDS) for record in _measured(args, encoder, x).summary()]
     return _emit(rows, args)
 
 
@@ -400,14 +400,8 @@ def _labelled(args: argparse.Namespace) -> tuple[nn.Module, nn.Linear, Tensor, T
 
 def _cmd_bound(args: argparse.Namespace) -> int:
     encoder, head, x, y = _labelled(args)
-    profile = profile_encoder(encoder, x, batch_size=args.batch_size)
-    rows = []
-    for threat, shift in _shift_rows(args, encoder, x):
-        arrays = classification_theory(head, shift[Array.FEATURES], y, shift)
-        expected, directional = profile.assess(head, y, threat)
-        arrays[Array.EXPECTED_ROBUST], arrays[Array.DIRECTIONAL_SHIFT] = expected, directional
-        record = {Field.WEIGHT_GAP: float(weight_gap(head))} | aggregate(arrays)
-        rows.append(_row(threat, record, (*_BOUND_FIELDS, Field.WEIGHT_GAP)))
+    evaluation = _measured(args, encoder, x).evaluate(head, y)
+    rows = [_row(record, (*_BOUND_FIELDS, Field.WEIGHT_GAP)) for record in evaluation.records]
     return _emit(rows, args)
 
 
@@ -643,7 +637,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=1e-4,
     )
     probe.add_argument(
-        "--robust-weight", type=_argument(lambda value: _real(value, inclusive=False)), default=0.5
+        "--robust-weight",
+        type=_argument(lambda value: _real(value, inclusive=False, most=1.0)),
+        default=0.5,
+        help="certified probe: the robust term's share of the loss, in (0, 1]",
     )
     probe.add_argument("--n", type=_count(POINTS), default=50_000, help="at most N training points")
     probe.add_argument("--batch-size", type=_count(POINTS), default=250)
@@ -667,14 +664,16 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+_STUDIES = ("run", "demo", "transfer")
+
+
 def _failure(err: BaseException) -> str | None:
     """The one line for a failure that is not a bug, or None for a bug (a traceback)."""
     if isinstance(err, RobustTransferError):
         return str(err)
     if isinstance(err, OSError) and err.strerror:
         # A write refused (read-only, full disk) or a path the system would not open.
-        where = f"{err.filename}: " if err.filename else ""
-        return f"{where}{err.strerror}; what was stored so far is kept, a rerun resumes"
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
     if isinstance(err, RecursionError):
         return "the input is nested too deeply to read"
     if isinstance(err, MemoryError):
@@ -697,6 +696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         line = _failure(err)
         if line is None:
             raise
+        if isinstance(err, OSError) and args.command in _STUDIES:
+            line += "; what was stored so far is kept, and the same command resumes from it"
         print(f"robust-transfer {args.command}: error: {line}", file=sys.stderr)
         return 2
     finally:

@@ -9,6 +9,7 @@ plain JSON. Certificates are keyed by method: ``certified_shift@lipschitz`` besi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 
@@ -234,13 +235,25 @@ def check_results(results: object, where: str) -> Results:
         raise ResultsFormatError(f"{where}: results have no {Key.RECORDS!s} list")
     for index, record in enumerate(records):
         _check_record(record, f"{where}: {Key.RECORDS!s}[{index}]")
+    _check_findings(results.get(Key.FINDINGS), where)
     return results
 
 
+# Encoder, adaptation and task names become file and folder names under --out.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,79}")
 # What every record holds, and what a record of each kind holds besides: a report drawn
 # from a record without them would show it as the other kind, or as nothing.
-_NAMES = (Field.ENCODER, Field.TASK, Field.ADAPTATION, Field.THREAT)
+_NAMES = (Field.ENCODER, Field.TASK, Field.ADAPTATION)
 _MEASURED = {"classification": (Field.CLEAN_ACC,), "regression": (Field.CLEAN_LOSS,)}
+# Fields that are not numbers (or None); every other field of a record is one.
+_TEXT = {Field.PRETRAINING, Field.LOSS, Field.RADIUS_RULE, Field.ATTACK, Field.THREAT}
+_STRUCTURED = {
+    Field.CERTIFIERS: list,
+    Field.REFUSED: dict,
+    Field.SANITY_FLAGS: dict,
+    Field.STORE_KEY: list,
+    Field.COLLAPSED_HEAD: bool,
+}
 
 
 def _check_record(record: object, where: str) -> None:
@@ -252,14 +265,48 @@ def _check_record(record: object, where: str) -> None:
             f"{where}: {Field.KIND!s} is {kind!r}, not one of {', '.join(_MEASURED)}"
         )
     for name in _NAMES:
-        if not isinstance(record.get(name), str):
-            raise ResultsFormatError(f"{where}: {name!s} must be a string")
-    numbers = (Field.EPS, *_MEASURED[kind])
-    for name in numbers:
+        value = record.get(name)
+        if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):
+            raise ResultsFormatError(
+                f"{where}: {name!s} {value!r} is not a name a study writes (letters, digits "
+                "and . _ + = -, at most 80)"
+            )
+    if record.get(Field.THREAT) not in ("Linf", "L2"):
+        raise ResultsFormatError(f"{where}: threat must be Linf or L2")
+    for name in (Field.EPS, *_MEASURED[kind]):
         value = record.get(name)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ResultsFormatError(
                 f"{where}: a {kind} record needs a number for {name!s}, got {value!r}"
+            )
+    for key, value in record.items():
+        if value is None or key in _NAMES or key == Field.KIND:
+            continue
+        expected: type | tuple[type, ...] = _STRUCTURED.get(key, str if key in _TEXT else ())
+        if expected == ():
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, expected)
+        if key == Field.STORE_KEY:
+            ok = ok and bool(value) and all(isinstance(part, str) for part in value)
+        if not ok:
+            raise ResultsFormatError(f"{where}: {key} has an unexpected value {value!r}")
+
+
+def _check_findings(findings: object, where: str) -> None:
+    if findings is None:
+        return
+    if not isinstance(findings, list):
+        raise ResultsFormatError(f"{where}: findings must be a list")
+    for index, finding in enumerate(findings):
+        if (
+            not isinstance(finding, dict)
+            or not isinstance(finding.get(FindingField.CLAIM), str)
+            or not isinstance(finding.get(FindingField.EVIDENCE), str)
+            or finding.get(FindingField.HOLDS) not in (True, False, None)
+        ):
+            raise ResultsFormatError(
+                f"{where}: findings[{index}] must hold a claim, evidence and holds"
             )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import StrEnum
-from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +92,25 @@ class Norm(StrEnum):
         raise InputError(f"unknown norm {value!r}: expected one of {valid}")
 
 
+def _fraction(text: str) -> float:
+    """``"0.3"`` or ``"8/255"`` as a float, each part parsed by ``float`` (never
+    evaluated; ``Fraction`` would expand ``1e-100000000`` into a number of 10^8 digits)."""
+    parts = text.split("/")
+    if len(parts) > 2:
+        raise ValueError(text)
+    values = [float(part) for part in parts]
+    if any(math.isnan(v) for v in values):
+        raise ValueError(text)
+    if any(math.isinf(v) for v in values):
+        raise OverflowError(text)
+    return values[0] / values[1] if len(values) == 2 else values[0]
+
+
+# An L2 ball this wide holds the whole box of any image up to 4096 x 4096 x 3 pixels
+# (its diagonal is 7,094): a larger eps is a typo, and overflows float32 when squared.
+L2_MOST = 1e4
+
+
 def parse_eps(value: float | int | str) -> float:
     """A positive, finite radius from a number or a string like ``"8/255"`` or ``"0.3"``.
 
@@ -105,7 +123,7 @@ def parse_eps(value: float | int | str) -> float:
             f"eps must be a number or a string such as '8/255', got {type(value).__name__}"
         )
     try:
-        eps = float(Fraction(value.strip())) if isinstance(value, str) else float(value)
+        eps = _fraction(value) if isinstance(value, str) else float(value)
     except OverflowError:
         eps = math.inf  # refused below, with the others that are not finite
     except (ValueError, ZeroDivisionError) as err:
@@ -130,6 +148,11 @@ class ThreatModel:
     def __init__(self, norm: str | Norm, eps: float | int | str) -> None:
         object.__setattr__(self, "norm", Norm.parse(norm))
         object.__setattr__(self, "eps", parse_eps(eps))
+        if self.norm is Norm.L2 and self.eps > L2_MOST:
+            raise InputError(
+                f"L2 eps {self.eps:g} exceeds {L2_MOST:g}: such a ball holds the input box of "
+                "any image (eps is in pixel units of [0, 1] inputs)"
+            )
         if self.norm is Norm.LINF and self.eps > 1.0:
             # Inputs live in [0, 1]: such a ball holds the whole box, a typo for 1/eps or
             # an eps in 0-255 units.

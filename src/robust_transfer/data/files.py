@@ -63,8 +63,8 @@ def load_array_file(path: str | Path) -> ImageDataset:
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)} (needs 'x' and 'y')")
     x, y = _tensor(content["x"], path, "x"), _tensor(content["y"], path, "y")
-    if x.dim() == 0 or len(x) == 0:
-        raise DataError(f"{path} holds no points (x must be (N, C, H, W))")
+    if x.dim() == 0 or x.numel() == 0:
+        raise DataError(f"{path} holds no points or no pixels (x must be (N, C, H, W))")
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
     if not x.is_floating_point():

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torchvision import datasets
 
-from ..errors import DataError, MissingFileError
+from ..checks import check_positive_int
+from ..errors import DataError, InputError, MissingFileError
 from ._images import resize, unit_float
 from .dataset import ImageDataset
 
@@ -63,6 +64,12 @@ def load_torchvision(
     limit: int | None = None,
 ) -> ImageDataset:
     """A torchvision data set (train or test part), optionally resized and cut to ``limit``."""
+    if limit is not None:
+        # A negative one would slice from the end: all but the last points, silently.
+        try:
+            check_positive_int(limit, "limit")
+        except InputError as err:
+            raise DataError(str(err)) from err
     entry = _SETS.get(name)
     if entry is None:
         raise DataError(

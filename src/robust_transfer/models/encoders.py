@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..checks import FEATURES, check_positive_int
 from ..errors import InputError, InputTypeError
 
 ImageShape = tuple[int, int, int]
@@ -18,10 +19,19 @@ ImageShape = tuple[int, int, int]
 
 def _image_shape(value: object) -> ImageShape:
     shape = tuple(value) if isinstance(value, list | tuple) else ()
-    if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
-        raise InputError(f"image_shape must be three positive integers (C, H, W), got {value!r}")
+    if len(shape) != 3 or not all(
+        isinstance(v, int) and 0 < v <= limit for v, limit in zip(shape, _MOST_SHAPE, strict=True)
+    ):
+        raise InputError(
+            f"image_shape must be three positive integers (C, H, W), at most {_MOST_SHAPE}, "
+            f"got {value!r}"
+        )
     channels, height, width = shape
     return int(channels), int(height), int(width)
+
+
+# Beyond any image a built-in encoder is meant for: past it, sizes are typos.
+_MOST_SHAPE = (64, 4096, 4096)
 
 
 class Encoder(nn.Module):
@@ -37,9 +47,7 @@ class Encoder(nn.Module):
     def __init__(self, image_shape: ImageShape, feature_dim: int) -> None:
         super().__init__()
         self.image_shape = _image_shape(image_shape)
-        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
-            raise InputError(f"feature_dim must be a positive integer, got {feature_dim!r}")
-        self.feature_dim = feature_dim
+        self.feature_dim = check_positive_int(feature_dim, "feature_dim", FEATURES)
 
     def config(self) -> dict[str, object]:
         """Keyword arguments that rebuild this architecture with :func:`build_encoder`."""

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import Limit, check_positive_int
 from ..errors import InputError
 from .encoders import Encoder, ImageShape, _image_shape
 
@@ -163,9 +164,8 @@ class SLLNet(Encoder):
                 f"for images of shape {tuple(image_shape)} (or left unset), got {feature_dim!r}"
             )
         super().__init__(image_shape, natural)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise InputError(f"depth must be a positive integer, got {depth!r}")
-        self.depth = depth
+        # Deeper SLL stacks than this are not trained anywhere; past it, a typo.
+        self.depth = check_positive_int(depth, "depth", Limit(1_000, "layers a stage"))
         wide = 4 * self.image_shape[0]
         self.block1 = nn.Sequential(
             nn.PixelUnshuffle(2), *(SLLConv2d(wide, 4 * wide) for _ in range(depth))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from ..checks import FEATURES, check_positive_int
 from ..errors import InputError
 from .encoders import Encoder, ResNet18, SmallCNN
 from .lipschitz import LipschitzCNN, SLLNet
@@ -21,9 +20,6 @@ def build_encoder(arch: str, **config: object) -> Encoder:
     if cls is None:
         valid = ", ".join(ARCHITECTURES)
         raise InputError(f"unknown encoder architecture {arch!r}: expected one of {valid}")
-    if "feature_dim" in config:
-        # Checked before the layers are sized by it: a typo would allocate gigabytes.
-        check_positive_int(config["feature_dim"], "feature_dim", FEATURES)
     try:
         return cls(**config)  # type: ignore[arg-type]
     except TypeError as err:

@@ -32,7 +32,7 @@ from ..errors import CheckpointError, InputError, InputTypeError, MissingFileErr
 from ..schema import Meta
 from . import zoo
 from .checkpoint import load_checkpoint
-from .weights import load_weights_into
+from .weights import load_weights_into, unpickling
 from .zoo import LoadOptions, ZooEncoder
 
 _CHECKPOINT_SUFFIX = ".safetensors"
@@ -241,7 +241,8 @@ def resolve_encoder(
         trust_code=trust_code,
         extra=options,
     )
-    loaded = source.load(source.resolve(spec, Path.cwd()), load_options)
+    with unpickling(trust_checkpoint):
+        loaded = source.load(source.resolve(spec, Path.cwd()), load_options)
     broken = [
         name
         for name, value in (*loaded.module.named_parameters(), *loaded.module.named_buffers())

@@ -7,9 +7,11 @@ rebuild; such a file is read in full only when the user says they trust it.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -26,6 +28,27 @@ TRUST_HINT = (
 )
 # Keys a whole-model checkpoint often nests its weights under.
 _NESTED = ("state_dict", "model_state_dict", "model", "net")
+
+
+@contextlib.contextmanager
+def unpickling(trust: bool) -> Iterator[None]:
+    """Within the block every ``torch.load`` (ours, a zoo's, a factory's) unpickles
+    weights only, whatever its caller asked, unless the user ``trust``s the files: a
+    factory or zoo loader given a file path by a config must not run its pickle."""
+    name = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" if trust else "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    previous = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        if trust or not _needs_code(err):
+            raise CheckpointError(f"cannot unpickle weights: {_last_line(err)}") from err
+        raise CheckpointError(f"a file the encoder loads was refused: {TRUST_HINT}") from err
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
 
 
 def read_weights(path: str | Path, *, trust_checkpoint: bool = False) -> object:

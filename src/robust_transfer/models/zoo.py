@@ -15,7 +15,6 @@ import contextlib
 import difflib
 import importlib
 import importlib.util
-import os
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -332,7 +331,7 @@ def load_robustbench(spec: str, options: LoadOptions) -> ZooEncoder:
         # Read it here first: a pickle that needs code is refused before RobustBench
         # opens it.
         read_weights(path, trust_checkpoint=options.trust_checkpoint)
-    with _trusted(options.trust_checkpoint), _download_errors(spec, lambda: path):
+    with _download_errors(spec, lambda: path):
         model = utils.load_model(
             model_name=name, model_dir=str(model_dir), dataset=dataset, threat_model=threat
         )
@@ -346,23 +345,6 @@ def load_robustbench(spec: str, options: LoadOptions) -> ZooEncoder:
         layer=_layer(options, PENULTIMATE),
         resize=options.resize,
     )
-
-
-@contextlib.contextmanager
-def _trusted(trust: bool) -> Iterator[None]:
-    """Let a third-party loader unpickle in full, for a file the user trusts."""
-    if not trust:
-        yield
-        return
-    previous = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"]
-        else:
-            os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = previous
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
 from markdown_it import MarkdownIt
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -62,7 +63,8 @@ def _scatter_panels(
     for row in rows:
         if row[Field.THREAT] != norm or row[Field.EPS] != eps:
             continue
-        loaded = store.load(tuple(row[Field.STORE_KEY]))  # type: ignore[arg-type]
+        key = row.get(Field.STORE_KEY)
+        loaded = store.load(tuple(key)) if isinstance(key, list) and key else None
         if loaded is not None and Array.MARGIN in loaded[0]:
             panels.append((str(row[Field.ENCODER]), dict(loaded[0])))
     return (panels, f"{task}, {norm} eps={eps:.4g}, linear probe") if panels else None
@@ -77,8 +79,14 @@ class _Figures:
 
     def add(self, name: str, caption: str, figure: Figure) -> None:
         payload = plots.png(figure)
-        atomic_write_bytes(self.folder / f"{name}.png", payload)
+        atomic_write_bytes(self.folder / file_name(name), payload)
         self.items.append((name, caption, payload))
+
+
+def file_name(figure: str) -> str:
+    """A figure's file in ``figures/``: names come from records, which may hold any
+    text; no separator or leading dot may take the file out of the folder."""
+    return re.sub(r"[^A-Za-z0-9._+=-]", "_", figure).lstrip(".")[:150] + ".png"
 
 
 def _expected_section(
@@ -210,9 +218,12 @@ def _certificate_section(classification: Sequence[Record]) -> tuple[str, str, li
         "where that is tighter, so it is never looser). Over "
         f"{len(rows)} units the task-agnostic route certifies "
         f"{100 * sum(given_up) / len(given_up):.1f} points less on average, at most "
-        f"{100 * given_up[worst]:.1f} ({rows[worst][Field.ENCODER]}, "
-        f"{rows[worst][Field.ADAPTATION]}, {rows[worst][Field.THREAT]} "
-        f"{float(rows[worst][Field.EPS]):.4g}).",  # type: ignore[arg-type]
+        f"{100 * given_up[worst]:.1f} ("
+        + tables.escape(
+            f"{rows[worst][Field.ENCODER]}, {rows[worst][Field.ADAPTATION]}, "
+            f"{rows[worst][Field.THREAT]} {float(rows[worst][Field.EPS]):.4g}"  # type: ignore[arg-type]
+        )
+        + ").",
     ]
     if tight:
         lines.append(
@@ -384,7 +395,9 @@ def write_report(results: Results, out: Path) -> tuple[Path, Path]:
     """Write ``report.md`` (with ``figures/``) and a self-contained ``report.html``."""
     store = Store(out / STORE_DIR)
     figures = _Figures(out / "figures")
-    sections = _sections(results, store, figures)
+    # Names in titles are text: "$" must not start matplotlib's mathtext.
+    with matplotlib.rc_context({"text.parse_math": False}):
+        sections = _sections(results, store, figures)
     by_name = {name: (caption, payload) for name, caption, payload in figures.items}
     title = f"robust-transfer study: {tables.escape(str(results.get(Key.NAME, 'study')))}"
     versions = results.get(Key.VERSIONS)
@@ -410,7 +423,7 @@ def write_report(results: Results, out: Path) -> tuple[Path, Path]:
         page.append(_MARKDOWN.render(f"## {heading}"))
         for name in names:
             caption, payload = by_name[name]
-            md += [f"![{tables.escape(caption)}](figures/{name}.png)", ""]
+            md += [f"![{tables.escape(caption)}](figures/{file_name(name)})", ""]
             encoded = base64.b64encode(payload).decode()
             page.append(
                 f"<figure><img alt='{html.escape(caption, quote=True)}' "

@@ -7,7 +7,6 @@ typo costs a second, not a half-finished run.
 from __future__ import annotations
 
 import dataclasses
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,11 +17,12 @@ from typing import Any
 
 from ..attacks.settings import AttackSettings, AutoAttackPlan
 from ..certify import BEST, certifier_names, default_certifier_names
-from ..checks import Choice, check_positive_int, check_seed, parse_choice
+from ..checks import Choice, check_number, check_positive_int, check_seed, parse_choice
 from ..data.tasks import task_names
 from ..errors import ConfigError, RobustTransferError
 from ..losses import RegressionLoss
 from ..models import resolve_spec, source_name
+from ..schema import SAFE_NAME
 from ..threat import Norm, ThreatModel, parse_eps
 from ..training.adapt import AdaptConfig, AdaptProtocol
 from ..training.pretrain import PretrainConfig, PretrainProtocol
@@ -182,12 +182,8 @@ def _positive_int(value: object, where: str) -> int:
     return number
 
 
-# Encoder, adaptation and task names become file and folder names under --out.
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,79}")
-
-
 def _check_name(name: str, where: str) -> None:
-    if not _SAFE_NAME.fullmatch(name):
+    if not SAFE_NAME.fullmatch(name):
         raise _fail(
             where,
             f"name {name!r}: use letters, digits and . _ + = - (starting with a letter or "
@@ -315,9 +311,10 @@ _RADIUS_KEYS = {"rule", "value", "method", "quantile"}
 
 
 def _quantile(value: object, where: str) -> float:
-    quantile = float(_expect(value, (int, float), where, "a number"))
-    if not 0.0 <= quantile <= 1.0:
-        raise _fail(where, f"must lie in [0, 1], got {quantile}")
+    _expect(value, (int, float), where, "a number")
+    quantile: float = _checked(
+        lambda v, name: check_number(v, name, inclusive=True, most=1.0), value, where
+    )
     return quantile
 
 
@@ -336,8 +333,11 @@ def _radius(table: dict[str, Any], where: str) -> Radius:
     if value is None:
         return Radius(RadiusRule.CERTIFIED)
     if not isinstance(value, dict):
-        number = _expect(value, (int, float), f"{where}.radius", "a number or a table")
-        return Radius(RadiusRule.FIXED, value=float(number))
+        _expect(value, (int, float), f"{where}.radius", "a number or a table")
+        radius: float = _checked(
+            lambda v, name: check_number(v, name, inclusive=True), value, f"{where}.radius"
+        )
+        return Radius(RadiusRule.FIXED, value=radius)
     where = f"{where}.radius"
     _unknown_keys(value, _RADIUS_KEYS, where)
     try:
@@ -350,7 +350,10 @@ def _radius(table: dict[str, Any], where: str) -> Radius:
     if rule is RadiusRule.FIXED:
         if "value" not in value:
             raise _fail(f"{where}.value", "the fixed rule needs a value")
-        fixed = float(_expect(value["value"], (int, float), f"{where}.value", "a number"))
+        _expect(value["value"], (int, float), f"{where}.value", "a number")
+        fixed = _checked(
+            lambda v, name: check_number(v, name, inclusive=True), value["value"], f"{where}.value"
+        )
     method = _expect(value.get("method", BEST), str, f"{where}.method", "a certifier name")
     known = (BEST, *certifier_names())
     if method not in known:

@@ -193,6 +193,38 @@ def _autoattack(
     return AutoAttackResult(attack, square_only)
 
 
+def classification_estimates(
+    encoder: nn.Module,
+    head: nn.Linear,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    shift: Arrays,
+    *,
+    profile: EncoderProfile | None = None,
+    margin_intermediate: Intermediate = "ibp",
+) -> Arrays:
+    """What is known of a classification head without attacking it: margins, Result 1
+    and 2 (:func:`classification_theory`), the expected robust accuracy from the
+    encoder's ``profile``, and ``head_certified_robust`` where CROWN reads the encoder:
+    this head's margins certified directly (with ``margin_intermediate`` intermediate
+    bounds: "crown" is tighter and costs what the ``crown-full`` certifier does, per
+    head), or the task-agnostic certificate where that is tighter."""
+    head = head.to(x.device).eval()
+    arrays = classification_theory(head, shift[Array.FEATURES], y, shift)
+    if profile is not None:
+        expected, directional = profile.assess(head, y, threat)
+        arrays[Array.EXPECTED_ROBUST], arrays[Array.DIRECTIONAL_SHIFT] = expected, directional
+    margins = margin_lower_bounds(encoder, head, x, threat, margin_intermediate)
+    if not isinstance(margins, Refusal):
+        # The union of two sound certificates: never looser than the task-agnostic one.
+        head_certified = arrays[Array.CORRECT] & (margins > 0).all(dim=1)
+        if Array.CERTIFIED_ROBUST in arrays:
+            head_certified = head_certified | arrays[Array.CERTIFIED_ROBUST]
+        arrays[Array.HEAD_CERTIFIED_ROBUST] = head_certified
+    return arrays
+
+
 def evaluate_classification(
     encoder: nn.Module,
     head: nn.Linear,
@@ -209,27 +241,30 @@ def evaluate_classification(
     autoattack_rows: Tensor | None = None,
     margin_intermediate: Intermediate = "ibp",
 ) -> Arrays:
-    """Per-sample outcome of a classification head, the attacks and Result 1 and 2.
+    """Per-sample outcome of a classification head: :func:`classification_estimates`,
+    then the attacks.
 
     ``shift`` comes from :func:`measure_shift` (or the study's stored equivalent) for this
     very encoder. ``robust_pgd`` means no PGD attack (cross-entropy, then targeted
     margins) broke the point; ``robust_attacked`` adds the task-agnostic perturbation;
     ``adv_loss`` is the largest cross-entropy seen at any attacked point (and the clean one).
-    ``head_certified_robust`` (where CROWN reads the encoder) certifies this head's
-    margins directly (CROWN with ``margin_intermediate`` intermediate bounds: "crown"
-    is tighter and costs what the ``crown-full`` certifier does, per head), or takes the
-    task-agnostic certificate where that is tighter. AutoAttack runs on the
-    ``autoattack_rows`` (a mask) that PGD left robust: ``robust_autoattack`` marks the
-    subset's points neither PGD nor AutoAttack broke, ``square_only`` those only Square
-    did. The sanity arrays
+    AutoAttack runs on the ``autoattack_rows`` (a mask) that PGD left robust:
+    ``robust_autoattack`` marks the subset's points neither PGD nor AutoAttack broke,
+    ``square_only`` those only Square did. The sanity arrays
     (:func:`~robust_transfer.sanity.sanity_arrays`) come with it.
     """
+    arrays = classification_estimates(
+        encoder,
+        head,
+        x,
+        y,
+        threat,
+        shift,
+        profile=profile,
+        margin_intermediate=margin_intermediate,
+    )
     head = head.to(x.device).eval()
     model = nn.Sequential(encoder, head).eval()
-    arrays = classification_theory(head, shift[Array.FEATURES], y, shift)
-    if profile is not None:
-        expected, directional = profile.assess(head, y, threat)
-        arrays[Array.EXPECTED_ROBUST], arrays[Array.DIRECTIONAL_SHIFT] = expected, directional
     correct = arrays[Array.CORRECT]
     with torch.no_grad():
         logits_task_agnostic = head(shift[Array.FEATURES_ADV])
@@ -251,20 +286,16 @@ def evaluate_classification(
             Array.SQUARE_ONLY: reference.square_only,
         }
     losses = [F.cross_entropy(logits, y, reduction="none") for logits in logits_adv]
-    arrays |= sanity_arrays(model, x, margin_score(y), batch_size=settings.batch_size) | {
-        Array.ADV_LOSS: torch.stack([arrays[Array.CLEAN_LOSS], *losses]).amax(dim=0),
-        Array.ROBUST_PGD: robust_pgd,
-        Array.ROBUST_TASK_AGNOSTIC: robust_task_agnostic,
-        Array.ROBUST_ATTACKED: robust_attacked,
-    }
-    margins = margin_lower_bounds(encoder, head, x, threat, margin_intermediate)
-    if not isinstance(margins, Refusal):
-        # The union of two sound certificates: never looser than the task-agnostic one.
-        head_certified = correct & (margins > 0).all(dim=1)
-        if Array.CERTIFIED_ROBUST in arrays:
-            head_certified = head_certified | arrays[Array.CERTIFIED_ROBUST]
-        arrays[Array.HEAD_CERTIFIED_ROBUST] = head_certified
-    return arrays
+    return (
+        arrays
+        | sanity_arrays(model, x, margin_score(y), batch_size=settings.batch_size)
+        | {
+            Array.ADV_LOSS: torch.stack([arrays[Array.CLEAN_LOSS], *losses]).amax(dim=0),
+            Array.ROBUST_PGD: robust_pgd,
+            Array.ROBUST_TASK_AGNOSTIC: robust_task_agnostic,
+            Array.ROBUST_ATTACKED: robust_attacked,
+        }
+    )
 
 
 _REGRESSION_BOUNDS = {
