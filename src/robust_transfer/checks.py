@@ -59,7 +59,8 @@ def check_images(x: object, name: str = "x") -> Tensor:
             f"{name} must lie in [0, 1] (normalisation belongs inside the model), "
             f"got values in [{lo:.4g}, {hi:.4g}]"
         )
-    return x
+    # Results never hold on to the caller's autograd graph.
+    return x.detach()
 
 
 def check_features(features: object, name: str = "features") -> Tensor:
@@ -75,7 +76,7 @@ def check_features(features: object, name: str = "features") -> Tensor:
             f"{name} reach {largest:.3g}: squared distances between them overflow float32 "
             "(about 3.4e38); scale the encoder's output down"
         )
-    return features
+    return features.detach()
 
 
 # Squares of larger values overflow float32 before a norm or a margin is taken.
@@ -129,7 +130,7 @@ def check_per_sample(values: object, n: int, name: str) -> Tensor:
     check_finite(values, name)
     if n and float(values.min()) < 0.0:
         raise InputError(f"{name} must be non-negative")
-    return values
+    return values.detach()
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .attacks.reference import refusal as autoattack_refusal
 from .attacks.settings import AttackSettings
 from .bounds import weight_gap
 from .checks import check_images, check_labels, check_seed
@@ -174,6 +175,10 @@ class Measurement:
         head = _check_head(head, self.shifts[self.threats[0]][Array.FEATURES].shape[1])
         y = check_labels(y, len(self.x), num_classes=head.out_features).to(self.x.device)
         arrays: dict[ThreatModel, Arrays] = {}
+        for threat in self.threats if autoattack else ():
+            refused = autoattack_refusal(tuple(self.x.shape[1:]), head.out_features, threat)
+            if refused is not None:
+                raise InputError(f"at {threat}: {refused}")
         for threat, shift in self.shifts.items():
             if attack or autoattack:
                 arrays[threat] = evaluate_classification(
