@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .attacks.reference import refusal as autoattack_refusal
 from .attacks.settings import AttackSettings
 from .bounds import weight_gap
+from .certify.crown import Intermediate
 from .checks import check_images, check_labels, check_seed
 from .errors import InputError, InputTypeError
 from .expected import EncoderProfile, profile_encoder
@@ -136,6 +137,7 @@ class Measurement:
     refused: dict[ThreatModel, dict[str, str]]
     settings: AttackSettings
     seed: int
+    certifiers: tuple[str, ...] | None = None
     _profile: EncoderProfile | None = field(default=None, repr=False)
 
     @property
@@ -150,6 +152,12 @@ class Measurement:
                 self.encoder, self.x, batch_size=self.settings.batch_size
             )
         return self._profile
+
+    @property
+    def _margin_intermediate(self) -> Intermediate:
+        # Who pays for CROWN's own intermediate bounds (crown-full) gets them on every
+        # head's margins too, as in a study.
+        return "crown" if "crown-full" in (self.certifiers or ()) else "ibp"
 
     def summary(self) -> tuple[Record, ...]:
         """Per threat model: the attacked shift's distribution and the certified shift."""
@@ -192,10 +200,18 @@ class Measurement:
                     seed=self.seed,
                     profile=self.profile,
                     autoattack_rows=torch.ones_like(y, dtype=torch.bool) if autoattack else None,
+                    margin_intermediate=self._margin_intermediate,
                 )
             else:
                 arrays[threat] = classification_estimates(
-                    self.encoder, head, self.x, y, threat, shift, profile=self.profile
+                    self.encoder,
+                    head,
+                    self.x,
+                    y,
+                    threat,
+                    shift,
+                    profile=self.profile,
+                    margin_intermediate=self._margin_intermediate,
                 )
         gap = float(weight_gap(head))
         records = tuple(
@@ -330,4 +346,4 @@ def measure(
         )
         certified, refused[threat] = certified_shifts(encoder, x, threat, methods)
         shifts[threat] = shift | certified
-    return Measurement(encoder, x, shifts, refused, settings, seed)
+    return Measurement(encoder, x, shifts, refused, settings, seed, methods)
