@@ -28,7 +28,7 @@ from .checks import check_images, check_labels, check_seed
 from .errors import InputError, InputTypeError
 from .expected import EncoderProfile, profile_encoder
 from .report.tables import text
-from .runtime import model_input
+from .runtime import model_device, model_input
 from .schema import Array, Arrays, Field, Record
 from .study.evaluate import (
     attacked_shift,
@@ -272,7 +272,7 @@ def _curve(
     low, high = first_broken - 1, first_broken.clone()  # robust at low, broken at high
     todo_high = correct & (high < k)
     todo_low = torch.zeros_like(correct)
-    device = next(iter(profile.encoder.parameters()), grid).device
+    device = model_device(profile.encoder, profile.x.device)
     model = nn.Sequential(profile.encoder, head.to(device)).eval()
     attacked = 0
     for _ in range(_RINGS):
