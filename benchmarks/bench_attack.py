@@ -36,7 +36,7 @@ from robust_transfer import (
 )
 from robust_transfer.data.tasks import get_task
 from robust_transfer.models.registry import build_encoder
-from robust_transfer.threat import Norm
+from robust_transfer.theory.threat import Norm
 
 THREATS = (ThreatModel(Norm.LINF, 0.1), ThreatModel(Norm.L2, 1.0))
 

@@ -30,16 +30,16 @@ from _record import RESULTS, command, describe, environment, write
 from torch import Tensor, nn
 
 from robust_transfer import ThreatModel, extract_features, train_linear_probe
-from robust_transfer.bounds import certify
 from robust_transfer.certify import certify_all, get_certifier, margin_lower_bounds
 from robust_transfer.certify.base import Refusal
 from robust_transfer.certify.crown import Intermediate
+from robust_transfer.core.errors import SoundnessError
+from robust_transfer.core.schema import Array, Arrays, per_method
 from robust_transfer.data.tasks import get_task
-from robust_transfer.errors import SoundnessError
-from robust_transfer.schema import Array, Arrays, per_method
+from robust_transfer.estimates.evaluate import attacked_shift, study_pgd
+from robust_transfer.estimates.records import soundness_violations
 from robust_transfer.study.config import default_config
-from robust_transfer.study.evaluate import attacked_shift, study_pgd
-from robust_transfer.study.records import soundness_violations
+from robust_transfer.theory.bounds import criterion_holds
 
 THREATS = (
     ThreatModel("Linf", "1/40"),
@@ -96,7 +96,7 @@ def bench(
         robust = ce.robust & targeted.robust
         correct = probe(features).argmax(dim=1) == y
         task_agnostic = (
-            correct & certify(probe, features, torch.stack(bounds).amin(dim=0))
+            correct & criterion_holds(probe, features, torch.stack(bounds).amin(dim=0))
             if bounds
             else torch.zeros_like(correct)
         )

@@ -43,10 +43,11 @@ from robust_transfer import (
     train_linear_probe,
 )
 from robust_transfer.attacks.reference import attack_autoattack
+from robust_transfer.core.schema import Array
 from robust_transfer.data.tasks import get_task
-from robust_transfer.schema import Array
-from robust_transfer.study.config import StudyConfig, default_config
-from robust_transfer.study.evaluate import classification_theory, measure_shift, study_pgd
+from robust_transfer.estimates.evaluate import classification_theory, measure_shift, study_pgd
+from robust_transfer.study.config import default_config
+from robust_transfer.study.spec import StudyConfig
 from robust_transfer.training.pretrain import PretrainConfig, cached_pretrain
 
 T = TypeVar("T")

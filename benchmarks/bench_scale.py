@@ -87,8 +87,8 @@ def _write_study(workdir: Path, points: int, shard: int, steps: int) -> Path:
 def one(config_file: Path, points: int, shard: int) -> dict[str, float]:
     """Run the study of ``config_file`` in this process and measure it (the data were
     written by the parent, so their making is not in this process's peak)."""
+    from robust_transfer.core.runtime import Runtime
     from robust_transfer.pipeline import run_study
-    from robust_transfer.runtime import Runtime
     from robust_transfer.study.config import load_config
 
     config = load_config(config_file)
@@ -124,7 +124,7 @@ def _measure(points: int, shard: int, steps: int) -> dict[str, float]:
 
 def _records(out: Path) -> list[dict[str, object]]:
     """A run's records without their timings (what two runs may share)."""
-    from robust_transfer.schema import RESULTS_FILE, records_of
+    from robust_transfer.core.schema import RESULTS_FILE, records_of
 
     records = records_of(json.loads((out / RESULTS_FILE).read_text()))
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_transfer import certify
-from robust_transfer.bounds import certified_probe_objective
+from robust_transfer import criterion_holds
 from robust_transfer.data import ImageDataset, get_task
-from robust_transfer.features import extract_features
 from robust_transfer.models import SmallCNN
+from robust_transfer.models.features import extract_features
+from robust_transfer.theory.bounds import certified_probe_objective
 from robust_transfer.training import (
     AdaptConfig,
     AdaptProtocol,
@@ -114,7 +114,7 @@ def test_certified_probe_raises_the_certified_share() -> None:
 
     def share(head: nn.Linear) -> float:
         correct = head(features).argmax(1) == labels
-        return float((correct & certify(head, features, shift)).float().mean())
+        return float((correct & criterion_holds(head, features, shift)).float().mean())
 
     assert share(certified) > share(plain)
     # Far beyond what the features separate, the pure worst-case head degrades towards

@@ -11,8 +11,8 @@ from torch import nn
 
 from robust_transfer import ThreatModel, attack_representation
 from robust_transfer.attacks.apgd import checkpoints
+from robust_transfer.core.errors import InputError
 from robust_transfer.data.tasks import get_task
-from robust_transfer.errors import InputError
 from robust_transfer.study.config import default_config
 from robust_transfer.training.pretrain import PretrainConfig, pretrain
 

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from robust_transfer.attacks import attack_classifier, attack_representation
-from robust_transfer.errors import InputError, InputTypeError
-from robust_transfer.expected import profile_encoder
-from robust_transfer.features import extract_features
-from robust_transfer.threat import ThreatModel
+from robust_transfer.core.errors import InputError, InputTypeError
+from robust_transfer.estimates.expected import profile_encoder
+from robust_transfer.models.features import extract_features
+from robust_transfer.theory.threat import ThreatModel
 from robust_transfer.training.linear_probe import train_linear_probe
 
 

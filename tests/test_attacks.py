@@ -230,3 +230,19 @@ def test_zero_gradient_is_reported() -> None:
 
     with pytest.warns(UserWarning, match="exactly zero"):
         attack_representation(Flat().eval(), torch.rand(4, 3), ThreatModel("L2", 0.1), steps=2)
+
+
+def test_one_default_attack_everywhere() -> None:
+    """The function's defaults are the settings studies and ``measure`` use."""
+    import inspect
+
+    from robust_transfer import AttackSettings
+
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(attack_representation).parameters.items()
+    }
+    settings = AttackSettings()
+    assert defaults["method"] == settings.representation_method == "pgd+apgd"
+    assert defaults["steps"] == settings.representation_steps
+    assert defaults["restarts"] == settings.representation_restarts

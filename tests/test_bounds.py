@@ -11,8 +11,8 @@ from robust_transfer import (
     attack_classifier,
     attack_representation,
     certified_accuracy,
-    certify,
     class_weight_gap,
+    criterion_holds,
     cross_entropy_increase,
     expected_cross_entropy_bound,
     normalized_margin,
@@ -101,7 +101,7 @@ def test_certified_points_survive_strong_attacks() -> None:
     eps = min(0.3, float(rho.quantile(0.5)) / sigma)
     threat = ThreatModel("L2", eps)
     shift = torch.full((300,), eps * sigma)
-    certified = certify(head, features, shift)
+    certified = criterion_holds(head, features, shift)
     assert 0.2 < certified.float().mean() < 0.8
     attacked = attack_classifier(model, x, y, threat, steps=100, restarts=3, loss="targeted")
     assert not (certified & ~attacked.robust).any()
@@ -170,7 +170,7 @@ def test_edge_cases_identical_rows_one_class_ties() -> None:
         head.bias.zero_()
     tied = normalized_margin(head, torch.tensor([[2.0, 0.0, 0.0]]))
     assert tied.item() == 0.0
-    assert not certify(head, torch.tensor([[2.0, 0.0, 0.0]]), torch.zeros(1)).item()
+    assert not criterion_holds(head, torch.tensor([[2.0, 0.0, 0.0]]), torch.zeros(1)).item()
 
     # A tie between distinct rows.
     assert normalized_margin(head, torch.tensor([[1.0, 1.0, 0.0]])).item() == 0.0
@@ -231,11 +231,11 @@ def test_bounds_reject_bad_input() -> None:
     with pytest.raises(ValueError, match="class index 3"):
         adversarial_cross_entropy_bound(head, features, torch.full((5,), 3), torch.ones(5))
     with pytest.raises(ValueError, match="shift must be non-negative"):
-        certify(head, features, -torch.ones(5))
+        criterion_holds(head, features, -torch.ones(5))
     with pytest.raises(ValueError, match="one value per sample"):
-        certify(head, features, torch.ones(4))
+        criterion_holds(head, features, torch.ones(4))
     with pytest.raises(ValueError, match="NaN"):
-        certify(head, features, torch.full((5,), float("nan")))
+        criterion_holds(head, features, torch.full((5,), float("nan")))
     with pytest.raises(ValueError, match="NaN"):
         normalized_margin(head, torch.full((5, 4), float("nan")))
     with pytest.raises(TypeError, match=r"nn\.Linear"):

@@ -8,13 +8,8 @@ from torch import Tensor, nn
 
 from robust_transfer import ThreatModel, attack_representation
 from robust_transfer.certify import Refusal, get_certifier
-from robust_transfer.certify.network import (
-    Residual,
-    chain_interval,
-    chain_lipschitz,
-    decompose,
-    run,
-)
+from robust_transfer.certify.layers import decompose
+from robust_transfer.certify.ops import Residual, chain_interval, chain_lipschitz, run
 from robust_transfer.models import LipschitzCNN, ResNet18, SmallCNN
 from robust_transfer.models.encoders import _BasicBlock
 from robust_transfer.models.lipschitz import MaxMin
@@ -124,8 +119,8 @@ def test_sll_net_constant_is_its_proven_one_not_the_triangle_inequality() -> Non
 def test_distance_ratio_is_exact_for_scaled_isometries() -> None:
     """An orthogonal map keeps every distance (ratio 1), a scaled one keeps ``c``; a
     non-linear 1-Lipschitz encoder keeps at most its constant."""
-    from robust_transfer.errors import InputError
-    from robust_transfer.features import distance_ratio
+    from robust_transfer.core.errors import InputError
+    from robust_transfer.models.features import distance_ratio
 
     torch.manual_seed(3)
     x = torch.rand(40, 1, 6, 6)
@@ -317,9 +312,9 @@ def test_crown_ibp_margins_hold_the_grid_and_carry_gradients() -> None:
     oracle of a 2-input network, 0 at the label, tighter than IBP's on a deep one, and
     differentiable in every parameter."""
     from robust_transfer.certify.crown import crown_ibp_margins
-    from robust_transfer.certify.network import FLATTEN, ops_of
+    from robust_transfer.certify.layers import FLATTEN, ops_of
     from robust_transfer.models.encoders import Classifier
-    from robust_transfer.training.pretrain import _ibp_margins
+    from robust_transfer.training.objectives import ibp_margins
 
     torch.manual_seed(19)
     encoder = nn.Sequential(
@@ -341,7 +336,7 @@ def test_crown_ibp_margins_hold_the_grid_and_carry_gradients() -> None:
             worst = (logits - logits[:, y[i], None]).amax(dim=0)
             assert (worst <= bound[i] + 1e-5).all()
             assert float(bound[i, y[i]]) == 0.0
-    ibp = _ibp_margins([*ops, FLATTEN], model.head, x, y, threat.eps)
+    ibp = ibp_margins([*ops, FLATTEN], model.head, x, y, threat.eps)
     assert (bound.sum(dim=1) < ibp.sum(dim=1)).all()
     (bound * torch.rand(bound.shape)).sum().backward()
     for parameter in model.parameters():
@@ -467,7 +462,7 @@ def test_crown_is_sound_on_the_lipschitz_cnn_and_resnet() -> None:
 
 def test_crown_runs_only_when_named() -> None:
     from robust_transfer.certify import CROWNCertifier, certify_all, default_certifier_names
-    from robust_transfer.errors import InputError
+    from robust_transfer.core.errors import InputError
 
     assert "crown" not in default_certifier_names()
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
@@ -484,7 +479,7 @@ def test_head_specific_margins_are_sound_and_never_looser() -> None:
     head-specific certificate contains the task-agnostic one."""
     from robust_transfer.attacks.settings import AttackSettings
     from robust_transfer.certify import margin_lower_bounds
-    from robust_transfer.study.evaluate import evaluate_classification, measure_shift
+    from robust_transfer.estimates.evaluate import evaluate_classification, measure_shift
 
     torch.manual_seed(9)
     encoder = nn.Sequential(nn.Linear(2, 12), nn.ReLU(), nn.Linear(12, 6)).eval()
@@ -516,3 +511,43 @@ def test_head_specific_margins_are_sound_and_never_looser() -> None:
     assert not (arrays["certified_robust"] & ~head_certified).any()
     assert not (head_certified & ~arrays["robust_attacked"]).any()
     assert int(head_certified.sum()) > int(arrays["certified_robust"].sum())
+
+
+class _Softplus2(nn.Module):
+    """A user's own layer type: ``2 x + 1``, which no certifier reads until told how."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 2 * x + 1
+
+
+def test_a_registered_layer_type_is_read_by_every_certifier(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from robust_transfer.certify import certify_all, layers, register_layer, scale_op
+
+    monkeypatch.setattr(layers, "_READERS", dict(layers._READERS))
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(6, 8), _Softplus2(), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.rand(12, 6)
+    threat = ThreatModel("L2", 0.3)
+    methods = ["lipschitz", "ibp", "crown", "crown-full"]
+    before = certify_all(encoder, x, threat, methods)
+    assert set(before.refused) == set(methods)
+    assert all(r.endswith("unsupported layer _Softplus2") for r in before.refused.values())
+    # A reader that gets the layer wrong is caught by the check against the encoder.
+    register_layer(_Softplus2, lambda m: [scale_op(torch.tensor(1.0), torch.tensor(1.0))])
+    wrong = certify_all(encoder, x, threat, methods)
+    assert all("does not reproduce" in reason for reason in wrong.refused.values())
+    register_layer(_Softplus2, lambda m: [scale_op(torch.tensor(2.0), torch.tensor(1.0))])
+    after = certify_all(encoder, x, threat, methods)
+    assert after.refused == {}
+    # The exact Lipschitz bound: 2 * ||A1|| * ||A2||; every bound holds against PGD.
+    norms = [torch.linalg.matrix_norm(m.weight.detach(), ord=2) for m in (encoder[0], encoder[3])]
+    constant = float(2 * norms[0] * norms[1])
+    assert after.bounds["lipschitz"] == pytest.approx(torch.full((12,), 0.3 * constant), rel=1e-4)
+    attacked = attack_representation(encoder, x, threat).shift
+    for method in methods:
+        assert (after.bounds[method] >= attacked).all(), method
+    assert (after.bounds["crown"] <= after.bounds["ibp"] + 1e-6).all()
+    with pytest.raises(TypeError, match=r"nn\.Module subclass"):
+        register_layer(int, lambda m: [])  # type: ignore[arg-type]

@@ -15,7 +15,8 @@ from torch import nn
 from robust_transfer.data.tasks import get_task
 from robust_transfer.models.specs import resolve_encoder
 from robust_transfer.models.zoo import _robustbench
-from robust_transfer.study.config import StudyConfig, TaskSpec, load_config
+from robust_transfer.study.config import load_config
+from robust_transfer.study.spec import StudyConfig, TaskSpec
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
 # The models' training radius in pixel units (Linf): CIFAR 8/255, ImageNet 4/255.

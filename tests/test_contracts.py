@@ -24,9 +24,9 @@ from robust_transfer.certify import (
     register_certifier,
 )
 from robust_transfer.certify import base as certify_base
+from robust_transfer.core.noise import SampleNoise
+from robust_transfer.core.runtime import Runtime
 from robust_transfer.models import LipschitzCNN, ResNet18, SLLNet
-from robust_transfer.noise import SampleNoise
-from robust_transfer.runtime import Runtime
 
 SEED = 5
 
@@ -374,8 +374,9 @@ def test_feature_extraction_checks_every_input_once_by_either_route(
 ) -> None:
     from torch.utils.data import TensorDataset
 
-    from robust_transfer import extract_features, features
-    from robust_transfer.errors import InputError
+    from robust_transfer import extract_features
+    from robust_transfer.core.errors import InputError
+    from robust_transfer.models import features
 
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     x = torch.rand(10, 3, 2, 2)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
+from robust_transfer.core.errors import DataError
 from robust_transfer.data import (
     LATENT_NAMES,
     SHAPES,
@@ -27,7 +28,6 @@ from robust_transfer.data import (
     task_names,
 )
 from robust_transfer.data.sources import load_split
-from robust_transfer.errors import DataError
 
 
 def test_builtin_digits() -> None:
@@ -262,9 +262,9 @@ def test_first_points_of_a_split_cover_every_class() -> None:
 
 
 def test_stratified_sample_is_seeded_and_keeps_class_shares() -> None:
+    from robust_transfer.core.errors import DataError
     from robust_transfer.data.sources import load_dataset
     from robust_transfer.data.tasks import stratified_sample
-    from robust_transfer.errors import DataError
 
     mnist = load_dataset("mnist")  # sorted by class: the first 200 are all zeros
     sample = stratified_sample(mnist, 200, seed=0)

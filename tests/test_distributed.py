@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from robust_transfer.core.schema import RESULTS_FILE
 from robust_transfer.pipeline import run_study
-from robust_transfer.schema import RESULTS_FILE
 from robust_transfer.study.config import parse_config
 
 CONFIG = """

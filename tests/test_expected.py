@@ -1,4 +1,4 @@
-"""The expected robust accuracy (``robust_transfer.expected``) against independent
+"""The expected robust accuracy (``robust_transfer.estimates.expected``) against independent
 computations: exact linear programs, a direct solver, exact answers for affine encoders
 and a much stronger attack on encoders of several families."""
 
@@ -11,9 +11,11 @@ from conftest import cnn_encoder, linear_encoder, random_head
 from scipy.optimize import linprog, minimize
 from torch import Tensor, nn
 
-from robust_transfer import ThreatModel, attack_classifier, expected, first_order
-from robust_transfer.errors import InputError, InputTypeError
-from robust_transfer.expected import RefineSettings, profile_encoder
+from robust_transfer import ThreatModel, attack_classifier
+from robust_transfer.core.errors import InputError, InputTypeError
+from robust_transfer.estimates import expected
+from robust_transfer.estimates.expected import RefineSettings, profile_encoder
+from robust_transfer.theory import first_order
 
 
 def _lp_drop(g: np.ndarray, x: np.ndarray, eps: float) -> float:

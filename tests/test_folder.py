@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from robust_transfer import cli
-from robust_transfer.errors import ConfigError, InputError
-from robust_transfer.schema import LOCK_FILE, STUDY_MARKER
+from robust_transfer.core.errors import ConfigError, InputError
+from robust_transfer.core.schema import LOCK_FILE, STUDY_MARKER
 from robust_transfer.study import folder
 from robust_transfer.study.config import default_config_text, parse_config
 from robust_transfer.study.folder import claimed

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from robust_transfer import cli
+from robust_transfer.core.errors import RobustTransferError
 from robust_transfer.data.sources import load_dataset
-from robust_transfer.errors import RobustTransferError
 from robust_transfer.models.specs import resolve_encoder, resolve_spec
 from robust_transfer.study.config import default_config_text, load_config, parse_config
 

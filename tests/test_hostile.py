@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 from robust_transfer import cli
-from robust_transfer.errors import ConfigError, InputError
+from robust_transfer.core.errors import ConfigError, InputError
 from robust_transfer.models import SmallCNN
 from robust_transfer.models.checkpoint import save_checkpoint
 from robust_transfer.study.config import parse_config
-from robust_transfer.threat import ThreatModel
+from robust_transfer.theory.threat import ThreatModel
 
 
 @pytest.fixture

@@ -71,6 +71,8 @@ def test_the_graph_is_read() -> None:
     assert len(GRAPH) > 40
     assert "robust_transfer.report.render" in _reach(GRAPH, "robust_transfer.pipeline")
     assert "robust_transfer.study.runner" in _reach(GRAPH, "robust_transfer.pipeline")
+    for caller in ("robust_transfer.study.runner", "robust_transfer.estimates.measurement"):
+        assert "robust_transfer.estimates.evaluate" in _reach(GRAPH, caller)
 
 
 @pytest.mark.parametrize("module", _under("robust_transfer.study"))
@@ -89,7 +91,23 @@ def test_pretraining_never_imports_adaptation() -> None:
     )
 
 
-@pytest.mark.parametrize("module", ["robust_transfer.bounds", "robust_transfer.threat"])
+@pytest.mark.parametrize("module", _under("robust_transfer.theory"))
 def test_the_theory_depends_on_torch_only(module: str) -> None:
-    allowed = {"robust_transfer.checks", "robust_transfer.errors", "robust_transfer.noise"}
+    allowed = {"robust_transfer.core", *_under("robust_transfer.theory")}
+    allowed |= {f"robust_transfer.core.{name}" for name in ("checks", "errors", "noise")}
     assert _reach(GRAPH, module) <= allowed
+
+
+@pytest.mark.parametrize("module", _under("robust_transfer.core"))
+def test_the_plumbing_imports_no_layer_above_it(module: str) -> None:
+    assert {m for m in _reach(GRAPH, module) if not m.startswith("robust_transfer.core")} == set()
+
+
+def test_the_top_level_holds_only_the_entry_points() -> None:
+    flat = sorted(path.stem for path in ROOT.glob("*.py"))
+    assert flat == ["__init__", "_version", "pipeline"]
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.rglob("*.py")), ids=lambda path: path.stem)
+def test_no_module_is_over_400_lines(path: Path) -> None:
+    assert len(path.read_text().splitlines()) <= 400

@@ -12,8 +12,8 @@ from torch import nn
 
 import robust_transfer as rt
 from robust_transfer.attacks.settings import AttackSettings
+from robust_transfer.core.errors import InputError
 from robust_transfer.data.tasks import get_task
-from robust_transfer.errors import InputError
 from robust_transfer.training.adapt import AdaptConfig, adapt
 
 _SETTINGS = AttackSettings(

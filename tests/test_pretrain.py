@@ -15,13 +15,13 @@ from robust_transfer import (
     attack_representation,
     train_linear_probe,
 )
-from robust_transfer.atomic import waited_for
 from robust_transfer.attacks.reference import attack_autoattack
-from robust_transfer.bounds import certify, normalized_margin
 from robust_transfer.certify import get_certifier, margin_lower_bounds
+from robust_transfer.core.atomic import waited_for
+from robust_transfer.core.errors import InputError
 from robust_transfer.data import ImageDataset, get_task
-from robust_transfer.errors import InputError
-from robust_transfer.features import extract_features
+from robust_transfer.models.features import extract_features
+from robust_transfer.theory.bounds import criterion_holds, normalized_margin
 from robust_transfer.training import (
     PretrainConfig,
     PretrainProtocol,
@@ -180,7 +180,9 @@ def test_sll_encoder_keeps_certified_transfer_at_l2_half() -> None:
             extract_features(encoder, train.x), train.y, float(shift.max()), num_classes=5
         )
         features = extract_features(encoder, x)
-        certified[arch] = certify(head, features, shift) & (head(features).argmax(dim=1) == y)
+        certified[arch] = criterion_holds(head, features, shift) & (
+            head(features).argmax(dim=1) == y
+        )
     model = torch.nn.Sequential(encoder, head).eval()  # the SLL encoder's
     for loss in ("ce", "targeted"):
         attacked = attack_classifier(model, x, y, threat, steps=50, restarts=2, loss=loss)

@@ -5,7 +5,7 @@ import torch
 from conftest import linear_encoder, random_head
 from torch import nn
 
-from robust_transfer import ThreatModel, attack_classifier, certify, normalized_margin
+from robust_transfer import ThreatModel, attack_classifier, criterion_holds, normalized_margin
 from robust_transfer.attacks.reference import attack_autoattack, refusal
 
 
@@ -28,7 +28,7 @@ def test_autoattack_respects_certificates_and_the_ball(norm: str) -> None:
         # ||A d||_2 <= ||A||_{inf->2} eps <= sqrt(sum of squared row l1 norms) eps.
         constant = float(matrix.abs().sum(dim=1).pow(2).sum().sqrt())
     threat = ThreatModel(norm, float(rho.quantile(0.5)) / constant)
-    certified = certify(head, features, torch.full((60,), threat.eps * constant))
+    certified = criterion_holds(head, features, torch.full((60,), threat.eps * constant))
     assert 0.2 < certified.float().mean() < 0.8
     found = attack_autoattack(model, x, y, threat)
     result = found.attack
@@ -60,11 +60,11 @@ def test_autoattack_rejects_what_it_cannot_attack() -> None:
 
 def test_study_evaluation_folds_autoattack_into_the_attacked_accuracy() -> None:
     from robust_transfer.attacks.settings import AttackSettings
-    from robust_transfer.study.evaluate import (
+    from robust_transfer.estimates.evaluate import (
         evaluate_classification,
         measure_shift,
     )
-    from robust_transfer.study.records import aggregate
+    from robust_transfer.estimates.records import aggregate
 
     torch.manual_seed(3)
     encoder = nn.Sequential(nn.Flatten(), linear_encoder(torch.randn(8, 784))).eval()

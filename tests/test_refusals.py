@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from robust_transfer import atomic, cli
+from robust_transfer import cli
+from robust_transfer.cli import commands
+from robust_transfer.core import atomic
 from robust_transfer.models import SmallCNN
 from robust_transfer.models.checkpoint import save_checkpoint, sidecar_path
 
@@ -261,7 +263,7 @@ def test_ctrl_c_is_one_line(
     def interrupted(*_: object, **__: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "run_study", interrupted)
+    monkeypatch.setattr(commands, "run_study", interrupted)
     assert cli.main(["transfer", *_common(where), "--out", str(where / "o"), "--quiet"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
@@ -454,7 +456,7 @@ def _record(findings: object = None, **changes: object) -> bytes:
 def test_reports_of_broken_results(
     where: Path, content: bytes, message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from robust_transfer.schema import RESULTS_FORMAT
+    from robust_transfer.core.schema import RESULTS_FORMAT
 
     folder = where / "study"
     folder.mkdir()
@@ -485,8 +487,8 @@ def test_json_targets_that_cannot_be_written(
 
 
 def test_negative_limits_are_refused() -> None:
+    from robust_transfer.core.errors import DataError
     from robust_transfer.data.sources import load_dataset
-    from robust_transfer.errors import DataError
 
     with pytest.raises(DataError, match="must be a positive integer, got -5"):
         load_dataset("torchvision:fashion-mnist:train", root="/nonexistent", limit=-5)

@@ -13,8 +13,8 @@ from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
+from robust_transfer.core.schema import RESULTS_FORMAT
 from robust_transfer.report.render import write_report
-from robust_transfer.schema import RESULTS_FORMAT
 
 # What the report's own Markdown and HTML use; a tag beyond these came from a name.
 _OWN_TAGS = {

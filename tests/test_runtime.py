@@ -14,11 +14,11 @@ from conftest import cnn_encoder, linear_encoder
 
 from robust_transfer.attacks import attack_representation
 from robust_transfer.certify import certify_all
+from robust_transfer.core.runtime import Precision, Runtime
+from robust_transfer.core.schema import RESULTS_FILE
 from robust_transfer.pipeline import run_study
-from robust_transfer.runtime import Precision, Runtime
-from robust_transfer.schema import RESULTS_FILE
 from robust_transfer.study.config import parse_config
-from robust_transfer.threat import ThreatModel
+from robust_transfer.theory.threat import ThreatModel
 
 CPU = torch.device("cpu")
 BF16 = Runtime(CPU, Precision.BF16)

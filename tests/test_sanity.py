@@ -7,11 +7,11 @@ from torch import Tensor, nn
 
 from robust_transfer import ThreatModel
 from robust_transfer.attacks.reference import attack_autoattack
+from robust_transfer.attacks.sanity import margin_score, sanity_arrays
 from robust_transfer.attacks.settings import AttackSettings
-from robust_transfer.sanity import margin_score, sanity_arrays
-from robust_transfer.schema import Array
-from robust_transfer.study.evaluate import evaluate_classification, measure_shift
-from robust_transfer.study.records import aggregate
+from robust_transfer.core.schema import Array
+from robust_transfer.estimates.evaluate import evaluate_classification, measure_shift
+from robust_transfer.estimates.records import aggregate
 
 
 class Quantize(nn.Module):

@@ -11,22 +11,24 @@ import torch
 from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
 
-from robust_transfer import cli
 from robust_transfer.certify import base as certify_base
+from robust_transfer.cli import commands as cli
+from robust_transfer.core.errors import ResultsFormatError, SoundnessError
+from robust_transfer.core.runtime import Runtime
+from robust_transfer.core.schema import RESULTS_FILE, StoreKind
+from robust_transfer.core.store import Store
 from robust_transfer.data.tasks import get_task, stratified_sample
-from robust_transfer.errors import ResultsFormatError, SoundnessError
-from robust_transfer.features import extract_features
-from robust_transfer.measurement import measure
+from robust_transfer.estimates.measurement import measure
 from robust_transfer.models import head_from_arrays, load_encoder, load_head
+from robust_transfer.models.features import extract_features
 from robust_transfer.pipeline import run_study
-from robust_transfer.runtime import Runtime
-from robust_transfer.schema import RESULTS_FILE, StoreKind
 from robust_transfer.study import runner
 from robust_transfer.study.config import ConfigError, parse_config
 
 SMALL: dict[str, Any] = {
     "name": "small",
     "eval_points": 40,
+    "curve_points": 7,
     "radius_points": 40,
     "attack": {
         "steps": 3,
@@ -164,6 +166,51 @@ def test_records_have_the_promised_keys_and_invariants(study: tuple[Path, dict[s
     assert results["encoders"]["lip"]["lipschitz_l2"] == 1.0
 
 
+def test_each_norm_s_largest_eps_unit_carries_the_curve(
+    study: tuple[Path, dict[str, Any]],
+) -> None:
+    """The curve spans [0, largest eps] per norm; at the smaller eps of the grid it is
+    checked against the attacks and certificates of those units (the study's own units
+    at those eps, attacked independently of the curve)."""
+    root, results = study
+    store = Store(root / "out" / "store")
+    records = [r for r in results["records"] if r["kind"] == "classification"]
+    gaps: list[float] = []
+    for record in records:
+        same = [
+            r
+            for r in records
+            if (r["encoder"], r["adaptation"], r["threat"])
+            == (record["encoder"], record["adaptation"], record["threat"])
+        ]
+        if record["eps"] < max(r["eps"] for r in same):
+            assert record["curve_area"] is None
+            continue
+        arrays, _ = store.load(tuple(record["store_key"]))
+        robust = arrays["curve_robust"]
+        assert robust.shape == (record["n"], 7)
+        # Robust at an eps means robust at every smaller one; eps 0 is clean accuracy.
+        assert (robust[:, 1:] <= robust[:, :-1]).all()
+        accuracy = robust.float().mean(dim=0)
+        assert float(accuracy[0]) == pytest.approx(record["clean_acc"])
+        assert 0.0 <= record["curve_area"] <= record["clean_acc"]
+        for other in same:
+            step = other["eps"] / record["eps"] * 6
+            if abs(step - round(step)) > 1e-6:
+                continue
+            value = float(accuracy[round(step)])
+            # This study's 3-step attacks are weak: the curve's own short attacks may
+            # break points they miss, but it must not claim points they broke.
+            assert value <= other["attacked_robust_acc"] + 0.05
+            if other["certified_robust_acc"] is not None:
+                assert value >= other["certified_robust_acc"]
+            gaps.append(abs(value - other["expected_robust_acc"]))
+    # Each curve at its own eps, and the L2 curves at 0.5 too (grid step 0.125); on
+    # average as the single-eps estimate of those units.
+    assert len(gaps) >= 6 + 3
+    assert sum(gaps) / len(gaps) <= 0.03
+
+
 def test_reports_are_written(study: tuple[Path, dict[str, Any]]) -> None:
     root, results = study
     out = root / "out"
@@ -177,6 +224,7 @@ def test_reports_are_written(study: tuple[Path, dict[str, Any]]) -> None:
     assert "expected-vs-attacked" in markdown
     assert "## Task mnist-5-9" in markdown
     assert "## Regression task dsprites-latents" in markdown
+    assert "figures/curves-mnist-5-9.png" in markdown
     assert "## Reference evaluation and sanity checks" in markdown
     assert "AutoAttack did not run in this study" in markdown
     certificates = markdown.split("## Certificates: task-agnostic vs head-specific")[1]
@@ -324,7 +372,7 @@ def test_certificates_per_method_and_radius_rule(study: tuple[Path, dict[str, An
     others = [r for r in results["records"] if r["encoder"] == "std"]
     assert all(set(r["certifiers"]) == {"lipschitz", "ibp"} for r in others)
     assert all(r["refused"] == {} and r["certified_shift"] > r["max_shift"] for r in others)
-    store = runner.Store(root / "out" / "store")
+    store = Store(root / "out" / "store")
     rules = {}
     for encoder in ("std", "lip"):
         loaded = store.load(("heads", "mnist-5-9", encoder, "certified-probe", "L2", "0.5"))
@@ -515,7 +563,7 @@ def test_an_unsound_certificate_stops_the_run_loudly(
 
 
 def test_soundness_violations_name_each_kind() -> None:
-    from robust_transfer.study.records import soundness_violations
+    from robust_transfer.estimates.records import soundness_violations
 
     sound = {
         "shift": torch.tensor([1.0, 2.0]),

@@ -1,5 +1,6 @@
 """Study configurations: the embedded default parses, bad ones fail with the key and reason."""
 
+import dataclasses
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -9,13 +10,13 @@ import torch
 
 from robust_transfer.study.config import (
     ConfigError,
-    TaskKind,
     default_config,
     default_config_text,
     load_config,
     parse_config,
 )
-from robust_transfer.threat import ThreatModel
+from robust_transfer.study.spec import Radius, RadiusRule, TaskKind
+from robust_transfer.theory.threat import ThreatModel
 
 
 def _minimal() -> dict[str, Any]:
@@ -236,3 +237,21 @@ def test_bad_radius_rules(radius: object, match: str) -> None:
     source["adaptations"]["cp"] = {"protocol": "certified-probe", "radius": radius}
     with pytest.raises(ConfigError, match=match):
         parse_config(source)
+
+
+def test_settings_built_in_python_check_themselves() -> None:
+    """The checks live in the types, so a study made without TOML is checked too."""
+    config = default_config()
+    with pytest.raises(ConfigError, match=r"certifiers\[0\]: unknown certifier 'nope'"):
+        dataclasses.replace(config, certifiers=("nope",))
+    with pytest.raises(ConfigError, match="appears twice"):
+        dataclasses.replace(config, tasks=(config.tasks[0], config.tasks[0]))
+    with pytest.raises(ConfigError, match="eval_points"):
+        dataclasses.replace(config, eval_points=0)
+    with pytest.raises(ConfigError, match="is not defined"):
+        dataclasses.replace(config, encoders={})
+    with pytest.raises(ConfigError, match="radius value: the fixed rule needs a value"):
+        Radius(RadiusRule.FIXED)
+    with pytest.raises(ConfigError, match="radius quantile"):
+        Radius(RadiusRule.QUANTILE, quantile=1.5)
+    assert Radius(RadiusRule.FIXED, value=0.3).value == 0.3

@@ -9,19 +9,20 @@ import torch
 from conftest import linear_encoder, mlp_encoder, random_head
 from torch import nn
 
-from robust_transfer import ThreatModel, findings
+from robust_transfer import ThreatModel
 from robust_transfer.attacks.regression import attack_regression
 from robust_transfer.attacks.settings import AttackSettings
 from robust_transfer.certify import NoCertificate, certified_shift, lipschitz_shift
-from robust_transfer.losses import RegressionLoss
-from robust_transfer.report import tables
-from robust_transfer.store import Store
-from robust_transfer.study.evaluate import (
+from robust_transfer.core.store import Store
+from robust_transfer.estimates.evaluate import (
     evaluate_classification,
     evaluate_regression,
     measure_shift,
 )
-from robust_transfer.study.records import aggregate
+from robust_transfer.estimates.records import aggregate
+from robust_transfer.report import tables
+from robust_transfer.study import findings
+from robust_transfer.theory.losses import RegressionLoss
 
 FAST = AttackSettings(steps=10, restarts=1, targeted_restarts=1, representation_steps=10)
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from robust_transfer import load_encoder
-from robust_transfer.errors import CheckpointError, InputError, MissingFileError
+from robust_transfer.core.errors import CheckpointError, InputError, MissingFileError
 from robust_transfer.models import resolve_encoder
 from robust_transfer.models.weights import read_weights
 from robust_transfer.models.zoo import IMAGENET_MEAN, IMAGENET_STD
@@ -209,7 +209,7 @@ def test_cli_takes_zoo_encoders_with_layer_and_resize(
 
 
 def test_config_passes_weights_layer_and_resize(tmp_path: Path) -> None:
-    from robust_transfer.errors import ConfigError
+    from robust_transfer.core.errors import ConfigError
     from robust_transfer.study.config import parse_config
 
     weights = tmp_path / "w.safetensors"

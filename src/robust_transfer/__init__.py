@@ -11,33 +11,30 @@ from .attacks import (
     attack_representation,
 )
 from .attacks.regression import RegressionAttackResult, attack_regression
-from .bounds import (
+from .certify import NoCertificate, certified_shift, certify_all, lipschitz_shift
+from .core.errors import RobustTransferError
+from .core.runtime import Runtime
+from .estimates.curves import RobustnessCurve
+from .estimates.expected import EncoderProfile, RefineSettings, profile_encoder
+from .estimates.measurement import HeadEvaluation, Measurement, measure
+from .models import load_encoder
+from .models.features import extract_features
+from .theory.bounds import (
     CrossEntropyIncrease,
     absolute_error_bound,
     adversarial_cross_entropy_bound,
     certified_accuracy,
     class_weight_gap,
+    criterion_holds,
     cross_entropy_increase,
     expected_cross_entropy_bound,
     normalized_margin,
     squared_error_bound,
     weight_gap,
 )
-from .certify import NoCertificate, certified_shift, certify_all, lipschitz_shift
-from .errors import RobustTransferError
-from .expected import EncoderProfile, RefineSettings, profile_encoder
-from .features import extract_features
-from .losses import RegressionLoss
-from .measurement import HeadEvaluation, Measurement, RobustnessCurve, measure
-from .models import load_encoder
-from .runtime import Runtime
-from .threat import Norm, ThreatModel, parse_eps
+from .theory.losses import RegressionLoss
+from .theory.threat import Norm, ThreatModel, parse_eps
 from .training import train_linear_probe
-
-# isort: split
-# Imported last on purpose: the subpackage robust_transfer.certify (certifiers) would
-# otherwise replace this name, the criterion "margin > shift", on the package.
-from .bounds import certify
 
 __all__ = [
     "AttackSettings",
@@ -65,9 +62,9 @@ __all__ = [
     "attack_representation",
     "certified_accuracy",
     "certified_shift",
-    "certify",
     "certify_all",
     "class_weight_gap",
+    "criterion_holds",
     "cross_entropy_increase",
     "expected_cross_entropy_bound",
     "extract_features",

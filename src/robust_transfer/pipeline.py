@@ -9,16 +9,16 @@ import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
-from .atomic import atomic_write_text
-from .errors import InputError
+from .core.atomic import atomic_write_text
+from .core.errors import InputError
+from .core.runtime import Runtime
+from .core.schema import RESULTS_FILE, FindingField, Key, Results, records_of
 from .report.render import write_report
 from .report.tables import text
-from .runtime import Runtime
-from .schema import RESULTS_FILE, FindingField, Key, Results, records_of
-from .study.config import StudyConfig
 from .study.folder import claimed, refuse_a_file
 from .study.results import results
 from .study.runner import StudyRun
+from .study.spec import StudyConfig
 
 _VERDICT = {True: "reproduced", False: "NOT reproduced", None: "not tested"}
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..noise import SampleNoise
-from ..runtime import search_autocast
-from ..threat import ThreatModel
+from ..core.noise import SampleNoise
+from ..core.runtime import search_autocast
+from ..theory.threat import ThreatModel
 from .engine import AscentResult, AscentSettings, Best, Objective, better, over_restarts
 
 # The paper's constants: momentum, the share of steps that must raise the objective

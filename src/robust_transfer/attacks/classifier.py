@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_labels, parse_choice
-from ..errors import InputError
-from ..threat import ThreatModel
+from ..core.checks import check_labels, parse_choice
+from ..core.errors import InputError
+from ..theory.threat import ThreatModel
 from .common import ascend_in_batches, check_attack_args
 from .engine import Objective
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checks import (
+from ..core.checks import (
     RESTARTS,
     STEPS,
     check_images,
@@ -20,10 +20,10 @@ from ..checks import (
     check_sample_ids,
     check_seed,
 )
-from ..errors import InputError, InputTypeError
-from ..noise import SampleNoise
-from ..runtime import eval_mode, model_device, model_input
-from ..threat import ThreatModel
+from ..core.errors import InputError, InputTypeError
+from ..core.noise import SampleNoise
+from ..core.runtime import eval_mode, model_device, model_input
+from ..theory.threat import ThreatModel
 from .engine import AscentResult, AscentSettings, Objective, maximize
 
 

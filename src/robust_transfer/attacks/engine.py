@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..noise import SampleNoise
-from ..runtime import search_autocast
-from ..threat import ThreatModel
+from ..core.noise import SampleNoise
+from ..core.runtime import search_autocast
+from ..theory.threat import ThreatModel
 
 # Maps (x_adv, indices of those rows within the batch, restart number) to a differentiable
 # per-sample score to maximise and, optionally, a per-sample success flag that outranks the

@@ -17,10 +17,10 @@ import torch
 from pyautoattack import AutoAttack
 from torch import Tensor, nn
 
-from ..checks import check_labels
-from ..errors import InputError
-from ..runtime import eval_mode, model_device
-from ..threat import Norm, ThreatModel
+from ..core.checks import check_labels
+from ..core.errors import InputError
+from ..core.runtime import eval_mode, model_device
+from ..theory.threat import Norm, ThreatModel
 from .classifier import ClassifierAttackResult
 from .common import check_attack_args
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_tensor
-from ..errors import InputError, InputTypeError
-from ..losses import RegressionLoss, regression_loss
-from ..threat import ThreatModel
+from ..core.checks import check_tensor
+from ..core.errors import InputError, InputTypeError
+from ..theory.losses import RegressionLoss, regression_loss
+from ..theory.threat import ThreatModel
 from .common import ascend_in_batches, check_attack_args
 from .engine import Objective
 

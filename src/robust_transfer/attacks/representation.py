@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError
-from ..noise import SampleNoise
-from ..threat import ThreatModel
+from ..core.errors import InputError
+from ..core.noise import SampleNoise
+from ..theory.threat import ThreatModel
 from .apgd import maximize_apgd
 from .common import Engine, ascend_in_batches, check_attack_args
 from .engine import AscentResult, AscentSettings, Objective, keep_better, maximize
@@ -80,14 +80,14 @@ def attack_representation(
     x: Tensor,
     threat: ThreatModel,
     *,
-    steps: int = 50,
-    restarts: int = 1,
+    steps: int = 20,
+    restarts: int = 2,
     seed: int = 0,
     batch_size: int = 256,
     step_size: float | None = None,
     progress: bool = False,
     sample_ids: Tensor | None = None,
-    method: str = "pgd",
+    method: str = "pgd+apgd",
 ) -> RepresentationAttackResult:
     """Find, for every input, the point of ``B(x)`` whose representation moves furthest.
 
@@ -98,7 +98,9 @@ def attack_representation(
     ``method`` is ``"pgd"`` (a cosine-annealed step, or ``step_size``), ``"apgd"``
     (momentum and per-sample step halving, Croce & Hein 2020; ``step_size`` unused) or
     ``"pgd+apgd"`` (both, each with ``steps`` and ``restarts``; the larger shift per sample,
-    then a 10-step PGD with small steps from it).
+    then a 10-step PGD with small steps from it). The defaults are the library's one
+    default attack, the one studies and :func:`~robust_transfer.measure` run
+    (:class:`AttackSettings`): the strongest in the tail at its cost that was measured.
     """
     engine = _ENGINES.get(method)
     if engine is None:

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..checks import POINTS, RESTARTS, STEPS, check_positive_int
-from ..errors import InputError
-from ..threat import ThreatModel
+from ..core.checks import POINTS, RESTARTS, STEPS, check_positive_int
+from ..core.errors import InputError
+from ..theory.threat import ThreatModel
 from .representation import METHODS as REPRESENTATION_METHODS
 
 

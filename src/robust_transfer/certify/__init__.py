@@ -1,7 +1,9 @@
 """Certifiers: per-sample upper bounds on the representation shift, by registered method.
 
 ``certified_shift(encoder, x, threat, method="best")`` is the one entry point;
-:func:`certify_all` runs several methods at once and keeps their refusals.
+:func:`certify_all` runs several methods at once and keeps their refusals. A new
+certifier is registered with :func:`register_certifier`; a new layer type, for every
+certifier at once, with :func:`register_layer`.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from ..checks import check_images, check_per_sample
-from ..errors import InputTypeError, RobustTransferError
-from ..runtime import eval_mode, model_input
-from ..threat import ThreatModel
+from ..core.checks import check_images, check_per_sample
+from ..core.errors import InputTypeError, RobustTransferError
+from ..core.runtime import eval_mode, model_input
+from ..theory.threat import ThreatModel
 from .base import (
     BEST,
     Certificates,
@@ -26,6 +28,7 @@ from .base import (
 )
 from .crown import CROWNCertifier, margin_lower_bounds
 from .ibp import IBPCertifier
+from .layers import LayerReader, conv_op, linear_op, ops_of, register_layer, reshape_op, scale_op
 from .lipschitz import LipschitzCertifier, lipschitz_shift
 
 register_certifier(LipschitzCertifier())
@@ -84,15 +87,22 @@ __all__ = [
     "Certificates",
     "Certifier",
     "IBPCertifier",
+    "LayerReader",
     "LipschitzCertifier",
     "NoCertificate",
     "Refusal",
     "certified_shift",
     "certifier_names",
     "certify_all",
+    "conv_op",
     "default_certifier_names",
     "get_certifier",
+    "linear_op",
     "lipschitz_shift",
     "margin_lower_bounds",
+    "ops_of",
     "register_certifier",
+    "register_layer",
+    "reshape_op",
+    "scale_op",
 ]

@@ -15,9 +15,9 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError
-from ..schema import METHOD_SEPARATOR
-from ..threat import ThreatModel
+from ..core.errors import InputError
+from ..core.schema import METHOD_SEPARATOR
+from ..theory.threat import ThreatModel
 
 
 @dataclass(frozen=True)

@@ -21,30 +21,26 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .. import first_order
-from ..errors import InputError
-from ..threat import Norm, ThreatModel
+from ..core.errors import InputError
+from ..theory import first_order
+from ..theory.threat import Norm, ThreatModel
 from .base import Refusal
-from .network import (
+from .layers import decompose
+from .ops import (
     ROUNDING,
-    Affine,
-    MaxPool,
+    Bounds,
+    NotBoundable,
     Op,
     PairSort,
     ReLU,
     Residual,
-    decompose,
+    chain_backward,
+    pair_gap,
     shift_bound,
 )
 
 # Rows of linear bounds (2 x features) times a sample's largest layer, per chunk of samples.
 _CHUNK_ELEMENTS = 20_000_000
-
-Bounds = dict[object, tuple[Tensor, Tensor]]
-
-
-class _Unsupported(Exception):
-    pass
 
 
 def _input_bounds(
@@ -65,85 +61,6 @@ def _input_bounds(
     return lower, upper
 
 
-def _relaxation(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """ReLU between ``lower`` and ``upper``: upper line ``a_up z + b_up`` and lower line
-    ``a_low z`` (slope 1 or 0, whichever is closer: CROWN's adaptive choice)."""
-    unstable = (lower < 0) & (upper > 0)
-    width = (upper - lower).clamp_min(1e-12)
-    a_up = torch.where(unstable, upper / width, (lower >= 0).to(lower.dtype))
-    b_up = torch.where(unstable, -lower * upper / width, torch.zeros_like(lower))
-    a_low = torch.where(unstable, (upper >= -lower).to(lower.dtype), (lower >= 0).to(lower.dtype))
-    return a_up, b_up, a_low
-
-
-def _relu_back(coef: Tensor, const: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
-    """Bound ``<coef, relu(z)>`` from above by ``<coef', z> + const'``."""
-    a_up, b_up, a_low = (t.unsqueeze(1) for t in _relaxation(lower, upper))
-    positive, negative = coef.clamp_min(0), coef.clamp_max(0)
-    new = positive * a_up + negative * a_low
-    return new, const + (positive * b_up).flatten(2).sum(-1)
-
-
-def _affine_back(
-    op: Affine, coef: Tensor, const: Tensor, shape: torch.Size
-) -> tuple[Tensor, Tensor]:
-    batch, rows = coef.shape[:2]
-    flat = coef.reshape(batch * rows, *coef.shape[2:])
-    if op.transpose is not None:
-        back = op.transpose(flat, shape)
-    else:
-        # Certified training differentiates through this product: keep its graph then.
-        training = torch.is_grad_enabled()
-        with torch.enable_grad():
-            point = torch.zeros(batch * rows, *shape, dtype=coef.dtype, device=coef.device)
-            point.requires_grad_(True)
-            out = op.apply(point)
-            (back,) = torch.autograd.grad(
-                out, point, grad_outputs=flat.reshape(out.shape), create_graph=training
-            )
-    offset = op.apply(torch.zeros(1, *shape, dtype=coef.dtype, device=coef.device))
-    const = const + (coef * offset.unsqueeze(1)).flatten(2).sum(-1)
-    return back.reshape(batch, rows, *shape), const
-
-
-def _pair_gap(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
-    """Interval of ``a - b`` for MaxMin's channel halves ``a`` and ``b``."""
-    (low_a, low_b), (up_a, up_b) = lower.chunk(2, dim=1), upper.chunk(2, dim=1)
-    return low_a - up_b, up_a - low_b
-
-
-def _pair_back(coef: Tensor, const: Tensor, gap: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """MaxMin: ``<A_max, b + r> + <A_min, a - r>`` with ``r = relu(a - b)``, ``a - b`` in
-    the interval ``gap``."""
-    a_max, a_min = coef.chunk(2, dim=2)
-    through, const = _relu_back(a_max - a_min, const, *gap)
-    return torch.cat([a_min + through, a_max - through], dim=2), const
-
-
-def _backward(ops: list[Op], coef: Tensor, const: Tensor, store: Bounds) -> tuple[Tensor, Tensor]:
-    for op in reversed(ops):
-        lower, upper = store[id(op)]
-        if isinstance(op, Affine):
-            coef, const = _affine_back(op, coef, const, lower.shape[1:])
-        elif isinstance(op, ReLU):
-            coef, const = _relu_back(coef, const, lower, upper)
-        elif isinstance(op, PairSort):
-            gap = store.get(("gap", id(op))) or _pair_gap(lower, upper)
-            coef, const = _pair_back(coef, const, gap)
-        elif isinstance(op, Residual):
-            if op.after_relu:
-                coef, const = _relu_back(coef, const, *store[("sum", id(op))])
-            zero = torch.zeros_like(const)
-            body, body_const = _backward(op.body, coef, zero, store)
-            short, short_const = _backward(op.shortcut, coef, zero, store)
-            coef, const = body + short, const + body_const + short_const
-        elif isinstance(op, MaxPool):
-            raise _Unsupported("max pooling (the ibp certifier handles it)")
-        else:
-            raise _Unsupported(type(op).__name__)
-    return coef, const
-
-
 def _maximum(coef: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
     """``max <coef_r, x' - x>`` over the threat set ∩ the box, bounded from above."""
     # The box alone: the largest first-order drop of -coef, exact per pixel.
@@ -158,7 +75,7 @@ def _bound_rows(
 ) -> Tensor:
     """Per sample and row ``r``, an upper bound on ``<rows_r, ops(x')>`` over the threat
     set ∩ the box, given every op's input interval in ``store``."""
-    coef, const = _backward(ops, rows, torch.zeros(rows.shape[:2], device=x.device), store)
+    coef, const = chain_backward(ops, rows, torch.zeros(rows.shape[:2], device=x.device), store)
     # The linear bound at x itself, plus its largest change over the threat set.
     at_x = (coef * x.unsqueeze(1)).flatten(2).sum(-1) + const
     return at_x + _maximum(coef, x, threat)
@@ -184,7 +101,7 @@ def _tighten(
     """CROWN bounds on the output of ``prefix`` (or, with ``gap``, on MaxMin's ``a - b``)
     where ``interval`` (IBP's) leaves a ReLU unstable, intersected with ``interval``.
     Stable units keep IBP's interval: a tighter one would not change their relaxation."""
-    lower, upper = _pair_gap(*interval) if gap else interval
+    lower, upper = pair_gap(*interval) if gap else interval
     # Flat copies to write into (whatever the layout, e.g. channels_last, of the input).
     shape, full = lower.shape, interval[0].shape[1:]
     lower, upper = lower.reshape(len(x), -1).clone(), upper.reshape(len(x), -1).clone()
@@ -290,7 +207,7 @@ def crown_ibp_margins(
     differences = weight[None, :, :] - weight[y][:, None, :]  # (N, K, features): w_j - w_y
     try:
         top = _linear_upper(ops, x, threat, differences, "ibp")
-    except _Unsupported as err:
+    except NotBoundable as err:
         raise InputError(f"CROWN-IBP does not support {err}") from err
     return top + (bias[None, :] - bias[y][:, None])
 
@@ -331,7 +248,7 @@ class CROWNCertifier:
         try:
             with torch.no_grad():
                 top = _linear_upper(ops, x, threat, start, self.intermediate)
-        except _Unsupported as err:
+        except NotBoundable as err:
             return Refusal(f"{self.name} does not support {err}")
         return shift_bound(clean, -top[:, features:], top[:, :features])
 
@@ -367,7 +284,7 @@ def margin_lower_bounds(
     try:
         with torch.no_grad():
             top = _linear_upper(ops, x, threat, -differences, intermediate)
-    except _Unsupported as err:
+    except NotBoundable as err:
         return Refusal(f"{_NAMES[intermediate]} does not support {err}")
     gaps = bias[predicted][:, None] - bias[None, :]
     # Widened by the rounding margin of the bound's size, like the shift bounds.

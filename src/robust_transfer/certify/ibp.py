@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..threat import ThreatModel
+from ..theory.threat import ThreatModel
 from .base import Refusal
-from .network import chain_interval, decompose, shift_bound
+from .layers import decompose
+from .ops import chain_interval, shift_bound
 
 
 class IBPCertifier:

@@ -7,10 +7,11 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError
-from ..threat import Norm, ThreatModel
+from ..core.errors import InputError
+from ..theory.threat import Norm, ThreatModel
 from .base import Refusal
-from .network import SAFETY, chain_lipschitz, decompose
+from .layers import decompose
+from .ops import SAFETY, chain_lipschitz
 
 
 def lipschitz_shift(lipschitz_l2: float, threat: ThreatModel, input_numel: int) -> float:
@@ -41,7 +42,7 @@ class LipschitzCertifier:
     the encoder states (``lipschitz_l2``, as :class:`~robust_transfer.models.LipschitzCNN`
     does by construction), and the product of its layers' operator norms (exact spectral
     norms of linear maps, a Fourier bound for convolutions, the actual norms of AOL
-    layers; see :mod:`.network`), exact for an affine encoder.
+    layers; see :mod:`.ops`), exact for an affine encoder.
     """
 
     name = "lipschitz"

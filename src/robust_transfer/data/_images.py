@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor
 
-from ..errors import DataError, InputTypeError
+from ..core.errors import DataError, InputTypeError
 
 Size = int | tuple[int, int]
 

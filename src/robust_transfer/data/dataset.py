@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import DataError, InputTypeError
+from ..core.errors import DataError, InputTypeError
 
 
 @dataclass(frozen=True, eq=False)

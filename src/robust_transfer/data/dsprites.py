@@ -15,7 +15,7 @@ from torch import Tensor
 
 from robust_transfer.data.dataset import ImageDataset
 
-from ..errors import DataError
+from ..core.errors import DataError
 
 SHAPES = ("square", "ellipse", "heart")
 LATENT_NAMES = ("scale", "orientation", "position_x", "position_y")

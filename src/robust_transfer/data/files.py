@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checks import CLASSES
-from ..errors import DataError, InputTypeError, MissingFileError
+from ..core.checks import CLASSES
+from ..core.errors import DataError, InputTypeError, MissingFileError
 from .dataset import ImageDataset
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..checks import check_positive_int
-from ..errors import DataError, InputError, MissingFileError
+from ..core.checks import check_positive_int
+from ..core.errors import DataError, InputError, MissingFileError
 from ._images import Size, as_hw, unit_float
 from .dataset import ImageDataset
 

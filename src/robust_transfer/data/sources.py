@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .builtin import load_mnist, load_sklearn_digits
 from .dataset import ImageDataset
 from .dsprites import render_dsprites

@@ -16,7 +16,7 @@ from robust_transfer.data.builtin import load_mnist, load_sklearn_digits
 from robust_transfer.data.dataset import ImageDataset
 from robust_transfer.data.dsprites import render_dsprites
 
-from ..errors import DataError
+from ..core.errors import DataError
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torchvision import datasets
 
-from ..checks import check_positive_int
-from ..errors import DataError, InputError, MissingFileError
+from ..core.checks import check_positive_int
+from ..core.errors import DataError, InputError, MissingFileError
 from ._images import resize, unit_float
 from .dataset import ImageDataset
 

@@ -1,7 +1,7 @@
 """Encoders (small CNN, 1-Lipschitz CNN and SLL network, ResNet-18), the pretraining
 classifier, checkpoints."""
 
-from ..errors import CheckpointError
+from ..core.errors import CheckpointError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .encoders import Classifier, Encoder, ResNet18, SmallCNN
 from .heads import head_arrays, head_from_arrays, load_head

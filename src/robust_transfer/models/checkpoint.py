@@ -19,8 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .._version import __version__
-from ..atomic import atomic_write, atomic_write_text
-from ..errors import CheckpointError, InputError, InputTypeError
+from ..core.atomic import atomic_write, atomic_write_text
+from ..core.errors import CheckpointError, InputError, InputTypeError
 from .encoders import Encoder
 from .registry import build_encoder
 from .weights import fit_weights

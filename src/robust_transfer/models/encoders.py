@@ -11,8 +11,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..checks import FEATURES, check_positive_int
-from ..errors import InputError, InputTypeError
+from ..core.checks import FEATURES, check_positive_int
+from ..core.errors import InputError, InputTypeError
 
 ImageShape = tuple[int, int, int]
 

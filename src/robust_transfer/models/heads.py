@@ -10,9 +10,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from ..atomic import atomic_write_bytes
-from ..errors import InputError, MissingFileError
-from ..schema import Array
+from ..core.atomic import atomic_write_bytes
+from ..core.errors import InputError, MissingFileError
+from ..core.schema import Array
 
 
 def head_arrays(head: nn.Linear) -> dict[str, Tensor]:

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import Limit, check_positive_int
-from ..errors import InputError
+from ..core.checks import Limit, check_positive_int
+from ..core.errors import InputError
 from .encoders import Encoder, ImageShape, _image_shape
 
 # Keeps 1/sqrt(.) finite for an all-zero input channel (whose scale then does not matter).

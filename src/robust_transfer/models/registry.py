@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .encoders import Encoder, ResNet18, SmallCNN
 from .lipschitz import LipschitzCNN, SLLNet
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, InputError, InputTypeError, MissingFileError
-from ..schema import Meta
+from ..core.errors import CheckpointError, InputError, InputTypeError, MissingFileError
+from ..core.schema import Meta
 from . import zoo
 from .checkpoint import load_checkpoint
 from .weights import load_weights_into, unpickling

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, MissingFileError
+from ..core.errors import CheckpointError, MissingFileError
 
 TRUST_HINT = (
     "it is a pickle that needs code execution to load, which can run arbitrary code; "

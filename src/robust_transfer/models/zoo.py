@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import InputError, MissingFileError
+from ..core.errors import InputError, MissingFileError
 from .weights import load_weights_into, read_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

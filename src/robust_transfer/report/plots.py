@@ -13,7 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..schema import Array, Field, Record
+from ..core.schema import Array, Field, Record
 
 
 def _subplots(
@@ -261,4 +261,33 @@ def regression_losses(rows: Sequence[Record], title: str) -> Figure:
     ax.set_ylabel("loss (mean over points and targets)")
     ax.legend(fontsize=8)
     ax.set_title(title)
+    return figure
+
+
+def robustness_curves(
+    curves: Sequence[tuple[Record, Tensor]], rows: Sequence[Record], title: str
+) -> Figure:
+    """Per norm, each encoder's expected robust accuracy over eps (the curve of its unit
+    of the largest eps), with what attacks left (crosses) and what was certified (dots)
+    at each eps of the grid: the check of the curve against independent methods."""
+    norms = sorted({str(record[Field.THREAT]) for record, _ in curves})
+    figure, axes = _subplots(1, len(norms), (5.2 * len(norms), 3.8))
+    for ax, norm in zip(axes[0], norms, strict=True):
+        for index, (record, robust) in enumerate(c for c in curves if c[0][Field.THREAT] == norm):
+            encoder, colour = str(record[Field.ENCODER]), f"C{index}"
+            accuracy = robust.double().mean(dim=0)
+            eps = [float(record[Field.EPS]) * i / (len(accuracy) - 1) for i in range(len(accuracy))]  # type: ignore[arg-type]
+            ax.plot(eps, accuracy.tolist(), color=colour, label=f"{encoder} expected")
+            mine = _sorted(
+                [r for r in rows if r[Field.THREAT] == norm and r[Field.ENCODER] == encoder]
+            )
+            ax.plot(_eps(mine), _values(mine, Field.ATTACKED_ROBUST_ACC), "x", color=colour)
+            ax.plot(_eps(mine), _values(mine, Field.CERTIFIED_ROBUST_ACC), ".", color=colour)
+        ax.plot([], [], "kx", label="attacked (PGD and the representation attack)")
+        ax.plot([], [], "k.", label="certified")
+        ax.set(title=norm, xlabel="eps", ylabel="robust accuracy (fraction)", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    handles, labels = _legend_entries(axes)
+    figure.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    figure.suptitle(title)
     return figure

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..schema import Field, Record
+from ..core.schema import Field, Record
 
 # (record key, column heading)
 SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -43,6 +43,7 @@ EXPECTED_COLUMNS: tuple[tuple[str, str], ...] = (
     (Field.EXPECTED_ROBUST_ACC, "expected"),
     (Field.ATTACKED_ROBUST_ACC, "attacked"),
     (Field.EXPECTED_ERROR, "expected - attacked"),
+    (Field.CURVE_AREA, "curve area"),
     (Field.PREDICTED_ROBUST_ACC, "criterion"),
     (Field.CERTIFIED_ROBUST_ACC, "certified"),
     (Field.DIRECTIONAL_SHARE, "directional share"),

@@ -13,10 +13,10 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..atomic import TEMP_SUFFIX, atomic_write_text, remove_leftovers
 from ..certify import default_certifier_names
-from ..errors import ConfigError, InputError, ResultsFormatError
-from ..schema import (
+from ..core.atomic import TEMP_SUFFIX, atomic_write_text, remove_leftovers
+from ..core.errors import ConfigError, InputError, ResultsFormatError
+from ..core.schema import (
     ENCODERS_DIR,
     LOCK_FILE,
     RESULTS_FILE,
@@ -25,7 +25,7 @@ from ..schema import (
     STUDY_MARKER,
     Key,
 )
-from .config import StudyConfig
+from .spec import StudyConfig
 
 _CHUNK = 1 << 20
 

@@ -12,10 +12,11 @@ import torch
 import torchvision
 
 from .._version import __version__
-from ..findings import findings
-from ..schema import RESULTS_FORMAT, Arrays, Field, Key, Meta, Record, Results
-from .records import aggregate
-from .runner import StudyRun, Unit
+from ..core.schema import RESULTS_FORMAT, Arrays, Field, Key, Meta, Record, Results
+from ..estimates.records import aggregate
+from .findings import findings
+from .plan import Unit
+from .runner import StudyRun
 
 
 def versions() -> dict[str, str]:

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bounds import worst_case_cross_entropy
-from ..checks import (
+from ..core.checks import (
     EPOCHS,
     check_features,
     check_labels,
@@ -37,11 +36,12 @@ from ..checks import (
     check_two_classes,
     parse_choice,
 )
+from ..core.errors import InputError, InputTypeError
+from ..core.runtime import model_device
 from ..data.dataset import ImageDataset
-from ..errors import InputError, InputTypeError
-from ..features import extract_features
-from ..losses import RegressionLoss
-from ..runtime import model_device
+from ..models.features import extract_features
+from ..theory.bounds import worst_case_cross_entropy
+from ..theory.losses import RegressionLoss
 from .linear_probe import train_linear_probe
 from .loop import train_epochs
 

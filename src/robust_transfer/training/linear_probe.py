@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_features, check_labels, check_positive_int, check_two_classes
-from ..errors import InputError
+from ..core.checks import check_features, check_labels, check_positive_int, check_two_classes
+from ..core.errors import InputError
 
 
 def train_linear_probe(

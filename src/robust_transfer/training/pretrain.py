@@ -22,15 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..atomic import remove_leftovers, waited_for
-from ..attacks import attack_classifier
-from ..attacks.engine import AscentSettings, maximize
-from ..bounds import certify, worst_case_cross_entropy
-from ..certify.base import Refusal
-from ..certify.crown import crown_ibp_margins
 from ..certify.lipschitz import lipschitz_shift, proven_lipschitz
-from ..certify.network import FLATTEN, Op, chain_interval, ops_of
-from ..checks import (
+from ..core.atomic import remove_leftovers, waited_for
+from ..core.checks import (
     EPOCHS,
     FEATURES,
     STEPS,
@@ -39,8 +33,9 @@ from ..checks import (
     check_seed,
     parse_choice,
 )
+from ..core.errors import InputError, InputTypeError
+from ..core.runtime import Runtime
 from ..data.dataset import ImageDataset
-from ..errors import InputError, InputTypeError
 from ..models import (
     ARCHITECTURES,
     CheckpointError,
@@ -50,12 +45,22 @@ from ..models import (
     load_checkpoint,
 )
 from ..models.checkpoint import save_checkpoint, sidecar_path
-from ..noise import SampleNoise
-from ..runtime import Runtime
-from ..threat import ThreatModel
-from .augment import augment
+from ..theory.bounds import criterion_holds
+from ..theory.threat import ThreatModel
 from .linear_probe import train_linear_probe
 from .loop import train_epochs
+from .objectives import (
+    Contrastive,
+    ModelLoss,
+    adversarial_contrastive_loss,
+    adversarial_loss,
+    certified_loss,
+    lipschitz_margin_loss,
+    protocol_threat,
+    simclr_loss,
+    tightest_margins,
+    trades_loss,
+)
 
 
 class PretrainProtocol(StrEnum):
@@ -136,6 +141,11 @@ class PretrainConfig:
             return self.arch
         return "lipschitz-cnn" if self.protocol is PretrainProtocol.LIPSCHITZ else "small-cnn"
 
+    @property
+    def uses_crown(self) -> bool:
+        """Whether the certified objective mixes in CROWN-IBP's bounds."""
+        return self.protocol is PretrainProtocol.CROWN_IBP
+
     def to_dict(self) -> dict[str, object]:
         values = dataclasses.asdict(self)
         values["protocol"] = self.protocol.value
@@ -157,220 +167,6 @@ class PretrainResult:
     encoder: Encoder
     metrics: dict[str, float]
     seconds: float
-
-
-# (model, inputs, labels, generator) -> mean loss of the batch
-ModelLoss = Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor]
-
-
-def _seed_from(generator: torch.Generator) -> int:
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-
-
-def _threat(config: PretrainConfig) -> ThreatModel:
-    if config.threat is None:
-        raise InputError(f"protocol {config.protocol.value!r} needs a threat model")
-    return config.threat
-
-
-def _adversarial_loss(config: PretrainConfig) -> ModelLoss:
-    threat = _threat(config)
-
-    def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
-        model.eval()
-        attacked = attack_classifier(
-            model,
-            x,
-            y,
-            threat,
-            steps=config.attack_steps,
-            step_size=2.5 * threat.eps / config.attack_steps,
-            seed=_seed_from(generator),
-            batch_size=len(x),
-        )
-        model.train()
-        return F.cross_entropy(model(attacked.x_adv), y)
-
-    return loss
-
-
-def _trades_loss(config: PretrainConfig) -> ModelLoss:
-    threat = _threat(config)
-    settings = AscentSettings(config.attack_steps, 1, 2.5 * threat.eps / config.attack_steps)
-
-    def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
-        model.eval()
-        with torch.no_grad():
-            clean_log_p = F.log_softmax(model(x), dim=1)
-
-        def divergence(x_adv: Tensor, rows: Tensor, restart: int) -> tuple[Tensor, None]:
-            log_q = F.log_softmax(model(x_adv), dim=1)
-            kl = F.kl_div(log_q, clean_log_p[rows], log_target=True, reduction="none")
-            return kl.sum(dim=1), None
-
-        noise = SampleNoise.first(_seed_from(generator), len(x))
-        x_adv = maximize(divergence, x, threat, settings, noise, rerun_successful=True).x_adv
-        model.train()
-        logits = model(x)
-        kl = F.kl_div(
-            F.log_softmax(model(x_adv), dim=1),
-            F.log_softmax(logits, dim=1),
-            log_target=True,
-            reduction="batchmean",
-        )
-        return F.cross_entropy(logits, y) + config.trades_beta * kl
-
-    return loss
-
-
-def nt_xent(anchors: Tensor, positives: Tensor, temperature: float) -> Tensor:
-    """Per-anchor NT-Xent (SimCLR) loss: each anchor's positive against all 2N - 2 others."""
-    z = F.normalize(torch.cat([anchors, positives]), dim=1)
-    n = len(anchors)
-    similarity = z @ z.T / temperature
-    similarity = similarity.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), -1e9)
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    per_view = F.cross_entropy(similarity, targets, reduction="none")
-    return (per_view[:n] + per_view[n:]) / 2
-
-
-class _Contrastive(nn.Module):
-    """Encoder plus the projection head SimCLR trains through and then throws away."""
-
-    def __init__(self, encoder: Encoder) -> None:
-        super().__init__()
-        self.encoder = encoder
-        dim = encoder.feature_dim
-        self.projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 32))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.projection(self.encoder(x))
-        return out
-
-
-def _simclr_loss(config: PretrainConfig) -> ModelLoss:
-    def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
-        first, second = augment(x, generator), augment(x, generator)
-        return nt_xent(model(first), model(second), config.temperature).mean()
-
-    return loss
-
-
-def _adversarial_contrastive_loss(config: PretrainConfig) -> ModelLoss:
-    """RoCL-style: an instance-wise attack turns one view into the view that is hardest to
-    match with the other; the adversarial view joins as an extra positive."""
-    threat = _threat(config)
-    settings = AscentSettings(config.attack_steps, 1, 2.5 * threat.eps / config.attack_steps)
-
-    def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
-        first, second = augment(x, generator), augment(x, generator)
-        model.eval()
-        with torch.no_grad():
-            target = F.normalize(model(second), dim=1)
-
-        def mismatch(x_adv: Tensor, rows: Tensor, restart: int) -> tuple[Tensor, None]:
-            z = F.normalize(model(x_adv), dim=1)
-            logits = z @ target.T / config.temperature
-            return F.cross_entropy(logits, rows, reduction="none"), None
-
-        noise = SampleNoise.first(_seed_from(generator), len(x))
-        adversarial = maximize(
-            mismatch, first, threat, settings, noise, rerun_successful=True
-        ).x_adv
-        model.train()
-        z_first, z_second, z_adv = model(first), model(second), model(adversarial)
-        clean = nt_xent(z_first, z_second, config.temperature)
-        robust = nt_xent(z_adv, z_second, config.temperature)
-        return (clean + robust).mean() / 2
-
-    return loss
-
-
-def _lipschitz_margin_loss(radius: float) -> ModelLoss:
-    """Cross-entropy on the worst-case logits of theory.md's certified probe, with the
-    feature radius the encoder's Lipschitz constant guarantees for the threat model."""
-
-    def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
-        if not isinstance(model, Classifier):
-            raise InputTypeError("the Lipschitz-margin loss trains a Classifier")
-        return worst_case_cross_entropy(model(x), model.head.weight, y, radius)
-
-    return loss
-
-
-def _encoder_ops(model: Classifier) -> list[Op]:
-    ops = ops_of(model.encoder)
-    if isinstance(ops, Refusal):
-        raise InputError(f"certified training cannot read the encoder: {ops.reason}")
-    return [*ops, FLATTEN]
-
-
-def _ibp_margins(ops: list[Op], head: nn.Linear, x: Tensor, y: Tensor, eps: float) -> Tensor:
-    """Per sample and class ``j``, the interval bound on ``z_j - z_y`` over the box
-    ``[x - eps, x + eps] ∩ [0, 1]`` (which holds the threat set of either norm), through
-    the encoder's ``ops`` and the head's class differences; 0 at ``j = y``.
-    Differentiable."""
-    lower, upper = chain_interval(ops, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1))
-    centre, radius = (upper + lower) / 2, (upper - lower) / 2
-    weight, bias = head.weight, head.bias
-    differences = weight[None, :, :] - weight[y][:, None, :]  # (N, K, features): w_j - w_y
-    return (
-        torch.einsum("nkf,nf->nk", differences, centre)
-        + torch.einsum("nkf,nf->nk", differences.abs(), radius)
-        + (bias[None, :] - bias[y][:, None])
-    )
-
-
-def _certified_margins(
-    model: Classifier, x: Tensor, y: Tensor, threat: ThreatModel, crown_weight: float
-) -> Tensor:
-    """IBP's bounds on ``z_j - z_y``, mixed with CROWN-IBP's (``crown_weight`` of them)."""
-    ops = _encoder_ops(model)
-    ibp = _ibp_margins(ops, model.head, x, y, threat.eps)
-    if crown_weight == 0.0:
-        return ibp
-    crown = crown_ibp_margins(ops, model.head, x, y, threat)
-    return crown_weight * crown + (1.0 - crown_weight) * ibp
-
-
-def _tightest_margins(model: Classifier, x: Tensor, y: Tensor, config: PretrainConfig) -> Tensor:
-    """The protocol's bounds on ``z_j - z_y`` at its radius, the smaller of IBP's and (for
-    CROWN-IBP) CROWN-IBP's per entry: both hold."""
-    ops, threat = _encoder_ops(model), _threat(config)
-    margins = _ibp_margins(ops, model.head, x, y, threat.eps)
-    if config.protocol is PretrainProtocol.CROWN_IBP:
-        margins = torch.minimum(margins, crown_ibp_margins(ops, model.head, x, y, threat))
-    return margins
-
-
-def _certified_loss(config: PretrainConfig, steps: int) -> ModelLoss:
-    """IBP training (Gowal et al., 2018): ``k CE(z, y) + (1 - k) CE(ztilde, y)`` with
-    ``ztilde`` certified upper bounds on ``z_j - z_y`` at radius ``e``: IBP's, or for
-    CROWN-IBP (Zhang et al., 2020) ``b CROWN-IBP + (1 - b) IBP`` with ``b`` falling from 1
-    to 0 (CROWN-IBP's tighter bounds steady the start, IBP's cheaper ones finish). As the
-    bounds need to stay stable (they explode on an untrained network, and the head then
-    collapses to a constant): the first quarter of the steps trains on clean inputs,
-    the next half ramps ``e`` from 0 to eps, ``k`` from 1 to 1/2 and ``b`` from 1 to 0,
-    the last quarter holds them. Short schedules still collapse: give it at least ten
-    epochs of a few thousand images."""
-    threat = _threat(config)
-    crown = config.protocol is PretrainProtocol.CROWN_IBP
-    done = [0]
-
-    def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
-        if not isinstance(model, Classifier):
-            raise InputTypeError("certified training trains a Classifier")
-        ramp = min(1.0, max(0.0, (done[0] - steps / 4) / max(1.0, steps / 2)))
-        done[0] += 1
-        clean = F.cross_entropy(model(x), y)
-        if ramp == 0.0:
-            return clean
-        radius = ThreatModel(threat.norm, ramp * threat.eps)
-        worst = _certified_margins(model, x, y, radius, (1.0 - ramp) if crown else 0.0)
-        kappa = 1.0 - ramp / 2
-        return kappa * clean + (1 - kappa) * F.cross_entropy(worst, y)
-
-    return loss
 
 
 def _train(
@@ -425,20 +221,20 @@ def pretrain(
                 f"protocol 'lipschitz' needs an encoder 1-Lipschitz by construction; "
                 f"{config.architecture!r} is not (use 'lipschitz-cnn' or 'lipschitz-sll')"
             )
-        radius = lipschitz_shift(constant, _threat(config), data.x[0].numel())
+        radius = lipschitz_shift(constant, protocol_threat(config), data.x[0].numel())
     supervised: dict[PretrainProtocol, Callable[[], ModelLoss]] = {
         PretrainProtocol.STANDARD: lambda: lambda m, x, y, g: F.cross_entropy(m(x), y),
-        PretrainProtocol.ADVERSARIAL: lambda: _adversarial_loss(config),
-        PretrainProtocol.TRADES: lambda: _trades_loss(config),
-        PretrainProtocol.LIPSCHITZ: lambda: _lipschitz_margin_loss(radius),
+        PretrainProtocol.ADVERSARIAL: lambda: adversarial_loss(config),
+        PretrainProtocol.TRADES: lambda: trades_loss(config),
+        PretrainProtocol.LIPSCHITZ: lambda: lipschitz_margin_loss(radius),
     }
     for protocol in _CERTIFIED:
-        supervised[protocol] = lambda: _certified_loss(
+        supervised[protocol] = lambda: certified_loss(
             config, config.epochs * -(-len(data) // config.batch_size)
         )
     contrastive: dict[PretrainProtocol, Callable[[], ModelLoss]] = {
-        PretrainProtocol.SIMCLR: lambda: _simclr_loss(config),
-        PretrainProtocol.ADVERSARIAL_CONTRASTIVE: lambda: _adversarial_contrastive_loss(config),
+        PretrainProtocol.SIMCLR: lambda: simclr_loss(config),
+        PretrainProtocol.ADVERSARIAL_CONTRASTIVE: lambda: adversarial_contrastive_loss(config),
     }
     metrics: dict[str, float] = {}
     probe_x, probe_y = data.x[:1000].to(device), data.y[:1000].to(device)
@@ -448,7 +244,7 @@ def pretrain(
             # An encoder the bounds cannot read is refused now, not after the clean
             # warm-up quarter of the steps.
             with torch.no_grad():
-                _tightest_margins(model, probe_x[:1], probe_y[:1], config)
+                tightest_margins(model, probe_x[:1], probe_y[:1], config)
         metrics["final_loss"] = _train(model, data, config, supervised[config.protocol](), progress)
         metrics["train_acc"] = _accuracy(model, probe_x, probe_y)
         if config.protocol is PretrainProtocol.LIPSCHITZ:
@@ -456,17 +252,17 @@ def pretrain(
                 features = encoder(probe_x)
                 correct = model.head(features).argmax(dim=1) == probe_y
                 shift = torch.full((len(features),), radius, device=device)
-                certified = correct & certify(model.head, features, shift)
+                certified = correct & criterion_holds(model.head, features, shift)
             metrics["train_certified_acc"] = float(certified.float().mean())
         if config.protocol in _CERTIFIED:
             # The share of training points the protocol's bounds certify (a training
             # metric: unlike the certifiers, these bounds are not widened for rounding).
             with torch.no_grad():
-                margins = _tightest_margins(model.eval(), probe_x, probe_y, config)
+                margins = tightest_margins(model.eval(), probe_x, probe_y, config)
                 margins.scatter_(1, probe_y.view(-1, 1), float("-inf"))
             metrics["train_certified_acc"] = float((margins < 0).all(dim=1).float().mean())
     elif config.protocol in contrastive:
-        wrapper = _Contrastive(encoder).to(device)
+        wrapper = Contrastive(encoder).to(device)
         metrics["final_loss"] = _train(
             wrapper, data, config, contrastive[config.protocol](), progress
         )

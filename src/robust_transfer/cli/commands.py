@@ -11,31 +11,31 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .atomic import atomic_write_text
-from .attacks import attack_classifier
-from .attacks.reference import attack_autoattack
-from .attacks.settings import AttackSettings
-from .checks import (
+from ..attacks import attack_classifier
+from ..attacks.reference import attack_autoattack
+from ..attacks.settings import AttackSettings
+from ..core.atomic import atomic_write_text
+from ..core.checks import (
     check_two_classes,
 )
-from .cli_parser import HEAD_FILE, PROBE_FILE, build_parser, default_cache
-from .data.dataset import ImageDataset
-from .data.sources import load_dataset, load_split
-from .data.tasks import stratified_sample
-from .errors import InputError, MissingFileError, ResultsFormatError, RobustTransferError
-from .measurement import Measurement, measure
-from .models import load_encoder, load_head
-from .models.heads import save_head
-from .pipeline import run_study
-from .report.render import write_report
-from .report.tables import text
-from .runtime import Runtime, release_processes
-from .schema import RESULTS_FILE, Array, Field, Record, check_results
-from .study.config import default_config, default_config_text, load_config, parse_config
-from .study.evaluate import attacked_shift
-from .study.folder import refuse_a_file
-from .threat import ThreatModel
-from .training.adapt import AdaptConfig, AdaptProtocol, adapt, head_accuracy
+from ..core.errors import InputError, MissingFileError, ResultsFormatError, RobustTransferError
+from ..core.runtime import Runtime, release_processes
+from ..core.schema import RESULTS_FILE, Array, Field, Record, check_results
+from ..data.dataset import ImageDataset
+from ..data.sources import load_dataset, load_split
+from ..data.tasks import stratified_sample
+from ..estimates.evaluate import attacked_shift
+from ..estimates.measurement import Measurement, measure
+from ..models import load_encoder, load_head
+from ..models.heads import save_head
+from ..pipeline import run_study
+from ..report.render import write_report
+from ..report.tables import text
+from ..study.config import default_config, default_config_text, load_config, parse_config
+from ..study.folder import refuse_a_file
+from ..theory.threat import ThreatModel
+from ..training.adapt import AdaptConfig, AdaptProtocol, adapt, head_accuracy
+from .parser import HEAD_FILE, PROBE_FILE, build_parser, default_cache
 
 
 def _runtime(args: argparse.Namespace) -> Runtime:
@@ -396,7 +396,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         release_processes()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

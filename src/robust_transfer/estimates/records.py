@@ -3,7 +3,9 @@ from the per-sample arrays of the store and nothing else."""
 
 from __future__ import annotations
 
-from ..schema import (
+import torch
+
+from ..core.schema import (
     SANITY_CHECKS,
     Array,
     Arrays,
@@ -13,6 +15,7 @@ from ..schema import (
     methods_in,
     per_method,
 )
+from .curves import curve_area
 
 # Float tolerance when comparing a measured loss with a bound computed from it.
 _TOLERANCE = 1e-4
@@ -143,6 +146,13 @@ def _sanity(arrays: Arrays) -> dict[str, int]:
     return {name: count for name, count in counts.items() if count}
 
 
+def _curve_area(arrays: Arrays) -> float | None:
+    if Array.CURVE_ROBUST not in arrays:
+        return None
+    accuracy = arrays[Array.CURVE_ROBUST].double().mean(dim=0)
+    return curve_area(accuracy, torch.linspace(0.0, 1.0, len(accuracy), dtype=torch.float64))
+
+
 def aggregate(arrays: Arrays) -> Record:
     """The metrics of one evaluation unit (accuracies as fractions, None where not computed).
 
@@ -175,6 +185,7 @@ def aggregate(arrays: Arrays) -> Record:
         # The share of the attacked shift along one of the head's class differences: why
         # the criterion, which compares margins with the whole shift, predicts so little.
         Field.DIRECTIONAL_SHARE: _median_share(arrays, Array.DIRECTIONAL_SHIFT),
+        Field.CURVE_AREA: _curve_area(arrays),
         Field.MEDIAN_MARGIN: (
             float(arrays[Array.MARGIN].median()) if Array.MARGIN in arrays else None
         ),

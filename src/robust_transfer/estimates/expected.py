@@ -7,7 +7,7 @@ set of feature directions ``u`` (all features by default; for wide encoders, onl
 span of the heads' class-difference directions, extended per head as needed). A head's
 margin to class ``j`` then drops, to first order, by the largest ``-g_j^T delta`` over
 the threat set and the box, with ``g_j = J(x)^T (w_yhat - w_j)``: arithmetic on the
-stored rows, exact per threat model (:mod:`robust_transfer.first_order`).
+stored rows, exact per threat model (:mod:`robust_transfer.theory.first_order`).
 
 First order misses curvature: where the encoder bends, an attack moves the features
 further than the linearisation says (a SimCLR encoder here, 8x8 digits at large radii),
@@ -28,14 +28,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import first_order
-from .attacks.classifier import attack_classifier
-from .attacks.common import check_step_scale
-from .checks import check_images, check_labels
-from .errors import InputError, InputTypeError
-from .features import extract_features
-from .runtime import eval_mode, model_device, model_input
-from .threat import ThreatModel
+from ..attacks.classifier import attack_classifier
+from ..attacks.common import check_step_scale
+from ..core.checks import check_images, check_labels
+from ..core.errors import InputError, InputTypeError
+from ..core.runtime import eval_mode, model_device, model_input
+from ..models.features import extract_features
+from ..theory import first_order
+from ..theory.threat import ThreatModel
 
 # Above this many stored Jacobian entries the profile starts from no directions and
 # takes the span of each head's class-difference directions as heads arrive.

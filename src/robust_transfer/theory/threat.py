@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import InputError, InputTypeError
-from .noise import SampleNoise
+from ..core.errors import InputError, InputTypeError
+from ..core.noise import SampleNoise
 
 # Keeps a zero gradient from turning into NaN when it is normalised.
 _TINY = 1e-12
@@ -198,7 +198,7 @@ class ThreatModel:
     ) -> Tensor:
         """A point drawn uniformly from the eps-ball around ``x``, then put in the box.
 
-        With :class:`~robust_transfer.noise.SampleNoise` each row's point depends only on
+        With :class:`~robust_transfer.core.noise.SampleNoise` each row's point depends only on
         the seed, its sample id and ``stream`` (e.g. the restart), not on the batch.
         """
         n = x[0].numel()

@@ -1,7 +1,7 @@
 """One evaluation unit of a study: per-sample arrays for an encoder, a head and a threat.
 
 Everything here works on tensors and models and returns per-sample tensors named by
-:mod:`robust_transfer.schema`; the study stores them, and every number of a record or
+:mod:`robust_transfer.core.schema`; the study stores them, and every number of a record or
 plot is an aggregation of them. The command line's single steps use the same functions.
 """
 
@@ -16,20 +16,21 @@ from torch import Tensor, nn
 from ..attacks import ClassifierAttackResult, attack_classifier, attack_representation
 from ..attacks.reference import AutoAttackResult, attack_autoattack
 from ..attacks.regression import attack_regression
+from ..attacks.sanity import margin_score, sanity_arrays
 from ..attacks.settings import AttackSettings
-from ..bounds import (
+from ..certify import Refusal, certify_all, margin_lower_bounds
+from ..certify.crown import Intermediate
+from ..core.schema import Array, Arrays, certificate_key, methods_in, per_method
+from ..theory.bounds import (
     absolute_error_bound,
     adversarial_cross_entropy_bound,
     normalized_margin,
     squared_error_bound,
 )
-from ..certify import Refusal, certify_all, margin_lower_bounds
-from ..certify.crown import Intermediate
-from ..expected import EncoderProfile
-from ..losses import RegressionLoss, regression_loss
-from ..sanity import margin_score, sanity_arrays
-from ..schema import Array, Arrays, certificate_key, methods_in, per_method
-from ..threat import ThreatModel
+from ..theory.losses import RegressionLoss, regression_loss
+from ..theory.threat import ThreatModel
+from .curves import robust_on_grid
+from .expected import EncoderProfile
 
 
 def attacked_shift(
@@ -203,10 +204,13 @@ def classification_estimates(
     *,
     profile: EncoderProfile | None = None,
     margin_intermediate: Intermediate = "ibp",
+    curve_points: int | None = None,
 ) -> Arrays:
     """What is known of a classification head without attacking it: margins, Result 1
     and 2 (:func:`classification_theory`), the expected robust accuracy from the
-    encoder's ``profile``, and ``head_certified_robust`` where CROWN reads the encoder:
+    encoder's ``profile`` (with ``curve_points``, also at that many eps evenly from 0 to
+    ``threat.eps``: the robustness curve), and ``head_certified_robust`` where CROWN
+    reads the encoder:
     this head's margins certified directly (with ``margin_intermediate`` intermediate
     bounds: "crown" is tighter and costs what the ``crown-full`` certifier does, per
     head), or the task-agnostic certificate where that is tighter."""
@@ -215,6 +219,10 @@ def classification_estimates(
     if profile is not None:
         expected, directional = profile.assess(head, y, threat)
         arrays[Array.EXPECTED_ROBUST], arrays[Array.DIRECTIONAL_SHIFT] = expected, directional
+        if curve_points:
+            grid = torch.linspace(0.0, threat.eps, curve_points, dtype=torch.float64)
+            found = robust_on_grid(profile, head, y, threat.norm, grid)
+            arrays[Array.CURVE_ROBUST] = found.robust
     margins = margin_lower_bounds(encoder, head, x, threat, margin_intermediate)
     if not isinstance(margins, Refusal):
         # The union of two sound certificates: never looser than the task-agnostic one.
@@ -240,6 +248,7 @@ def evaluate_classification(
     profile: EncoderProfile | None = None,
     autoattack_rows: Tensor | None = None,
     margin_intermediate: Intermediate = "ibp",
+    curve_points: int | None = None,
 ) -> Arrays:
     """Per-sample outcome of a classification head: :func:`classification_estimates`,
     then the attacks.
@@ -251,7 +260,7 @@ def evaluate_classification(
     AutoAttack runs on the ``autoattack_rows`` (a mask) that PGD left robust:
     ``robust_autoattack`` marks the subset's points neither PGD nor AutoAttack broke,
     ``square_only`` those only Square did. The sanity arrays
-    (:func:`~robust_transfer.sanity.sanity_arrays`) come with it.
+    (:func:`~robust_transfer.attacks.sanity.sanity_arrays`) come with it.
     """
     arrays = classification_estimates(
         encoder,
@@ -262,6 +271,7 @@ def evaluate_classification(
         shift,
         profile=profile,
         margin_intermediate=margin_intermediate,
+        curve_points=curve_points,
     )
     head = head.to(x.device).eval()
     model = nn.Sequential(encoder, head).eval()

@@ -7,7 +7,7 @@ from enum import StrEnum
 
 from torch import Tensor
 
-from .checks import parse_choice
+from ..core.checks import parse_choice
 
 
 class RegressionLoss(StrEnum):

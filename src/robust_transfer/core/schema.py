@@ -56,6 +56,8 @@ class Array(StrEnum):
     HEAD_CERTIFIED_ROBUST = "head_certified_robust"  # CROWN on this head's margins, or the above
     EXPECTED_ROBUST = "expected_robust"  # the first-order estimate from the encoder's profile
     DIRECTIONAL_SHIFT = "directional_shift"  # its largest shift along a class difference
+    # (N, k): expected robust at each of k eps evenly from 0 to the unit's eps (the curve)
+    CURVE_ROBUST = "curve_robust"
     AUTOATTACKED = "autoattacked"  # in the unit's AutoAttack subset
     ZERO_GRADIENT = "zero_gradient"  # the attacked score's gradient is exactly zero
     NONFINITE_GRADIENT = "nonfinite_gradient"  # ... or has a NaN or infinity
@@ -108,6 +110,7 @@ class Field(StrEnum):
     EXPECTED_ROBUST_ACC = "expected_robust_acc"  # from the profile, no attack on the head
     EXPECTED_ERROR = "expected_error"  # expected minus attacked robust accuracy
     DIRECTIONAL_SHARE = "directional_share"  # median directional / attacked shift
+    CURVE_AREA = "curve_area"  # mean expected robust accuracy over eps in [0, eps]
     FEATURE_SCALE = "feature_scale"  # median distance between two inputs' features
     RELATIVE_SHIFT = "relative_shift"  # mean shift / feature scale: scale free
     DISTANCE_RATIO = "distance_ratio"  # median ||f(x) - f(x')|| / ||x - x'|| over pairs

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from statistics import median
 
-from .schema import Field, FindingField, Record
-from .threat import Norm
+from ..core.schema import Field, FindingField, Record
+from ..theory.threat import Norm
 
 _ADVERSARIAL = ("adversarial", "trades", "adversarial-contrastive")
 _PROBE = "linear-probe"

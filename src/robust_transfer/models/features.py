@@ -9,9 +9,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checks import check_images, check_output, check_positive_int
-from .errors import InputError, InputTypeError
-from .runtime import eval_mode, model_device, model_input
+from ..core.checks import check_images, check_output, check_positive_int
+from ..core.errors import InputError, InputTypeError
+from ..core.runtime import eval_mode, model_device, model_input
 
 
 def _first(item: object) -> object:

@@ -10,13 +10,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
-from .checks import POINTS, RESTARTS, STEPS, Limit, check_number, check_positive_int, check_seed
-from .data.sources import FORMS as DATA_FORMS
-from .errors import InputError
-from .models.specs import FORMS
-from .runtime import Precision
-from .threat import Norm, parse_eps
-from .training.adapt import AdaptProtocol
+from ..core.checks import (
+    POINTS,
+    RESTARTS,
+    STEPS,
+    Limit,
+    check_number,
+    check_positive_int,
+    check_seed,
+)
+from ..core.errors import InputError
+from ..core.runtime import Precision
+from ..data.sources import FORMS as DATA_FORMS
+from ..models.specs import FORMS
+from ..theory.threat import Norm, parse_eps
+from ..training.adapt import AdaptProtocol
 
 T = TypeVar("T")
 

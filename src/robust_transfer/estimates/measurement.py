@@ -6,7 +6,7 @@ Jacobian profile); :meth:`Measurement.evaluate` gives a head's robustness per th
 model from it (expected, criterion, certified and head-specific certified robust
 accuracy, the Result-1 bound; attacked and AutoAttack robust accuracy on request), and
 :meth:`Measurement.curve` its expected robust accuracy over a whole range of eps. The
-study evaluates its units with the same functions (:mod:`robust_transfer.study.evaluate`),
+study evaluates its units with the same functions (:mod:`robust_transfer.estimates.evaluate`),
 so the numbers agree with a study's for the same encoder, points, heads and settings.
 """
 
@@ -20,24 +20,25 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .attacks.reference import refusal as autoattack_refusal
-from .attacks.settings import AttackSettings
-from .bounds import weight_gap
-from .certify.crown import Intermediate
-from .checks import check_images, check_labels, check_seed
-from .errors import InputError, InputTypeError
-from .expected import EncoderProfile, profile_encoder
-from .report.tables import text
-from .runtime import model_device, model_input
-from .schema import Array, Arrays, Field, Record
-from .study.evaluate import (
+from ..attacks.reference import refusal as autoattack_refusal
+from ..attacks.settings import AttackSettings
+from ..certify.crown import Intermediate
+from ..core.checks import check_images, check_labels, check_seed
+from ..core.errors import InputError, InputTypeError
+from ..core.runtime import model_input
+from ..core.schema import Array, Arrays, Field, Record
+from ..report.tables import text
+from ..theory.bounds import weight_gap
+from ..theory.threat import Norm, ThreatModel
+from .curves import RobustnessCurve, robustness_curve
+from .evaluate import (
     attacked_shift,
     certified_shifts,
     classification_estimates,
     evaluate_classification,
 )
-from .study.records import aggregate, shift_summary
-from .threat import Norm, ThreatModel
+from .expected import EncoderProfile, profile_encoder
+from .records import aggregate, shift_summary
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -95,33 +96,6 @@ class HeadEvaluation:
 
     def to_json(self) -> str:
         return json.dumps({"head": self.name, "records": list(self.records)}, indent=2)
-
-
-@dataclass(frozen=True)
-class RobustnessCurve:
-    """A head's expected robust accuracy over ``eps`` (a grid from 0), from one profile.
-
-    ``radius_low`` / ``radius_high`` bracket each point's robust radius on the grid (the
-    largest grid eps at which it is expected robust, the smallest at which it is not;
-    ``inf`` past the grid, 0 and 0 for a misclassified point). ``area`` is the mean
-    expected robust accuracy over ``[0, eps[-1]]`` (trapezoids): the "expected
-    robustness" over an eps range."""
-
-    threat: Norm
-    eps: Tensor
-    accuracy: Tensor
-    radius_low: Tensor
-    radius_high: Tensor
-    attacked_points: int
-
-    @property
-    def area(self) -> float:
-        width = float(self.eps[-1] - self.eps[0])
-        return float(torch.trapezoid(self.accuracy, self.eps)) / width
-
-    def at(self, eps: float) -> float:
-        """The curve's value at a grid eps (the nearest grid point)."""
-        return float(self.accuracy[int((self.eps - eps).abs().argmin())])
 
 
 @dataclass
@@ -237,7 +211,7 @@ class Measurement:
         if isinstance(points, bool) or not isinstance(points, int) or points < 3:
             raise InputError(f"a curve needs at least 3 points, got {points!r}")
         grid = torch.linspace(0.0, ThreatModel(norm, eps_max).eps, points, dtype=torch.float64)
-        return _curve(self.profile, head, y, Norm.parse(norm), grid)
+        return robustness_curve(self.profile, head, y, Norm.parse(norm), grid)
 
 
 def _check_head(head: object, features: int) -> nn.Linear:
@@ -248,63 +222,6 @@ def _check_head(head: object, features: int) -> nn.Linear:
             f"the head takes {head.in_features} features, the encoder gives {features}"
         )
     return head
-
-
-# How many grid steps the bracket of a point may move past first order's answer.
-_RINGS = 4
-
-
-def _curve(
-    profile: EncoderProfile, head: nn.Linear, y: Tensor, norm: Norm, grid: Tensor
-) -> RobustnessCurve:
-    k = len(grid)
-    drops = [profile.head_drops(head, ThreatModel(norm, float(eps))) for eps in grid[1:]]
-    prediction = drops[0].prediction
-    correct = prediction == y
-    own = nn.functional.one_hot(prediction, drops[0].margins.shape[1]).bool()
-    # First order's verdict per grid eps (eps 0: every correct point).
-    first_order = torch.stack(
-        [correct, *(correct & ((d.margins > d.drops) | own).all(dim=1) for d in drops)]
-    )
-    # The first grid index first order calls broken (k: none on the grid).
-    broken = ~first_order
-    first_broken = torch.where(broken.any(0), broken.float().argmax(0), k)
-    low, high = first_broken - 1, first_broken.clone()  # robust at low, broken at high
-    todo_high = correct & (high < k)
-    todo_low = torch.zeros_like(correct)
-    device = model_device(profile.encoder, profile.x.device)
-    model = nn.Sequential(profile.encoder, head.to(device)).eval()
-    attacked = 0
-    for _ in range(_RINGS):
-        if not bool((todo_high | todo_low).any()):
-            break
-        target = torch.where(todo_high, high, low)
-        active = todo_high | todo_low
-        survived = torch.zeros_like(correct)
-        for index in torch.unique(target[active]).tolist():
-            rows = (active & (target == index)).nonzero().flatten()
-            threat = ThreatModel(norm, float(grid[index]))
-            survived[rows] = profile._attack(model, drops[index - 1], y, threat, rows)
-            attacked += len(rows)
-        # Checked high and survived: the bracket moves up. Broken there: check low next.
-        up = todo_high & survived
-        low, high = torch.where(up, high, low), torch.where(up, high + 1, high)
-        down = todo_low & ~survived
-        low, high = torch.where(down, low - 1, low), torch.where(down, low, high)
-        todo_low = (todo_high & ~survived & (low >= 1)) | (down & (low >= 1))
-        todo_high = up & (high < k)
-    robust = torch.stack([correct & ((i <= low) | ((i < high) & first_order[i])) for i in range(k)])
-    inf = torch.tensor(float("inf"))
-    radius_low = torch.where(correct, grid[low.clamp(0, k - 1)], 0.0)
-    radius_high = torch.where(correct & (high < k), grid[high.clamp(0, k - 1)], inf)
-    return RobustnessCurve(
-        norm,
-        grid,
-        robust.float().mean(dim=1),
-        radius_low,
-        torch.where(correct, radius_high, 0.0),
-        attacked,
-    )
 
 
 def measure(

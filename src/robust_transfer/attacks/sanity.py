@@ -15,10 +15,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .attacks.classifier import margin_loss
-from .attacks.common import batches
-from .runtime import eval_mode, model_device
-from .schema import Array, Arrays
+from ..core.runtime import eval_mode, model_device
+from ..core.schema import Array, Arrays
+from .classifier import margin_loss
+from .common import batches
 
 # Two forwards of one batch may differ by float reordering on some devices, never by this
 # much relative to the output.

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_features, check_labels, check_per_sample, check_tensor
-from .errors import InputError, InputTypeError
+from ..core.checks import check_features, check_labels, check_per_sample, check_tensor
+from ..core.errors import InputError, InputTypeError
 
 
 def _check_head(head: object) -> nn.Linear:
@@ -206,7 +206,7 @@ def normalized_margin(head: nn.Linear, features: Tensor) -> Tensor:
     return ratio.amin(dim=1)
 
 
-def certify(head: nn.Linear, features: Tensor, shift: Tensor) -> Tensor:
+def criterion_holds(head: nn.Linear, features: Tensor, shift: Tensor) -> Tensor:
     """Result 2 per sample: ``rho(x) > shift(x)`` means no ``x' in B(x)`` changes the prediction.
 
     A guarantee when ``shift`` is an upper bound (certificate) on the true shift; with an
@@ -218,11 +218,11 @@ def certify(head: nn.Linear, features: Tensor, shift: Tensor) -> Tensor:
 
 
 def certified_accuracy(head: nn.Linear, features: Tensor, labels: Tensor, shift: Tensor) -> float:
-    """Share of samples that are correctly classified and pass :func:`certify`."""
+    """Share of samples that are correctly classified and pass :func:`criterion_holds`."""
     head, features = _check_head_features(head, features)
     labels = check_labels(labels, features.shape[0], num_classes=head.out_features)
     correct = _logits(head, features).argmax(dim=1) == labels
-    return float((correct & certify(head, features, shift)).float().mean())
+    return float((correct & criterion_holds(head, features, shift)).float().mean())
 
 
 def _regression_terms(

@@ -1,0 +1,93 @@
+"""Work done once per key: what is in the study's store is read, what is missing is
+computed, stored atomically and then read like the rest (so a resumed run and a fresh
+one see the same arrays)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ..core.runtime import Runtime
+from ..core.schema import Arrays, Meta, StoreKind
+from ..core.store import Store
+from ..estimates.evaluate import attacked_shift, certified_shifts
+from ..theory.threat import ThreatModel
+from .plan import Shard, store_key
+from .spec import StudyConfig
+
+
+@dataclass
+class StoredWork:
+    """The study's store, and the encoder measurements every unit on the same points
+    shares: the representation attack and the certificates."""
+
+    store: Store
+    config: StudyConfig
+    runtime: Runtime
+    progress: bool
+
+    def get(
+        self,
+        key: tuple[str, ...],
+        compute: Callable[[], tuple[Arrays, dict[str, object]]],
+    ) -> tuple[Arrays, dict[str, object]]:
+        """The arrays and metadata stored under ``key``, computed and stored if missing."""
+        loaded = self.store.load(key)
+        if loaded is None:
+            start = time.perf_counter()
+            arrays, meta = compute()
+            meta = meta | {Meta.SECONDS: time.perf_counter() - start}
+            self.store.save(key, arrays, meta)
+            loaded = arrays, meta
+        arrays, meta = loaded
+        return {name: value.to(self.runtime.device) for name, value in arrays.items()}, meta
+
+    def shift(
+        self,
+        kind: StoreKind,
+        task: str,
+        variant: str,
+        encoder: nn.Module,
+        x: Tensor,
+        threat: ThreatModel,
+        shard: Shard | None = None,
+    ) -> Arrays:
+        """The representation attack on ``x`` (the points of ``shard``, when given), once
+        per (points, encoder, threat)."""
+
+        def compute() -> tuple[Arrays, dict[str, object]]:
+            with self.runtime.search_precision():
+                arrays = attacked_shift(
+                    encoder,
+                    x,
+                    threat,
+                    self.config.attack,
+                    seed=self.config.seed,
+                    sample_ids=None if shard is None else shard.ids(),
+                    progress=self.progress,
+                )
+            return arrays, {}
+
+        return self.get(store_key(kind, task, variant, threat, shard), compute)[0]
+
+    def certificates(
+        self,
+        kind: StoreKind,
+        task: str,
+        variant: str,
+        encoder: nn.Module,
+        x: Tensor,
+        threat: ThreatModel,
+        shard: Shard | None = None,
+    ) -> tuple[Arrays, dict[str, object]]:
+        """Every chosen certifier's bound on ``x``, once per (points, encoder, threat), and
+        the reasons of those that gave none."""
+
+        def compute() -> tuple[Arrays, dict[str, object]]:
+            arrays, refused = certified_shifts(encoder, x, threat, self.config.certifiers)
+            return arrays, {Meta.REFUSED: refused}
+
+        return self.get(store_key(kind, task, variant, threat, shard), compute)
