@@ -56,14 +56,25 @@ _RINGS = 4
 
 
 def robust_on_grid(
-    profile: EncoderProfile, head: nn.Linear, y: Tensor, norm: Norm, grid: Tensor
+    profile: EncoderProfile,
+    head: nn.Linear,
+    y: Tensor,
+    norm: Norm,
+    grid: Tensor,
+    top: Tensor | None = None,
 ) -> GridRobustness:
     """Per point and grid eps (increasing, from 0), whether ``head`` is expected robust:
     first order gives every point the grid eps at which its prediction first changes;
     then a short attack from the first-order worst point checks the grid eps on each
     side of it, moving the bracket ring by ring while the attack disagrees with first
     order (as :meth:`EncoderProfile.expected_robust` does at one eps). Each point is
-    attacked at a few eps near its own radius, not at every eps of the grid."""
+    attacked at a few eps near its own radius, not at every eps of the grid.
+
+    ``top``, the expected robust accuracy's verdict per point at the last grid eps
+    (:meth:`EncoderProfile.assess`, which also attacks the points that first order keeps
+    but curvature may not), settles that eps: a point it keeps is robust on the whole
+    grid, a point it breaks is searched downward from there. The curve then ends where
+    the single-eps estimate stands."""
     k = len(grid)
     drops = [profile.head_drops(head, ThreatModel(norm, float(eps))) for eps in grid[1:]]
     prediction = drops[0].prediction
@@ -77,8 +88,17 @@ def robust_on_grid(
     broken = ~first_order
     first_broken = torch.where(broken.any(0), broken.float().argmax(0), k)
     low, high = first_broken - 1, first_broken.clone()  # robust at low, broken at high
-    todo_high = correct & (high < k)
-    todo_low = torch.zeros_like(correct)
+    settled = torch.zeros_like(correct)  # broken at the last eps by the estimate there
+    if top is not None:
+        top = top.to(correct.device).bool() & correct
+        settled = correct & ~top
+        low, high = torch.where(top, k - 1, low), torch.where(top, k, high)
+        high = torch.where(settled, high.clamp(max=k - 1), high)
+        low = torch.where(settled, torch.minimum(low, high - 1), low)
+        first_order[-1] = top
+    # Checking the last eps is moot where the estimate there settled it.
+    todo_low = settled & (high == k - 1) & (low >= 1)
+    todo_high = correct & (high < k) & ~(settled & (high == k - 1))
     device = model_device(profile.encoder, profile.x.device)
     model = nn.Sequential(profile.encoder, head.to(device)).eval()
     attacked = 0
@@ -99,7 +119,7 @@ def robust_on_grid(
         down = todo_low & ~survived
         low, high = torch.where(down, low - 1, low), torch.where(down, low, high)
         todo_low = (todo_high & ~survived & (low >= 1)) | (down & (low >= 1))
-        todo_high = up & (high < k)
+        todo_high = up & (high < k) & ~(settled & (high >= k - 1))
     robust = torch.stack([correct & ((i <= low) | ((i < high) & first_order[i])) for i in range(k)])
     inf = torch.tensor(float("inf"))
     radius_low = torch.where(correct, grid[low.clamp(0, k - 1)], 0.0)
@@ -112,8 +132,10 @@ def robust_on_grid(
 def robustness_curve(
     profile: EncoderProfile, head: nn.Linear, y: Tensor, norm: Norm, grid: Tensor
 ) -> RobustnessCurve:
-    """``head``'s expected robust accuracy over ``grid`` (see :func:`robust_on_grid`)."""
-    found = robust_on_grid(profile, head, y, norm, grid)
+    """``head``'s expected robust accuracy over ``grid`` (see :func:`robust_on_grid`),
+    ending at the expected robust accuracy of the last eps."""
+    top, _ = profile.assess(head, y, ThreatModel(norm, float(grid[-1])))
+    found = robust_on_grid(profile, head, y, norm, grid, top)
     accuracy = found.robust.float().mean(dim=0)
     return RobustnessCurve(
         norm, grid, accuracy, found.radius_low, found.radius_high, found.attacked_points

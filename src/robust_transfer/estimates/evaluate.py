@@ -221,7 +221,7 @@ def classification_estimates(
         arrays[Array.EXPECTED_ROBUST], arrays[Array.DIRECTIONAL_SHIFT] = expected, directional
         if curve_points:
             grid = torch.linspace(0.0, threat.eps, curve_points, dtype=torch.float64)
-            found = robust_on_grid(profile, head, y, threat.norm, grid)
+            found = robust_on_grid(profile, head, y, threat.norm, grid, expected)
             arrays[Array.CURVE_ROBUST] = found.robust
     margins = margin_lower_bounds(encoder, head, x, threat, margin_intermediate)
     if not isinstance(margins, Refusal):
