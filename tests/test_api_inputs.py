@@ -118,3 +118,16 @@ def test_a_probe_that_learns_nothing_says_so() -> None:
         train_linear_probe(z * 1e-6, y)  # the penalty wins: the optimum is a constant
     with pytest.raises(InputError, match="only class 1"):
         train_linear_probe(z, torch.ones(200, dtype=torch.long))
+
+
+def test_an_encoder_made_for_other_inputs_is_one_clear_error() -> None:
+    """A layer sized for other data fails inside the model: the error names the input
+    shape, and stays an input error (one line on the command line), not a traceback."""
+    import robust_transfer as rt
+
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8)).eval()
+    x = torch.rand(4, 1, 28, 28)
+    with pytest.raises(rt.RobustTransferError, match=r"fails on inputs of shape \(1, 28, 28\)"):
+        rt.extract_features(encoder, x)
+    with pytest.raises(rt.RobustTransferError, match=r"fails on inputs of shape \(1, 28, 28\)"):
+        rt.attack_representation(encoder, x, rt.ThreatModel("L2", 0.5), steps=2)

@@ -15,10 +15,10 @@ from ..core.checks import (
     RESTARTS,
     STEPS,
     check_images,
-    check_output,
     check_positive_int,
     check_sample_ids,
     check_seed,
+    checked_forward,
 )
 from ..core.errors import InputError, InputTypeError
 from ..core.noise import SampleNoise
@@ -134,7 +134,7 @@ def ascend_in_batches(
             xb = x[part].to(device)
             extra = tuple(tensor[part].to(device) for tensor in extras)
             with torch.no_grad():
-                clean = check_output(model(xb), "the model")
+                clean = checked_forward(model, xb, "the model")
             if not bool(torch.isfinite(clean).all()):
                 # A NaN output makes every objective NaN: no point could ever be broken.
                 raise InputError(

@@ -7,6 +7,7 @@ loudly, with the argument's name, before any work is done.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
@@ -34,6 +35,23 @@ def check_output(output: object, what: str) -> Tensor:
             "its forward returns one tensor (its features, or its logits)"
         )
     return output
+
+
+def checked_forward(model: Callable[[Tensor], object], x: Tensor, what: str) -> Tensor:
+    """``model(x)``, one tensor, or an :class:`InputError` where the model cannot read
+    inputs of this shape (a layer sized for other data): one line, not a traceback from
+    inside the model. Running out of memory stays what it is."""
+    try:
+        output = model(x)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(
+            f"{what} fails on inputs of shape {tuple(x.shape[1:])}: {reason} (is it made for "
+            "this data's image size and channels? --resize fits images to a zoo model)"
+        ) from err
+    return check_output(output, what)
 
 
 def check_finite(value: Tensor, name: str) -> None:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..core.checks import check_images, check_output, check_positive_int
+from ..core.checks import check_images, check_positive_int, checked_forward
 from ..core.errors import InputError, InputTypeError
 from ..core.runtime import eval_mode, model_device, model_input
 
@@ -53,7 +53,7 @@ def extract_features(
             chunks, total=total, desc="features", disable=not progress, unit="batch", leave=False
         )
         for chunk in batches:
-            output = check_output(encoder(chunk.to(device)), "the encoder")
+            output = checked_forward(encoder, chunk.to(device), "the encoder")
             parts.append(output.flatten(1).cpu())
     if not parts:
         raise InputError("data is empty")
