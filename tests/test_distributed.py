@@ -22,6 +22,8 @@ name = "shared"
 eval_points = 40
 radius_points = 40
 shard_points = 16
+train_points = 400
+curve_points = 0
 [attack]
 steps = 3
 targeted_restarts = 1

@@ -26,6 +26,8 @@ name = "kills"
 eval_points = 40
 radius_points = 40
 shard_points = 20
+train_points = 400
+curve_points = 0
 [attack]
 steps = 3
 targeted_restarts = 1
@@ -53,7 +55,7 @@ protocol = "certified-probe"
 [[tasks]]
 name = "mnist-5-9"
 """
-KILLS = 10
+KILLS = 7
 
 
 def _records(results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,5 +1,7 @@
 """A small study end to end: records, invariants, report, resume after a kill, and the CLI."""
 
+import copy
+import importlib
 import json
 import re
 from pathlib import Path
@@ -28,6 +30,7 @@ from robust_transfer.study.config import ConfigError, parse_config
 SMALL: dict[str, Any] = {
     "name": "small",
     "eval_points": 40,
+    "train_points": 800,
     "curve_points": 7,
     "radius_points": 40,
     "attack": {
@@ -180,8 +183,8 @@ def test_each_norm_s_largest_eps_unit_carries_the_curve(
         same = [
             r
             for r in records
-            if (r["encoder"], r["adaptation"], r["threat"])
-            == (record["encoder"], record["adaptation"], record["threat"])
+            if (r["task"], r["encoder"], r["adaptation"], r["threat"])
+            == (record["task"], record["encoder"], record["adaptation"], record["threat"])
         ]
         if record["eps"] < max(r["eps"] for r in same):
             assert record["curve_area"] is None
@@ -194,7 +197,10 @@ def test_each_norm_s_largest_eps_unit_carries_the_curve(
         accuracy = robust.float().mean(dim=0)
         assert float(accuracy[0]) == pytest.approx(record["clean_acc"])
         assert 0.0 <= record["curve_area"] <= record["clean_acc"]
+        assert float(accuracy[-1]) == pytest.approx(record["expected_robust_acc"])
         for other in same:
+            if other is not record and other["adaptation"] == "certified-probe":
+                continue  # its head is trained per threat: another head at another eps
             step = other["eps"] / record["eps"] * 6
             if abs(step - round(step)) > 1e-6:
                 continue
@@ -205,8 +211,8 @@ def test_each_norm_s_largest_eps_unit_carries_the_curve(
             if other["certified_robust_acc"] is not None:
                 assert value >= other["certified_robust_acc"]
             gaps.append(abs(value - other["expected_robust_acc"]))
-    # Each curve at its own eps, and the L2 curves at 0.5 too (grid step 0.125); on
-    # average as the single-eps estimate of those units.
+    # Each curve at its own eps (where it ends on the single-eps estimate), and the
+    # linear probes' L2 curves at 0.5 too (grid step 0.125).
     assert len(gaps) >= 6 + 3
     assert sum(gaps) / len(gaps) <= 0.03
 
@@ -359,7 +365,7 @@ def test_stored_fine_tuned_encoder_is_reused(study: tuple[Path, dict[str, Any]])
 
 def test_certificates_per_method_and_radius_rule(study: tuple[Path, dict[str, Any]]) -> None:
     root, results = study
-    assert results["format"] == 4
+    assert results["format"] == 5
     assert results["runtime"]["world_size"] == 1
     lip = [r for r in results["records"] if r["encoder"] == "lip"]
     assert lip
@@ -630,3 +636,48 @@ def test_the_entry_point_reports_what_the_study_reports(
             ]
             for field in _SAME:
                 assert mine[field] == pytest.approx(theirs[field], abs=1e-9), field
+
+
+def test_heads_train_on_the_points_asked_for_and_share_one_feature_pass(
+    study: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``train_points`` bounds the heads' training set (a stratified sample), and every
+    probe on an encoder reads one stored pass of its features over those points."""
+    from robust_transfer.models import features as features_module
+    from robust_transfer.study import stored
+
+    adapt_module = importlib.import_module("robust_transfer.training.adapt")
+
+    root, _ = study
+    source = copy.deepcopy(SMALL)
+    source |= {"train_points": 120, "eval_points": 20, "curve_points": 0}
+    source["encoders"] = {"std": source["encoders"]["std"]}
+    source["tasks"] = [dict(source["tasks"][0], encoders=["std"], threats={"L2": [0.5, 0.75]})]
+    sizes: list[int] = []
+    original = features_module.extract_features
+
+    def counted(encoder: Any, x: Any, **kwargs: Any) -> Any:
+        sizes.append(len(x))
+        return original(encoder, x, **kwargs)
+
+    monkeypatch.setattr(stored, "extract_features", counted)
+    monkeypatch.setattr(adapt_module, "extract_features", counted)
+    results = run_study(
+        parse_config(source), tmp_path / "out", cache_dir=root / "cache", progress=False
+    )
+    # One pass over the 120 training points for two probes at two eps (the certified
+    # probe's heads are per threat): none of the whole split's 4,000.
+    assert sizes.count(120) == 1
+    assert max(sizes) == 120
+    store = Store(tmp_path / "out" / "store")
+    loaded = store.load(("train-features", "mnist-5-9", "std", "n120"))
+    assert loaded is not None
+    assert loaded[0]["features"].shape[0] == 120
+    heads = [r for r in results["records"] if r["adaptation"] == "linear-probe"]
+    assert heads
+    assert all(r["clean_acc"] > 0.6 for r in heads)
+    # A stratified sample: every class is there in proportion.
+    from robust_transfer.data.tasks import get_task, stratified_sample
+
+    sample = stratified_sample(get_task("mnist-5-9").downstream.train, 120)
+    assert torch.bincount(sample.y).min() >= 20

@@ -255,3 +255,19 @@ def test_settings_built_in_python_check_themselves() -> None:
     with pytest.raises(ConfigError, match="radius quantile"):
         Radius(RadiusRule.QUANTILE, quantile=1.5)
     assert Radius(RadiusRule.FIXED, value=0.3).value == 0.3
+
+
+def test_train_and_curve_points_are_checked() -> None:
+    base = tomllib.loads(default_config_text())
+    assert parse_config(base).train_points is None
+    assert parse_config(base | {"train_points": 300}).train_points == 300
+    assert parse_config(base | {"curve_points": 0}).curve_points == 0
+    for key, value, reason in (
+        ("train_points", 0, "positive integer"),
+        ("train_points", "all", "positive integer"),
+        ("curve_points", 2, "at least 3 points"),
+        ("curve_points", -1, "positive integer"),
+        ("curve_points", 10**6, "curve points"),
+    ):
+        with pytest.raises(ConfigError, match=f"{key}.*{reason}"):
+            parse_config(base | {key: value})

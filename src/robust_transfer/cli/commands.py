@@ -97,6 +97,7 @@ def _transfer_config(args: argparse.Namespace) -> dict[str, object]:
         "seed": args.seed,
         "eval_points": args.n,
         "radius_points": min(100, args.n),
+        **({} if args.train_points is None else {"train_points": args.train_points}),
         "attack": {"steps": args.steps, "autoattack": args.autoattack},
         "encoders": {"encoder": encoder},
         "adaptations": {protocol: {"protocol": protocol} for protocol in args.adaptations},

@@ -86,6 +86,13 @@ def _count(limit: Limit) -> Callable[[str], int]:
     return _argument(lambda value: check_positive_int(_integer(value), "the value", limit))
 
 
+def _train_points(value: str) -> int | None:
+    """A count of training points, or ``all``."""
+    if value == "all":
+        return None
+    return check_positive_int(_integer(value), "the value", POINTS)
+
+
 def _seed(value: str) -> int:
     return check_seed(_integer(value))
 
@@ -257,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="adaptation protocols (linear-probe, certified-probe, finetune, lp-ft, ...)",
     )
     transfer.add_argument("--n", type=_count(POINTS), default=500, help="evaluation points")
+    transfer.add_argument(
+        "--train-points",
+        type=_argument(_train_points),
+        default=1000,
+        help="training points of the heads, a stratified sample (default 1000; 'all': the "
+        "whole training split)",
+    )
     transfer.add_argument("--steps", type=_count(STEPS), default=10, help="PGD steps on each head")
     transfer.add_argument("--autoattack", action="store_true", help="AutoAttack on every head")
     transfer.add_argument("--seed", type=_argument(_seed), default=0)

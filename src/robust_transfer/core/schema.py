@@ -17,8 +17,8 @@ from torch import Tensor
 
 from .errors import ResultsFormatError
 
-# Version 2: certificates keyed by method, the runtime, per-sample random starts.
-RESULTS_FORMAT = 4
+# The history of the format is in CHANGELOG.md.
+RESULTS_FORMAT = 5
 RESULTS_FILE = "results.json"
 ENCODERS_DIR = "encoders"  # what is known of each encoder of a study, as JSON
 LOCK_FILE = ".lock"  # the pid and host of the run writing into a study folder
@@ -188,6 +188,7 @@ class StoreKind(StrEnum):
     CERTIFICATES = "certificates"  # every certifier's bound on the evaluation points
     TRAIN_CERTIFICATES = "train-certificates"  # ... on training points
     HEADS = "heads"  # a trained head (and a fine-tuned encoder's weights)
+    TRAIN_FEATURES = "train-features"  # an encoder's features of a task's training points
 
 
 class Key(StrEnum):

@@ -23,6 +23,7 @@ from ..theory.threat import ThreatModel
 from ..training.adapt import AdaptConfig, AdaptProtocol
 from ..training.pretrain import PretrainConfig, PretrainProtocol
 from .config_values import (
+    LOAD_KEYS,
     check_name,
     checked,
     choice,
@@ -30,6 +31,7 @@ from .config_values import (
     dataclass_from,
     expect,
     field_names,
+    load_options,
     positive_int,
     threat_grid,
     unknown_keys,
@@ -53,6 +55,7 @@ _TOP = {
     "radius_points",
     "shard_points",
     "curve_points",
+    "train_points",
     "certifiers",
     "cache_dir",
     "attack",
@@ -76,27 +79,6 @@ _TASK_KEYS = {
 _ENCODER_SOURCES = {"protocol", "spec", "checkpoint", "factory"}
 
 
-# What an encoder spec may be given besides its source (resolve_encoder's arguments).
-_LOAD_KEYS = {"weights", "layer", "resize", "trust_checkpoint", "trust_code", "options"}
-
-
-def _load_options(table: Mapping[str, Any], base: Path, where: str) -> dict[str, Any]:
-    options: dict[str, Any] = dict(
-        expect(table.get("options", {}), dict, f"{where}.options", "a table")
-    )
-    if "weights" in table:
-        path = base / expect(table["weights"], str, f"{where}.weights", "a file path")
-        if not path.is_file():
-            raise config_error(f"{where}.weights", f"weights file not found: {path}")
-        options["checkpoint"] = str(path)
-    if "layer" in table:
-        options["layer"] = expect(table["layer"], str, f"{where}.layer", "a module name")
-    for flag in ("resize", "trust_checkpoint", "trust_code"):
-        if flag in table:
-            options[flag] = expect(table[flag], bool, f"{where}.{flag}", "true or false")
-    return options
-
-
 def _encoder(name: str, value: object, base: Path, seed: int) -> EncoderSpec:
     check_name(name, f"encoders.{name!r}")
     where = f"encoders.{name}"
@@ -108,9 +90,9 @@ def _encoder(name: str, value: object, base: Path, seed: int) -> EncoderSpec:
         )
     (key,) = sources
     if key != "protocol":
-        unknown_keys(table, {key, *_LOAD_KEYS}, where)
+        unknown_keys(table, {key, *LOAD_KEYS}, where)
         spec = expect(table[key], str, f"{where}.{key}", "an encoder spec")
-        options = _load_options(table, base, where)
+        options = load_options(table, base, where)
         if key == "checkpoint" and not spec.startswith("checkpoint:"):
             spec = f"checkpoint:{spec}"
         try:
@@ -333,6 +315,9 @@ def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> Stud
     radius_points = positive_int(source.get("radius_points", 200), "radius_points")
     shard_points = positive_int(source.get("shard_points", 256), "shard_points")
     curve_points = expect(source.get("curve_points", 9), int, "curve_points", "a number of eps")
+    train_points = source.get("train_points")
+    if train_points is not None:
+        train_points = positive_int(train_points, "train_points")
     attack = _attack(expect(source.get("attack", {}), dict, "attack", "a table"))
     threats = threat_grid(source["threats"], "threats") if "threats" in source else None
     encoder_tables = expect(source.get("encoders"), dict, "encoders", "a table of encoders")
@@ -370,6 +355,7 @@ def parse_config(source: Mapping[str, Any], *, base: Path | None = None) -> Stud
         cache_dir=cache_dir,
         shard_points=shard_points,
         curve_points=curve_points,
+        train_points=train_points,
         source=dict(source),
     )
 

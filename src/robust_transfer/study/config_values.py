@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from ..core.checks import Choice, check_positive_int, parse_choice
@@ -109,3 +110,24 @@ def converted(table: Mapping[str, Any], where: str) -> dict[str, Any]:
     if "threat" in converted:
         converted["threat"] = threat(converted["threat"], f"{where}.threat")
     return converted
+
+
+# What an encoder spec may be given besides its source (resolve_encoder's arguments).
+LOAD_KEYS = {"weights", "layer", "resize", "trust_checkpoint", "trust_code", "options"}
+
+
+def load_options(table: Mapping[str, Any], base: Path, where: str) -> dict[str, Any]:
+    options: dict[str, Any] = dict(
+        expect(table.get("options", {}), dict, f"{where}.options", "a table")
+    )
+    if "weights" in table:
+        path = base / expect(table["weights"], str, f"{where}.weights", "a file path")
+        if not path.is_file():
+            raise config_error(f"{where}.weights", f"weights file not found: {path}")
+        options["checkpoint"] = str(path)
+    if "layer" in table:
+        options["layer"] = expect(table["layer"], str, f"{where}.layer", "a module name")
+    for flag in ("resize", "trust_checkpoint", "trust_code"):
+        if flag in table:
+            options[flag] = expect(table[flag], bool, f"{where}.{flag}", "true or false")
+    return options

@@ -17,7 +17,7 @@ from ..data.tasks import Split
 from ..models import head_arrays, head_from_arrays
 from ..models.features import extract_features, median_distance
 from ..theory.losses import RegressionLoss
-from ..training.adapt import adapt, train_regression_probe
+from ..training.adapt import AdaptProtocol, adapt, train_regression_probe
 from .encoders import Encoders
 from .plan import Unit, threat_key
 from .spec import AdaptationSpec, RadiusRule, StudyConfig, TaskKind
@@ -109,16 +109,20 @@ class Heads:
             meta |= {Meta.RADIUS: radius, Meta.RADIUS_RULE: how}
         config = spec.config_for(radius)
         start = time.perf_counter()
+        features = None
+        if unit.task.kind is TaskKind.REGRESSION or spec.protocol is not AdaptProtocol.FINETUNE:
+            features = self.work.train_features(unit.task.name, unit.encoder, base, split.train.x)
         if unit.task.kind is TaskKind.REGRESSION:
             if split.train.targets is None:
                 raise ConfigError(f"task {unit.task.name!r} has no regression targets")
-            features = extract_features(base, split.train.x, progress=self.work.progress)
+            assert features is not None
             head = train_regression_probe(
                 features, split.train.targets, unit.task.loss or RegressionLoss.ABSOLUTE
             )
             encoder, metrics = base, {}
         else:
-            adapted = adapt(base, split.train, config, progress=self.work.progress)
+            progress = self.work.progress
+            adapted = adapt(base, split.train, config, progress=progress, features=features)
             head, encoder, metrics = adapted.head, adapted.encoder, dict(adapted.metrics)
         meta |= {
             Meta.METRICS: metrics,

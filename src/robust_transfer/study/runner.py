@@ -28,7 +28,7 @@ from ..core.runtime import Runtime
 from ..core.schema import ENCODERS_DIR, STORE_DIR, Arrays
 from ..core.store import Store
 from ..data.sources import load_split
-from ..data.tasks import Split, get_task
+from ..data.tasks import Split, get_task, stratified_sample
 from . import plan
 from .encoders import Encoders
 from .heads import Heads
@@ -121,7 +121,11 @@ class StudyRun:
 
     def _split(self, task: TaskSpec) -> Split:
         if task.name not in self._splits:
-            self._splits[task.name] = split = _downstream(task)
+            split = _downstream(task)
+            limit = self.config.train_points
+            if limit is not None and limit < len(split.train):
+                split = Split(stratified_sample(split.train, limit), split.test)
+            self._splits[task.name] = split
             if len(split.test) < self.config.eval_points and self.runtime.rank == 0:
                 self.log(
                     f"task {task.name}: {len(split.test)} held-out points, fewer "

@@ -154,6 +154,8 @@ class StudyConfig:
     # Evaluation points are processed, stored and shared out among processes in shards
     # of this many: memory follows the shard, and a killed run loses one shard at most.
     shard_points: int = 256
+    # Heads train on this many training points (a stratified sample; None: all of them).
+    train_points: int | None = None
     # Each head's robustness curve at this many eps from 0 to the largest eps of each
     # norm of a task's grid (0: none).
     curve_points: int = 9
@@ -167,6 +169,7 @@ class StudyConfig:
             ("radius_points", check_positive_int),
             ("shard_points", check_positive_int),
             ("curve_points", _check_curve_points),
+            ("train_points", lambda value, name: value is None or check_positive_int(value, name)),
         ):
             try:
                 check(getattr(self, name), name)

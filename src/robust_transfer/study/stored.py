@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..core.runtime import Runtime
-from ..core.schema import Arrays, Meta, StoreKind
+from ..core.schema import Array, Arrays, Meta, StoreKind
 from ..core.store import Store
 from ..estimates.evaluate import attacked_shift, certified_shifts
+from ..models.features import extract_features
 from ..theory.threat import ThreatModel
 from .plan import Shard, store_key
 from .spec import StudyConfig
@@ -72,6 +73,17 @@ class StoredWork:
             return arrays, {}
 
         return self.get(store_key(kind, task, variant, threat, shard), compute)[0]
+
+    def train_features(self, task: str, variant: str, encoder: nn.Module, x: Tensor) -> Tensor:
+        """The encoder's features of a task's training points, once per (task, encoder,
+        number of points): every probe on the encoder reads them."""
+
+        def compute() -> tuple[Arrays, dict[str, object]]:
+            features = extract_features(encoder, x, progress=self.progress)
+            return {Array.FEATURES: features}, {}
+
+        key = (StoreKind.TRAIN_FEATURES, task, variant, f"n{len(x)}")
+        return self.get(key, compute)[0][Array.FEATURES]
 
     def certificates(
         self,

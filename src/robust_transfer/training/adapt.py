@@ -226,10 +226,7 @@ def _stages(encoder: nn.Module) -> list[nn.Module]:
     return found
 
 
-def _probe(
-    encoder: nn.Module, data: ImageDataset, config: AdaptConfig, progress: bool
-) -> nn.Linear:
-    features = extract_features(encoder, data.x, progress=progress)
+def _probe(features: Tensor, data: ImageDataset, config: AdaptConfig) -> nn.Linear:
     return train_linear_probe(
         features, data.y, num_classes=data.num_classes, weight_decay=config.weight_decay
     )
@@ -280,28 +277,52 @@ def _feature_movement(before: nn.Module, after: nn.Module, x: Tensor) -> float:
     return float((extract_features(after, x) - extract_features(before, x)).norm(dim=1).mean())
 
 
-def head_accuracy(encoder: nn.Module, head: nn.Linear, data: ImageDataset) -> float:
+def head_accuracy(
+    encoder: nn.Module, head: nn.Linear, data: ImageDataset, features: Tensor | None = None
+) -> float:
     """The clean accuracy of ``head`` on ``encoder``'s features of ``data``."""
-    features = extract_features(encoder, data.x).to(head.weight.device)
+    if features is None:
+        features = extract_features(encoder, data.x)
+    features = features.to(head.weight.device)
     with torch.no_grad():
         return float((head(features).argmax(dim=1).cpu() == data.y).float().mean())
 
 
+def _given(features: Tensor | None) -> Tensor:
+    assert features is not None  # every protocol that reads them has them
+    return features
+
+
 def adapt(
-    encoder: nn.Module, data: ImageDataset, config: AdaptConfig, *, progress: bool = False
+    encoder: nn.Module,
+    data: ImageDataset,
+    config: AdaptConfig,
+    *,
+    progress: bool = False,
+    features: Tensor | None = None,
 ) -> Adapted:
-    """Adapt ``encoder`` to the labelled ``data`` with ``config.protocol``."""
+    """Adapt ``encoder`` to the labelled ``data`` with ``config.protocol``. ``features``
+    are ``encoder``'s features of ``data.x`` where already computed (a study computes
+    them once per encoder and training set, and every probe on it reads them)."""
     if not isinstance(encoder, nn.Module):
         raise InputTypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
     if not isinstance(data, ImageDataset):
         raise InputTypeError(f"data must be an ImageDataset, got {type(data).__name__}")
     check_two_classes(data.y, f"the training labels of {data.name}")
+    if features is not None:
+        features = check_features(features)
+        if len(features) != len(data):
+            raise InputError(f"features has {len(features)} rows for {len(data)} training points")
     start = time.perf_counter()
     torch.manual_seed(config.seed)
+    # Every protocol but plain fine-tuning starts from a probe on the clean features.
+    clean = features
+    if clean is None and config.protocol is not AdaptProtocol.FINETUNE:
+        clean = extract_features(encoder, data.x, progress=progress)
     probes: dict[AdaptProtocol, Callable[[], nn.Linear]] = {
-        AdaptProtocol.LINEAR_PROBE: lambda: _probe(encoder, data, config, progress),
+        AdaptProtocol.LINEAR_PROBE: lambda: _probe(_given(clean), data, config),
         AdaptProtocol.CERTIFIED_PROBE: lambda: train_certified_probe(
-            extract_features(encoder, data.x, progress=progress),
+            _given(clean),
             data.y,
             float(config.radius or 0.0),
             num_classes=data.num_classes,
@@ -332,13 +353,13 @@ def adapt(
             dim = extract_features(encoder, data.x[:1]).shape[1]
             head = nn.Linear(dim, data.num_classes).to(model_device(encoder, torch.device("cpu")))
         else:
-            head = _probe(encoder, data, config, progress)
+            head = _probe(_given(clean), data, config)
         anchor = encoder if config.protocol is AdaptProtocol.ANCHORED_FINETUNE else None
         metrics["final_loss"] = _fine_tune(
             adapted, head, data, config, trainable=trainable, anchor=anchor, progress=progress
         )
         adapted.requires_grad_(False)
         metrics["feature_movement"] = _feature_movement(encoder, adapted, data.x[:1000])
-    metrics["train_acc"] = head_accuracy(adapted, head, data)
+    metrics["train_acc"] = head_accuracy(adapted, head, data, clean if adapted is encoder else None)
     metrics["seconds"] = time.perf_counter() - start
     return Adapted(adapted, head, metrics)
