@@ -7,10 +7,10 @@ OUT ?= runs/demo
 
 .PHONY: install demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[dev,zoo]'
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev,zoo]'
 	touch $(STAMP)
 
 install: $(STAMP)
