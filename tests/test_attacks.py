@@ -246,3 +246,17 @@ def test_one_default_attack_everywhere() -> None:
     assert defaults["method"] == settings.representation_method == "pgd+apgd"
     assert defaults["steps"] == settings.representation_steps
     assert defaults["restarts"] == settings.representation_restarts
+
+
+def test_progress_bars_name_the_points_each_stage_takes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from robust_transfer import extract_features
+
+    encoder = mlp_encoder(n_in=30)
+    x = torch.rand(12, 30)
+    extract_features(encoder, x, progress=True)
+    attack_representation(encoder, x, ThreatModel("L2", 0.5), steps=2, progress=True)
+    shown = capsys.readouterr().err
+    assert "features (12 points)" in shown
+    assert "representation attack L2(eps=0.5) (12 points)" in shown

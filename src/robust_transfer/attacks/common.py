@@ -88,7 +88,9 @@ def check_attack_args(
 
 def batches(n: int, batch_size: int, *, progress: bool, desc: str) -> Iterator[slice]:
     starts = range(0, n, batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, unit="batch", leave=False):
+    # The bar names the work and its size: every stage shows how many points it takes.
+    label = f"{desc} ({n} points)"
+    for start in tqdm(starts, desc=label, disable=not progress, unit="batch", leave=False):
         yield slice(start, min(start + batch_size, n))
 
 

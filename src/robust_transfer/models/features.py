@@ -38,19 +38,24 @@ def extract_features(
     if isinstance(data, Tensor):
         data = model_input(encoder, check_images(data))
         chunks = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
-        total = len(chunks)
+        total, points = len(chunks), len(data)
     elif isinstance(data, Dataset):
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=_collate_inputs)
         # Items arrive a batch at a time: each batch is checked as it comes.
         chunks = (model_input(encoder, check_images(batch)) for batch in loader)
-        total = len(loader)
+        total, points = len(loader), len(loader.dataset)  # type: ignore[arg-type]
     else:
         raise InputTypeError(f"data must be a tensor or a torch Dataset, got {type(data).__name__}")
     device = model_device(encoder, torch.device("cpu"))
     parts = []
     with eval_mode(encoder, purpose="feature extraction"), torch.no_grad():
         batches = tqdm(
-            chunks, total=total, desc="features", disable=not progress, unit="batch", leave=False
+            chunks,
+            total=total,
+            desc=f"features ({points} points)",
+            disable=not progress,
+            unit="batch",
+            leave=False,
         )
         for chunk in batches:
             output = checked_forward(encoder, chunk.to(device), "the encoder")

@@ -266,7 +266,7 @@ def _fine_tune(
         seed=config.seed,
         device=device,
         one_cycle=False,
-        desc=config.protocol.value,
+        desc=f"{config.protocol.value} ({len(data)} points)",
         progress=progress,
     )
     head.requires_grad_(False).eval()

@@ -183,7 +183,7 @@ def _train(
         seed=config.seed,
         device=next(model.parameters()).device,
         one_cycle=True,
-        desc=f"pretrain {config.protocol.value}",
+        desc=f"pretrain {config.protocol.value} ({len(data)} points)",
         progress=progress,
     )
 
