@@ -131,3 +131,19 @@ def test_an_encoder_made_for_other_inputs_is_one_clear_error() -> None:
         rt.extract_features(encoder, x)
     with pytest.raises(rt.RobustTransferError, match=r"fails on inputs of shape \(1, 28, 28\)"):
         rt.attack_representation(encoder, x, rt.ThreatModel("L2", 0.5), steps=2)
+
+
+def test_only_shape_errors_become_input_errors() -> None:
+    import robust_transfer as rt
+
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()).eval()
+    with pytest.raises(rt.RobustTransferError, match=r"shape \(1, 8, 8\).*3 channels"):
+        rt.extract_features(conv, torch.rand(2, 1, 8, 8))
+
+    class Broken(torch.nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            raise RuntimeError("a failure of the model's own")
+
+    with pytest.raises(RuntimeError, match="of the model's own") as caught:
+        rt.extract_features(Broken(), torch.rand(2, 1, 8, 8))
+    assert not isinstance(caught.value, rt.RobustTransferError)

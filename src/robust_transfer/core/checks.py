@@ -7,6 +7,7 @@ loudly, with the argument's name, before any work is done.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -37,16 +38,24 @@ def check_output(output: object, what: str) -> Tensor:
     return output
 
 
+# What torch says when a layer meets inputs of a shape it was not made for.
+_SHAPE_ERROR = re.compile(
+    r"shapes cannot be multiplied|size mismatch|must match the size|Sizes of tensors must "
+    r"match|Given groups=|Calculated padded input size|is invalid for input of size|"
+    r"Expected (\d+D|\S+ input|input|size)|expected input|to have \d+ channels"
+)
+
+
 def checked_forward(model: Callable[[Tensor], object], x: Tensor, what: str) -> Tensor:
     """``model(x)``, one tensor, or an :class:`InputError` where the model cannot read
     inputs of this shape (a layer sized for other data): one line, not a traceback from
     inside the model. Running out of memory stays what it is."""
     try:
         output = model(x)
-    except torch.OutOfMemoryError:
-        raise
     except RuntimeError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not _SHAPE_ERROR.search(str(err)):
+            raise  # out of memory, a compiler's or a device's failure: not the data's shape
+        reason = str(err).strip().splitlines()[0]
         raise InputError(
             f"{what} fails on inputs of shape {tuple(x.shape[1:])}: {reason} (is it made for "
             "this data's image size and channels? --resize fits images to a zoo model)"

@@ -80,6 +80,7 @@ def robust_on_grid(
     prediction = drops[0].prediction
     correct = prediction == y
     own = nn.functional.one_hot(prediction, drops[0].margins.shape[1]).bool()
+    grid = grid.to(correct.device)  # indexed by per-point brackets on the profile's device
     # First order's verdict per grid eps (eps 0: every correct point).
     first_order = torch.stack(
         [correct, *(correct & ((d.margins > d.drops) | own).all(dim=1) for d in drops)]

@@ -83,7 +83,8 @@ class StoredWork:
             return {Array.FEATURES: features}, {}
 
         key = (StoreKind.TRAIN_FEATURES, task, variant, f"n{len(x)}")
-        return self.get(key, compute)[0][Array.FEATURES]
+        # On the CPU, beside the labels, as extract_features gives them: heads train there.
+        return self.get(key, compute)[0][Array.FEATURES].cpu()
 
     def certificates(
         self,
