@@ -7,11 +7,20 @@ OUT ?= runs/demo
 
 .PHONY: install demo test lint bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+# Debian's Chromium renders the report in the browser test (as root, as CI runs; SUDO=sudo
+# otherwise).
+SUDO ?=
+CHROMIUM := /usr/bin/chromium
+
+$(STAMP): pyproject.toml constraints.txt | $(CHROMIUM)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -c constraints.txt -e '.[dev,zoo]'
 	touch $(STAMP)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
 
 install: $(STAMP)
 

@@ -20,7 +20,7 @@ from robust_transfer.report.render import write_report
 _OWN_TAGS = {
     "html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "em", "strong",
     "ul", "li", "br", "table", "thead", "tbody", "tr", "th", "td", "code", "figure", "img",
-    "figcaption",
+    "figcaption", "a", "section", "dl", "dt", "dd",
 }  # fmt: skip
 _PERMISSIVE = MarkdownIt("commonmark", {"html": True}).enable("table")
 
@@ -30,9 +30,12 @@ class _Page(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.tags: set[str] = set()
         self.text: list[str] = []
+        self.links: set[str] = set()
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.add(tag)
+        if tag == "a":
+            self.links |= {value or "" for key, value in attrs if key == "href"}
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
@@ -41,6 +44,8 @@ class _Page(HTMLParser):
 def _read(page: str) -> tuple[set[str], str]:
     parser = _Page()
     parser.feed(page)
+    # The report's own links go to its glossary; a link anywhere else came from a name.
+    assert all(link.startswith("#") for link in parser.links), parser.links
     return parser.tags, _collapsed("".join(parser.text))
 
 

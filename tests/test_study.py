@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from browser import render
 from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
 
@@ -224,9 +225,8 @@ def test_reports_are_written(study: tuple[Path, dict[str, Any]]) -> None:
         json.dumps(results["records"])
     )
     markdown = (out / "report.md").read_text()
-    assert markdown.index("## Expected robust accuracy: the answer first") < markdown.index(
-        "## Findings"
-    )
+    assert markdown.index("## The answer:") < markdown.index("## Expected robust accuracy")
+    assert markdown.index("## Expected robust accuracy") < markdown.index("## Findings")
     assert "expected-vs-attacked" in markdown
     assert "## Task mnist-5-9" in markdown
     assert "## Regression task dsprites-latents" in markdown
@@ -242,6 +242,26 @@ def test_reports_are_written(study: tuple[Path, dict[str, Any]]) -> None:
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 4
     assert "<table>" in page
+
+
+def test_report_renders_in_a_browser(study: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    root, _ = study
+    out = root / "out"
+    markdown = (out / "report.md").read_text()
+    page = render(out / "report.html", screenshot=tmp_path / "report.png")
+    # Every Markdown table of every section is a table on the page, and no Markdown
+    # syntax is left in what a reader sees.
+    assert page.tables == len(re.findall(r"^\| --- \|", markdown, re.MULTILINE)) >= 5
+    assert "|" not in page.text
+    assert "**" not in page.text
+    assert "](" not in page.text
+    assert page.images == len(re.findall(r"!\[", markdown)) >= 4
+    assert not page.broken_images
+    assert not page.console_errors
+    assert not page.dead_links  # every column heading reaches its glossary entry
+    assert page.headings[0].startswith("The answer")
+    assert page.headings[-1] == "Glossary"
+    assert (tmp_path / "report.png").stat().st_size > 10_000
 
 
 def test_killed_run_resumes_to_the_same_results(

@@ -11,6 +11,7 @@ import html
 import re
 from pathlib import Path
 
+import jinja2
 import matplotlib
 from markdown_it import MarkdownIt
 
@@ -22,7 +23,7 @@ from ..core.schema import (
     RuntimeField,
 )
 from ..core.store import Store
-from . import tables
+from . import glossary, tables
 from .figures import Figures, file_name
 from .sections import sections
 
@@ -31,20 +32,18 @@ _MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
 
 
 _INTRO = (
-    "Robustness of linear heads (and light fine-tuning) on pretrained encoders. "
-    "*attacked*: share of points no attack broke (PGD with cross-entropy and targeted "
-    "margins, plus the task-agnostic perturbations of the representation attack), an upper "
-    "bound on true robust accuracy. *predicted*: the criterion rho(x) > shift(x) with the "
-    "attacked shift (an estimate). *certified*: the criterion with a certified shift, a "
-    "guarantee (the tightest per sample of the certifiers run: layer-wise Lipschitz "
-    "constant, IBP, CROWN when named), valid for every head; *head cert.*: CROWN bounds "
-    "on this head's own margins (or the former where tighter); *cert./att. shift*: the "
-    "median ratio of the certified to the attacked shift, how far the guarantee is from "
-    "what attacks reach. "
-    "*bound*: Result 1, E[CE + max_j ||w_y - w_j|| shift], with the attacked shift "
-    "(estimate) or certified shift (guarantee). *collapsed*: the head predicts one class "
-    "everywhere, so its robust and certified accuracies are only the majority share. "
-    "Accuracies are fractions."
+    "How much adversarial robustness linear heads (and light fine-tuning) keep on these "
+    "pretrained encoders. *attacked* accuracies are upper bounds on robust accuracy (no "
+    "attack finds every adversarial point), *certified* ones are guarantees, *expected* "
+    "ones are estimates from one profile of each encoder. Accuracies are fractions; every "
+    "column heading links to its entry in the [glossary](#glossary)."
+)
+
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("robust_transfer.report", "templates"),
+    autoescape=jinja2.select_autoescape(["html.j2"]),
+    keep_trailing_newline=True,
+    undefined=jinja2.StrictUndefined,
 )
 
 
@@ -62,41 +61,50 @@ def write_report(results: Results, out: Path) -> tuple[Path, Path]:
     runtime = results.get(Key.RUNTIME)
     device = runtime.get(RuntimeField.DEVICE) if isinstance(runtime, dict) else None
     seconds = results.get(Key.SECONDS, 0)
-    meta = tables.escape(
-        f"robust-transfer {version}, git {results.get(Key.GIT_REVISION)}, device {device}, "
-        + (f"{seconds:.0f} s" if isinstance(seconds, int | float) else "")
+    meta = f"robust-transfer {version}, git {results.get(Key.GIT_REVISION)}, device {device}" + (
+        f", {seconds:.0f} s" if isinstance(seconds, int | float) else ""
     )
-    md = [f"# {title}", "", meta, "", _INTRO, ""]
-    page = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{_inline_text(title)}</title>",
-        "<style>body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;"
-        "padding:2px 6px;text-align:right}img{max-width:100%}</style></head><body>",
-        _MARKDOWN.render("\n\n".join(md)),
+    rendered = [
+        {
+            "heading": heading,
+            "heading_html": _MARKDOWN.renderInline(heading),
+            "markdown": body,
+            "html": _MARKDOWN.render(body),
+            "figures": [
+                {
+                    "caption": by_name[name][0],
+                    "caption_md": tables.escape(by_name[name][0]),
+                    "file": file_name(name),
+                    "data": base64.b64encode(by_name[name][1]).decode(),
+                }
+                for name in names
+            ],
+        }
+        for heading, body, names in parts
     ]
-    for heading, body, names in parts:
-        md += [f"## {heading}", ""]
-        page.append(_MARKDOWN.render(f"## {heading}"))
-        for name in names:
-            caption, payload = by_name[name]
-            md += [f"![{tables.escape(caption)}](figures/{file_name(name)})", ""]
-            encoded = base64.b64encode(payload).decode()
-            page.append(
-                f"<figure><img alt='{html.escape(caption, quote=True)}' "
-                f"src='data:image/png;base64,{encoded}'>"
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-            )
-        md += [body, ""]
-        page.append(_MARKDOWN.render(body))
-    page.append("</body></html>")
+    md = _TEMPLATES.get_template("report.md.j2").render(
+        title=title,
+        meta=tables.escape(meta),
+        intro=_INTRO,
+        sections=rendered,
+        glossary=glossary.markdown(),
+    )
+    page = _TEMPLATES.get_template("report.html.j2").render(
+        title=_inline_text(title),
+        meta=meta,
+        intro=_MARKDOWN.render(_INTRO),
+        sections=rendered,
+        glossary=[
+            {"name": term.name, "anchor": term.anchor, "html": _MARKDOWN.renderInline(term.text)}
+            for term in glossary.GLOSSARY
+        ],
+    )
     md_path, html_path = out / "report.md", out / "report.html"
-    atomic_write_text(md_path, "\n".join(md))
-    atomic_write_text(html_path, "\n".join(page))
+    atomic_write_text(md_path, md)
+    atomic_write_text(html_path, page)
     return md_path, html_path
 
 
 def _inline_text(markdown: str) -> str:
-    """The plain text of one line of Markdown, HTML-escaped (for the page's title)."""
-    rendered = _MARKDOWN.renderInline(markdown)
-    return html.escape(html.unescape(re.sub(r"<[^>]*>", "", rendered)))
+    """The plain text of one line of Markdown (for the page's title)."""
+    return html.unescape(re.sub(r"<[^>]*>", "", _MARKDOWN.renderInline(markdown)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..core.schema import Field, Record
+from .glossary import term_of_column
 
 # (record key, column heading)
 SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -111,8 +112,14 @@ def cell(value: object) -> str:
     return str(value)
 
 
+def heading(title: str) -> str:
+    """A column heading as Markdown, linked to the glossary entry that explains it."""
+    term = term_of_column(title)
+    return f"[{escape(title)}](#{term.anchor})" if term is not None else escape(title)
+
+
 def markdown(rows: Sequence[Record], columns: Sequence[tuple[str, str]] = SUMMARY_COLUMNS) -> str:
-    header = "| " + " | ".join(title for _, title in columns) + " |"
+    header = "| " + " | ".join(heading(title) for _, title in columns) + " |"
     rule = "| " + " | ".join("---" for _ in columns) + " |"
     body = [
         "| " + " | ".join(escape(cell(row.get(key))) for key, _ in columns) + " |" for row in rows
