@@ -331,3 +331,22 @@ def test_a_factory_cannot_unpickle_code_a_config_names(tmp_path: Path) -> None:
     assert not marker.exists()
     load_encoder("test_models:pickle_factory", path=str(weights), trust_checkpoint=True)
     assert marker.exists()
+
+
+def test_random_weights_come_from_the_seed_and_leave_the_caller_generator_alone() -> None:
+    # A factory's random weights are the same in every run and every process of a run
+    # (torchrun ranks build their encoders apart), and differ between seeds.
+    from robust_transfer.models import load_encoder
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = load_encoder("robust_transfer.models:SmallCNN", seed=5)
+    assert torch.equal(torch.rand(3), expected_next)
+    second = load_encoder("robust_transfer.models:SmallCNN", seed=5)
+    other = load_encoder("robust_transfer.models:SmallCNN", seed=6)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not all(
+        torch.equal(a, c) for a, c in zip(first.parameters(), other.parameters(), strict=True)
+    )

@@ -3,6 +3,8 @@ fresh virtual environment beside (not over) the dependencies, imported and run."
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -11,16 +13,24 @@ from pathlib import Path
 
 import robust_transfer
 
-TINY = """
-from torch import nn
+
+def _readme_quick_start(root: Path) -> tuple[str, list[str]]:
+    """The README's command-line quick start: the command, and the table rows it shows
+    (whitespace collapsed, up to where the README cuts the columns)."""
+    section = (root / "README.md").read_text().split("## Quick start: the command line")[1]
+    command = re.search(r"```sh\n(.*?)```", section, re.S)
+    output = re.search(r"```text\n(.*?)```", section, re.S)
+    assert command is not None
+    assert output is not None
+    rows = [
+        " ".join(line.split("...")[0].split())
+        for line in output.group(1).splitlines()
+        if line.split()[:1] in (["linear-probe"], ["certified-probe"])
+    ]
+    return command.group(1).replace("\\\n", " ").strip(), rows
 
 
-def make() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 8))
-"""
-
-
-def test_the_wheel_installs_imports_and_runs_ten_points(tmp_path: Path) -> None:
+def test_the_wheel_installs_and_runs_the_readme_quick_start(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     wheels = tmp_path / "wheels"
     subprocess.run(
@@ -85,40 +95,24 @@ def test_the_wheel_installs_imports_and_runs_ten_points(tmp_path: Path) -> None:
         [command, "--help"], check=True, capture_output=True, text=True, env=clean_env
     ).stdout
     assert "transfer" in help_text
-    # Ten points of a user's own encoder on the built-in 8x8 digits, end to end.
-    (tmp_path / "tiny.py").write_text(TINY)
-    out = tmp_path / "run"
-    subprocess.run(
-        [
-            command,
-            "transfer",
-            "--encoder",
-            "tiny:make",
-            "--data",
-            "task:digits8x8-5-9",
-            "--out",
-            str(out),
-            "--n",
-            "10",
-            "--linf",
-            "1/10",
-            "--l2",
-            "--steps",
-            "2",
-            "--quiet",
-            "--adaptations",
-            "linear-probe",
-            "--train-points",
-            "200",
-        ],
+    # The README's command-line quick start, as a user would paste it, prints the
+    # README's numbers.
+    command_line, printed = _readme_quick_start(root)
+    words = shlex.split(command_line)
+    assert words[0] == "robust-transfer"
+    done = subprocess.run(
+        [command, *words[1:]],
         check=True,
         capture_output=True,
         text=True,
-        env=clean_env | {"PYTHONPATH": str(tmp_path)},
+        env=clean_env,
         cwd=tmp_path,
     )
+    shown = [" ".join(line.split()) for line in done.stdout.splitlines()]
+    for row in printed:
+        assert any(row in line for line in shown), (row, done.stdout[-3000:])
+    out = tmp_path / "runs" / "first"
     results = json.loads((out / "results.json").read_text())
     assert results["versions"]["robust_transfer"] == robust_transfer.__version__
-    (record,) = results["records"]
-    assert record["n"] == 10
+    assert {record["n"] for record in results["records"]} == {100}
     assert (out / "report.html").is_file()

@@ -233,6 +233,7 @@ def _encoder(args: argparse.Namespace, runtime: Runtime) -> nn.Module:
         resize=args.resize,
         trust_checkpoint=args.trust_checkpoint,
         trust_code=args.trust_code,
+        seed=args.seed,
     )
     return encoder.to(runtime.device).eval()
 

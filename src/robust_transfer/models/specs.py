@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.checks import check_seed
 from ..core.errors import CheckpointError, InputError, InputTypeError, MissingFileError
 from ..core.schema import Meta
 from . import zoo
@@ -220,6 +221,7 @@ def resolve_encoder(
     resize: bool = False,
     trust_checkpoint: bool = False,
     trust_code: bool = False,
+    seed: int = 0,
     **options: object,
 ) -> LoadedEncoder:
     """The encoder ``spec`` names, in eval mode, with its provenance.
@@ -230,7 +232,10 @@ def resolve_encoder(
     linear layer). ``resize``: resize inputs to the encoder's input size.
     ``trust_code``: call a factory that is neither an ``nn.Module`` class nor annotated
     to return one (refused otherwise, as it could run anything). ``options``
-    go to a factory (or a zoo loader, e.g. RobustBench's ``model_dir``).
+    go to a factory (or a zoo loader, e.g. RobustBench's ``model_dir``). ``seed``: the
+    generator state weights are initialised from where nothing loads them (a factory's
+    random weights, a zoo architecture without weights), so two runs, or two processes
+    of one run, build the same encoder; the caller's generator is left as it was.
     """
     source = _source(spec)
     load_options = LoadOptions(
@@ -241,7 +246,8 @@ def resolve_encoder(
         trust_code=trust_code,
         extra=options,
     )
-    with unpickling(trust_checkpoint):
+    with unpickling(trust_checkpoint), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(check_seed(seed))
         loaded = source.load(source.resolve(spec, Path.cwd()), load_options)
     broken = [
         name
@@ -265,6 +271,7 @@ def load_encoder(
     resize: bool = False,
     trust_checkpoint: bool = False,
     trust_code: bool = False,
+    seed: int = 0,
     **options: object,
 ) -> nn.Module:
     """The encoder ``spec`` names (see the module docstring for the forms), in eval
@@ -276,5 +283,6 @@ def load_encoder(
         resize=resize,
         trust_checkpoint=trust_checkpoint,
         trust_code=trust_code,
+        seed=seed,
         **options,
     ).module

@@ -42,8 +42,8 @@ GLOSSARY: tuple[Term, ...] = (
     ),
     Term(
         "threat",
-        "The threat model: perturbations `delta` with `‖delta‖_p <= eps` for p in "
-        "{Linf, L2, L1}, inputs kept inside `[0, 1]`.",
+        "The threat model: perturbations `delta` with `‖delta‖_p <= eps` in the "
+        "Linf or L2 norm, inputs kept inside `[0, 1]`.",
         ("threat", "eps"),
     ),
     Term(
@@ -111,8 +111,10 @@ GLOSSARY: tuple[Term, ...] = (
     ),
     Term(
         "normalised margin",
-        "`rho(x) = (z_y - max_{j != y} z_j) / max_j ‖w_y - w_j‖_2` for logits `z = W f(x) + "
-        "b`: how far the features may move before the prediction can change.",
+        "`rho(x) = min_{j != yhat} (g_yhat(x) - g_j(x)) / ‖w_yhat - w_j‖_2` for the head's "
+        "logits `g = W f(x) + b` and predicted class `yhat`: the distance in feature space "
+        "from `f(x)` to the head's decision boundary, how far the features may move "
+        "before the prediction can change.",
     ),
     Term(
         "criterion",

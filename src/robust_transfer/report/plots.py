@@ -15,6 +15,10 @@ from torch import Tensor
 
 from ..core.schema import Array, Field, Record
 
+# Inputs are images in [0, 1]: eps is the perturbation radius on that scale, in the
+# threat's own norm.
+_EPS_LABEL = "eps (input scale [0, 1], threat norm)"
+
 
 def _subplots(
     rows: int, cols: int, figsize: tuple[float, float], **kwargs: Any
@@ -69,7 +73,7 @@ def vulnerability(rows: Sequence[Record], task: str) -> Figure:
                 ax.plot(_eps(mine), _values(mine, Field.MEAN_SHIFT), marker="o", label=encoder)
         ax.set(
             title=f"Representation shift, {norm}",
-            xlabel=Field.EPS,
+            xlabel=_EPS_LABEL,
             ylabel="mean ||f(x') - f(x)||_2 (attacked)",
         )
         ax.grid(alpha=0.3)
@@ -122,7 +126,7 @@ def _small_multiples(
             else:
                 ax.set_ylim(-0.02, 1.02)
             ax.set_title(f"{encoder}, {norm}", fontsize=9)
-            ax.set_xlabel(Field.EPS)
+            ax.set_xlabel(_EPS_LABEL)
             ax.grid(alpha=0.3)
         axes[i][0].set_ylabel(ylabel)
     handles, labels = _legend_entries(axes)
@@ -233,8 +237,8 @@ def adaptation_comparison(rows: Sequence[Record], title: str) -> Figure:
                     )
         ax.set(
             title=f"{norm} eps={eps:.4g}",
-            xlabel="clean accuracy",
-            ylabel="attacked robust accuracy",
+            xlabel="clean accuracy (fraction)",
+            ylabel="attacked robust accuracy (fraction)",
         )
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -285,7 +289,7 @@ def robustness_curves(
             ax.plot(_eps(mine), _values(mine, Field.CERTIFIED_ROBUST_ACC), ".", color=colour)
         ax.plot([], [], "kx", label="attacked (PGD and the representation attack)")
         ax.plot([], [], "k.", label="certified")
-        ax.set(title=norm, xlabel="eps", ylabel="robust accuracy (fraction)", ylim=(0, 1.02))
+        ax.set(title=norm, xlabel=_EPS_LABEL, ylabel="robust accuracy (fraction)", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     handles, labels = _legend_entries(axes)
     figure.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)

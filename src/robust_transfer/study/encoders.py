@@ -77,7 +77,7 @@ class Encoders:
                 Meta.PRETRAIN_SECONDS: result.seconds,
             }
         else:
-            loaded = resolve_encoder(str(spec.source), **spec.options)
+            loaded = resolve_encoder(str(spec.source), seed=self.config.seed, **spec.options)
             encoder = loaded.module
             info |= loaded.info
         info[Field.LIPSCHITZ_L2] = proven_lipschitz(encoder)
