@@ -19,9 +19,9 @@ from robust_transfer.study.config import parse_config
 
 CONFIG = """
 name = "shared"
-eval_points = 40
-radius_points = 40
-shard_points = 16
+eval_points = 24
+radius_points = 24
+shard_points = 10
 train_points = 400
 curve_points = 0
 [attack]
@@ -89,7 +89,7 @@ def test_torchrun_two_processes_give_the_single_process_records(
     runtime = json.loads((tmp_path / "shared" / RESULTS_FILE).read_text())["runtime"]
     assert runtime["world_size"] == 2
     assert runtime["device"] == "cpu"
-    # Three shards of 16, 16 and 8 points per unit, each unit joined by rank 0.
+    # Three shards of 10, 10 and 4 points per unit, each unit joined by rank 0.
     shards = sorted((tmp_path / "shared" / "store" / "unit-shards").rglob("*.safetensors"))
     assert len(shards) == 3 * 8
     assert {p.name for p in shards} == {

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from robust_transfer.certify import base as certify_base
+from robust_transfer.certify import layers as certify_layers
 from robust_transfer.cli.parser import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +76,9 @@ def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
     """A page's Python blocks run in order in one namespace; a ``text`` block right after
     one is what it prints (up to where a line is cut with "...")."""
     monkeypatch.chdir(tmp_path)  # what a block writes lands here
+    # What a page registers (certifiers, layer readers) ends with the page.
+    monkeypatch.setattr(certify_base, "_REGISTRY", dict(certify_base._REGISTRY))
+    monkeypatch.setattr(certify_layers, "_READERS", dict(certify_layers._READERS))
     namespace: dict[str, object] = {"__name__": "__docs__"}
     printed: str | None = None
     for language, code, syntax_only in _blocks(page):

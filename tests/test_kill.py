@@ -39,8 +39,8 @@ L2 = [0.5]
 [encoders.std]
 protocol = "standard"
 pretrain_task = "mnist-5-9"
-epochs = 2
-limit = 400
+epochs = 1
+limit = 300
 [encoders.adv]
 protocol = "adversarial"
 pretrain_task = "mnist-5-9"
@@ -55,7 +55,7 @@ protocol = "certified-probe"
 [[tasks]]
 name = "mnist-5-9"
 """
-KILLS = 7
+KILLS = 5
 
 
 def _records(results: dict[str, Any]) -> list[dict[str, Any]]:

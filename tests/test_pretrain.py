@@ -122,36 +122,43 @@ def test_lipschitz_encoder_respects_its_constant_and_certifies_points() -> None:
     assert result.metrics["train_certified_acc"] > 0.2
 
 
-@pytest.mark.parametrize("method", [PretrainProtocol.IBP, PretrainProtocol.CROWN_IBP])
-def test_certified_pretraining_certifies_probes_on_new_classes(method: PretrainProtocol) -> None:
-    """Certified transfer: an encoder IBP- or CROWN-IBP-trained on digits 0-4 gives a
-    plain linear probe on digits 5-9 head-specific certificates at Linf 1/40 where a
-    standard one gives none, and PGD with many restarts breaks no certified point."""
+@cache
+def _certified_probe(protocol: PretrainProtocol) -> torch.Tensor:
+    """Which of 100 digits 5-9 a plain linear probe on an encoder pretrained on digits 0-4
+    with ``protocol`` has certified at Linf 1/40 (head-specific CROWN bounds), after
+    checking that PGD with many restarts breaks none of them. Computed once per protocol:
+    the standard encoder is the reference of both certified protocols."""
     task = get_task("mnist-5-9")
     assert task.pretrain is not None
     train, test = task.downstream.train, task.downstream.test
     x = test.x[:100]
     y = test.y[:100]
     threat = ThreatModel("Linf", "1/40")
-    certified = {}
-    for protocol in (method, PretrainProtocol.STANDARD):
-        config = _config(protocol, epochs=10, feature_dim=64, limit=1000)
-        result = pretrain(config, task.pretrain.train)
-        encoder = result.encoder
-        head = train_linear_probe(extract_features(encoder, train.x[:1000]), train.y[:1000])
-        margins = margin_lower_bounds(encoder, head, x, threat)
-        assert isinstance(margins, torch.Tensor)
-        correct = head(extract_features(encoder, x)).argmax(dim=1) == y
-        certified[protocol] = correct & (margins > 0).all(dim=1)
-        model = torch.nn.Sequential(encoder, head).eval()
-        for loss in ("ce", "targeted"):
-            attacked = attack_classifier(model, x, y, threat, steps=50, restarts=4, loss=loss)
-            assert not (certified[protocol] & ~attacked.robust).any()
+    config = _config(protocol, epochs=10, feature_dim=64, limit=1000)
+    encoder = pretrain(config, task.pretrain.train).encoder
+    head = train_linear_probe(extract_features(encoder, train.x[:1000]), train.y[:1000])
+    margins = margin_lower_bounds(encoder, head, x, threat)
+    assert isinstance(margins, torch.Tensor)
+    correct = head(extract_features(encoder, x)).argmax(dim=1) == y
+    certified = correct & (margins > 0).all(dim=1)
+    model = torch.nn.Sequential(encoder, head).eval()
+    for loss in ("ce", "targeted"):
+        attacked = attack_classifier(model, x, y, threat, steps=50, restarts=4, loss=loss)
+        assert not (certified & ~attacked.robust).any()
+    return certified
+
+
+@pytest.mark.parametrize("method", [PretrainProtocol.IBP, PretrainProtocol.CROWN_IBP])
+def test_certified_pretraining_certifies_probes_on_new_classes(method: PretrainProtocol) -> None:
+    """Certified transfer: an encoder IBP- or CROWN-IBP-trained on digits 0-4 gives a
+    plain linear probe on digits 5-9 head-specific certificates at Linf 1/40 where a
+    standard one gives none, and PGD with many restarts breaks no certified point."""
+    protocols = (method, PretrainProtocol.STANDARD)
+    certified = {protocol: _certified_probe(protocol) for protocol in protocols}
     # Measured with the whole pretraining set on 200 points: IBP 0.84, CROWN-IBP 0.87;
     # standard: 0.
     assert float(certified[method].float().mean()) > 0.5
     assert not certified[PretrainProtocol.STANDARD].any()
-    assert result.metrics.get("train_certified_acc") is None  # standard training
 
 
 def test_sll_encoder_keeps_certified_transfer_at_l2_half() -> None:

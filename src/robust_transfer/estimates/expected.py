@@ -1,5 +1,5 @@
 """Expected robust accuracy of any linear head from one task-independent pass over the
-encoder (``theory.md``, "Expected robust accuracy").
+encoder (``docs/theory.md``, "Expected robust accuracy").
 
 :func:`profile_encoder` does the label-free, head-free work once per encoder and set of
 points: the features, and the encoder's Jacobian rows ``u^T J(x)`` for an orthonormal

@@ -12,9 +12,9 @@ from ..core.schema import Array, Field, FindingField, Key, Record, Results, reco
 from ..core.store import Store
 from ..theory.threat import Norm
 from . import plots, tables
+from .answer import PROBE, answer_section
 from .figures import Figures
 
-_PROBE = "linear-probe"
 CLASSIFICATION, REGRESSION = "classification", "regression"
 
 
@@ -31,7 +31,7 @@ def _scatter_panels(
 ) -> tuple[list[tuple[str, dict[str, Tensor]]], str] | None:
     """Per-sample margins and shifts of each encoder's probe at one threat: the middle eps
     of L2 (where certificates live) or else of the first threat model."""
-    rows = [r for r in records if r[Field.TASK] == task and r[Field.ADAPTATION] == _PROBE]
+    rows = [r for r in records if r[Field.TASK] == task and r[Field.ADAPTATION] == PROBE]
     if not rows:
         return None
     norms = sorted({str(r[Field.THREAT]) for r in rows})
@@ -60,64 +60,6 @@ def _curves(rows: Sequence[Record], store: Store) -> list[tuple[Record, Tensor]]
     return found
 
 
-_ANSWER_COLUMNS: tuple[tuple[str, str], ...] = (
-    (Field.ENCODER, "encoder"),
-    (Field.TASK, "task"),
-    (Field.THREAT, "threat"),
-    (Field.EPS, "eps"),
-    ("probe_expected", "probe expected"),
-    ("probe_attacked", "probe attacked"),
-    ("probe_certified", "probe certified"),
-    ("best", "best adaptation"),
-    ("best_attacked", "best attacked"),
-    ("best_clean", "best clean"),
-)
-
-
-def _answer_section(classification: Sequence[Record]) -> tuple[str, str, list[str]] | None:
-    """Per encoder, task and threat: how robust a linear probe will be, and which
-    adaptation kept the most robust accuracy under attack."""
-    groups: dict[tuple[object, ...], list[Record]] = {}
-    for row in classification:
-        key = tuple(row[k] for k in (Field.ENCODER, Field.TASK, Field.THREAT, Field.EPS))
-        groups.setdefault(key, []).append(row)
-    answers: list[Record] = []
-    for rows in groups.values():
-        probe = next((r for r in rows if r[Field.ADAPTATION] == _PROBE), None)
-        scored = [r for r in rows if r.get(Field.ATTACKED_ROBUST_ACC) is not None]
-        best = (
-            max(
-                scored,
-                key=lambda r: (
-                    float(r[Field.ATTACKED_ROBUST_ACC]),  # type: ignore[arg-type]
-                    float(r.get(Field.CLEAN_ACC) or 0.0),  # type: ignore[arg-type]
-                ),
-            )
-            if len(scored) > 1
-            else None
-        )
-        answers.append(
-            {
-                **{k: rows[0][k] for k in (Field.ENCODER, Field.TASK, Field.THREAT, Field.EPS)},
-                "probe_expected": probe.get(Field.EXPECTED_ROBUST_ACC) if probe else None,
-                "probe_attacked": probe.get(Field.ATTACKED_ROBUST_ACC) if probe else None,
-                "probe_certified": probe.get(Field.CERTIFIED_ROBUST_ACC) if probe else None,
-                "best": best[Field.ADAPTATION] if best else None,
-                "best_attacked": best[Field.ATTACKED_ROBUST_ACC] if best else None,
-                "best_clean": best.get(Field.CLEAN_ACC) if best else None,
-            }
-        )
-    if not answers:
-        return None
-    text = (
-        "Per encoder, task and threat: the robust accuracy a linear probe keeps (expected "
-        "from the encoder's profile, attacked, certified) and the adaptation whose head "
-        "kept the most robust accuracy under attack, with its clean accuracy.\n\n"
-        + tables.markdown(answers, _ANSWER_COLUMNS)
-    )
-    return "The answer: how robust the heads are, and which adaptation keeps it", text, []
-
-
 def _expected_section(
     classification: Sequence[Record], figures: Figures
 ) -> tuple[str, str, list[str]] | None:
@@ -132,7 +74,7 @@ def _expected_section(
         for r in rows
     ]
     shares = sorted(float(r[Field.DIRECTIONAL_SHARE]) for r in rows)  # type: ignore[arg-type]
-    probes = [r for r in rows if r[Field.ADAPTATION] == _PROBE] or rows
+    probes = [r for r in rows if r[Field.ADAPTATION] == PROBE] or rows
     figures.add(
         "expected-vs-attacked",
         "Expected vs attacked robust accuracy, every classification unit",
@@ -286,7 +228,7 @@ def sections(results: Results, store: Store, figures: Figures) -> list[tuple[str
     classification = _of_kind(records, CLASSIFICATION)
     regression = _of_kind(records, REGRESSION)
     sections: list[tuple[str, str, list[str]]] = []
-    answer = _answer_section(classification)
+    answer = answer_section(classification)
     if answer is not None:
         sections.append(answer)
     expected = _expected_section(classification, figures)
@@ -309,7 +251,7 @@ def sections(results: Results, store: Store, figures: Figures) -> list[tuple[str
 
     for task in _tasks(classification):
         probes = [
-            r for r in classification if r[Field.TASK] == task and r[Field.ADAPTATION] == _PROBE
+            r for r in classification if r[Field.TASK] == task and r[Field.ADAPTATION] == PROBE
         ]
         names = []
         slug = task.replace("/", "_")

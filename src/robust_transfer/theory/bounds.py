@@ -1,4 +1,4 @@
-"""The theory of ``shared/docs/theory.md`` on tensors: no training, no I/O.
+"""The theory (``docs/theory.md`` derives each result) on tensors: no training, no I/O.
 
 A linear head ``h(z) = W z + b`` on a representation ``f``; ``shift`` is a per-sample
 value of ``||f(x') - f(x)||_2``: from an attack it makes the bounds estimates, from a

@@ -2,7 +2,7 @@
 the box ``[0, 1]``: ``max_delta -g^T delta`` subject to ``||delta||_p <= eps`` and
 ``0 <= x + delta <= 1``.
 
-Pure tensor arithmetic, exact for both threat models (see ``theory.md``, "Expected
+Pure tensor arithmetic, exact for both threat models (see ``docs/theory.md``, "Expected
 robust accuracy"). A pixel can only move in the direction that lowers ``g^T delta``
 by as much as its room to the box allows: ``x_i`` when ``g_i > 0`` (lower it),
 ``1 - x_i`` otherwise (raise it).

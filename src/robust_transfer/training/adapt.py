@@ -1,7 +1,7 @@
 """Adaptation protocols: put a head on a pretrained encoder, with or without moving it.
 
 - ``linear-probe``: encoder frozen, logistic regression on cached features;
-- ``certified-probe``: encoder frozen, the head minimises theory.md's bound on the
+- ``certified-probe``: encoder frozen, the head minimises the bound (docs/theory.md) on the
   worst-case cross-entropy over a feature ball of radius ``r``;
 - ``finetune``: everything trained, from a fresh head;
 - ``lp-ft``: probe first, then fine-tune from the probe's head (Kumar et al., 2022);

@@ -155,8 +155,9 @@ def adversarial_contrastive_loss(config: PretrainConfig) -> ModelLoss:
 
 
 def lipschitz_margin_loss(radius: float) -> ModelLoss:
-    """Cross-entropy on the worst-case logits of theory.md's certified probe, with the
-    feature radius the encoder's Lipschitz constant guarantees for the threat model."""
+    """Cross-entropy on the worst-case logits of the certified probe (docs/theory.md,
+    Result 1), with the feature radius the encoder's Lipschitz constant guarantees for
+    the threat model."""
 
     def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         if not isinstance(model, Classifier):
