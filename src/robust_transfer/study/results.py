@@ -5,11 +5,11 @@ from __future__ import annotations
 import platform
 import subprocess
 import time
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 
 from .._version import __version__
 from ..core.schema import RESULTS_FORMAT, Arrays, Field, Key, Meta, Record, Results
@@ -23,7 +23,7 @@ def versions() -> dict[str, str]:
     return {
         "robust_transfer": __version__,
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": metadata.version("torchvision"),
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
