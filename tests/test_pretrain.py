@@ -20,6 +20,7 @@ from robust_transfer.certify import get_certifier, margin_lower_bounds
 from robust_transfer.core.atomic import waited_for
 from robust_transfer.core.errors import InputError
 from robust_transfer.data import ImageDataset, get_task
+from robust_transfer.data.tasks import stratified_sample
 from robust_transfer.models.features import extract_features
 from robust_transfer.theory.bounds import criterion_holds, normalized_margin
 from robust_transfer.training import (
@@ -170,6 +171,7 @@ def test_sll_encoder_keeps_certified_transfer_at_l2_half() -> None:
     assert task.pretrain is not None
     train, test = task.downstream.train, task.downstream.test
     x, y = test.x[:200], test.y[:200]
+    train = stratified_sample(train, 1500)
     threat = ThreatModel("L2", 0.5)
     certified = {}
     for arch in ("identity", "lipschitz-sll"):
@@ -202,8 +204,8 @@ def test_sll_encoder_keeps_certified_transfer_at_l2_half() -> None:
     reference = attack_autoattack(model, x[closest], y[closest], threat)
     assert bool(reference.attack.robust.all())
     share = {arch: float(mask.float().mean()) for arch, mask in certified.items()}
-    # Measured at these settings: SLL 0.805, raw pixels 0.80 (the AOL CNN, which
-    # contracts distances, 0.155).
+    # Measured at these settings (heads on 1,500 training points): SLL 0.805, raw pixels
+    # 0.805 (the AOL CNN, which contracts distances, 0.155).
     assert share["lipschitz-sll"] > 0.75
     assert abs(share["lipschitz-sll"] - share["identity"]) < 0.06
 
