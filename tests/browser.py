@@ -32,6 +32,7 @@ class RenderedPage:
     broken_images: list[str]
     console_errors: list[str]
     dead_links: list[str]  # in-page links whose target does not exist
+    unexplained_columns: list[str]  # column headings that link to no glossary entry
     headings: list[str]
 
 
@@ -66,6 +67,10 @@ def render(page_file: Path, screenshot: Path | None = None) -> RenderedPage:
                     "Array.from(document.querySelectorAll('a[href^=\"#\"]'))"
                     ".map(a => a.getAttribute('href'))"
                     ".filter(h => !document.getElementById(h.slice(1)))"
+                ),
+                unexplained_columns=page.evaluate(
+                    "Array.from(document.querySelectorAll('th'))"
+                    ".filter(th => !th.querySelector('a[href^=\"#g-\"]')).map(th => th.innerText)"
                 ),
                 headings=page.locator("h2").all_inner_texts(),
             )

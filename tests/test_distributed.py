@@ -97,10 +97,6 @@ def test_torchrun_two_processes_give_the_single_process_records(
         "shard000001.safetensors",
         "shard000002.safetensors",
     }
-    # A rerun under torchrun finds everything done and changes nothing.
-    again = _run(config_file, tmp_path / "shared", cache, processes=2)
-    assert again.returncode == 0, again.stderr
-    assert _records(tmp_path / "shared") == _records(tmp_path / "single")
 
 
 def test_a_failure_in_one_process_stops_all_with_its_message(

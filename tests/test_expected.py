@@ -237,7 +237,7 @@ def test_held_out_heads_on_unseen_encoder_families() -> None:
     low, high = data.y < 5, data.y >= 5
     x_pre, y_pre = data.x[low][:600], data.y[low][:600]
     x_high, y_high = data.x[high], data.y[high] - 5
-    x_fit, y_fit, x_eval, y_eval = x_high[:500], y_high[:500], x_high[500:620], y_high[500:620]
+    x_fit, y_fit, x_eval, y_eval = x_high[:500], y_high[:500], x_high[500:580], y_high[500:580]
     label_sets = {
         "five": lambda v: v,
         "parity": lambda v: v % 2,

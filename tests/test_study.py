@@ -259,7 +259,8 @@ def test_report_renders_in_a_browser(study: tuple[Path, dict[str, Any]], tmp_pat
     assert page.images == len(re.findall(r"!\[", markdown)) >= 4
     assert not page.broken_images
     assert not page.console_errors
-    assert not page.dead_links  # every column heading reaches its glossary entry
+    assert not page.dead_links
+    assert not page.unexplained_columns  # every column heading links to its glossary entry
     assert page.headings[0].startswith("The answer")
     assert page.headings[-1] == "Glossary"
     assert (tmp_path / "report.png").stat().st_size > 10_000
