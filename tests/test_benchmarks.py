@@ -111,7 +111,7 @@ def test_the_expected_benchmark_runs_small_and_counts_heads_past_the_groupings(
     out = tmp_path / "expected"
     argv = ["--encoders", "random", "--points", "6", "--heads", "1", "3", "--aa-heads", "1"]
     record = bench_expected.main(
-        [*argv, "--aa-points", "2", "--wide-points", "0", "--out", str(out)]
+        [*argv, "--aa-points", "1", "--wide-points", "0", "--out", str(out)]
     )
     (result,) = record["encoders"]  # type: ignore[misc]
     assert [row["heads"] for row in result["timing"]] == [1, 3]
@@ -152,11 +152,11 @@ def test_the_scale_benchmark_runs_small(tmp_path: Path) -> None:
     import bench_scale
 
     out = tmp_path / "scale"
-    argv = ["--sizes", "20", "40", "--shard", "20", "--steps", "1", "--no-unsharded"]
+    argv = ["--sizes", "20", "30", "--shard", "10", "--steps", "1", "--no-unsharded"]
     # torchrun's launches cost most of a run this small; tests/test_distributed.py runs
     # the same launches, so the smoke test leaves them out.
     record = bench_scale.main([*argv, "--torchrun-points", "0", "--out", str(out)])
-    assert [run["points"] for run in record["runs"]] == [20, 40]  # type: ignore[attr-defined]
+    assert [run["points"] for run in record["runs"]] == [20, 30]  # type: ignore[attr-defined]
     assert out.with_suffix(".md").read_text()
 
 

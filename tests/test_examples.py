@@ -42,7 +42,7 @@ def test_zoo_encoder_from_robustbench_files(
     name = "Sehwag2021Proxy_R18"
     model, path = _robustbench_file(tmp_path, name)
     torch.save({"state_dict": model.state_dict()}, path)
-    arguments = ["--model-dir", str(tmp_path), "--points", "2", "--train-points", "20"]
+    arguments = ["--model-dir", str(tmp_path), "--points", "1", "--train-points", "20"]
     _run("zoo_encoder.py", monkeypatch, *arguments, "--steps", "1")
     printed = capsys.readouterr().out
     assert "Linf" in printed
