@@ -170,10 +170,11 @@ GLOSSARY: tuple[Term, ...] = (
     ),
     Term(
         "expected robust accuracy",
-        "The probability that a linear head keeps a point's prediction, from one profile "
-        "of the encoder (the shift along a few directions per point, refined with a short "
-        "attack near the decision boundary): an estimate, never a guarantee, that needs no "
-        "attack per head. *expected - attacked* is its error against the attacks.",
+        "The share of points a linear head classifies correctly and is expected to keep "
+        "under the threat, from one profile of the encoder (its Jacobian along the "
+        "feature directions, first order exact per threat model, a short attack for the "
+        "points near the decision boundary): an estimate, never a guarantee, that needs "
+        "no attack per head. *expected - attacked* is its error against the attacks.",
         ("expected", "expected - attacked", "probe expected"),
     ),
     Term(
@@ -186,8 +187,10 @@ GLOSSARY: tuple[Term, ...] = (
     ),
     Term(
         "band",
-        "The points whose margin is close to the first-order estimate of their shift "
-        "(within 0.5-1.5 times it): the only ones the expected robust accuracy attacks.",
+        "The points whose first-order drop is close to their margin (for the most "
+        "threatened class, a drop between 0.9 and 1.1 times the margin, widened in steps "
+        "of 0.1 while that changes an answer): the only ones the expected robust "
+        "accuracy attacks.",
     ),
     Term(
         "robustness curve",
