@@ -7,12 +7,12 @@ OUT ?= runs/demo
 
 .PHONY: install demo test lint bench clean
 
-# Debian's Chromium renders the report in the browser test (as root, as CI runs; SUDO=sudo
-# otherwise).
+# Debian's Chromium renders the report in the browser test, so only `make test` installs
+# it (as root, as CI runs; SUDO=sudo otherwise).
 SUDO ?=
 CHROMIUM := /usr/bin/chromium
 
-$(STAMP): pyproject.toml constraints.txt | $(CHROMIUM)
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install --no-compile -c constraints.txt -e '.[dev,zoo]'
@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks examples docs/hooks.py
 	$(BIN)/mypy
 
-test: lint
+test: lint | $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 # About an hour on 2 cores: every benchmark, then benchmarks/RESULTS.md, whose figures
