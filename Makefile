@@ -35,8 +35,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks examples docs/hooks.py
 	$(BIN)/mypy
 
+# One worker per core; a test file stays on one worker, so its fixtures are built once.
 test: lint | $(CHROMIUM)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # About an hour on 2 cores: every benchmark, then benchmarks/RESULTS.md, whose figures
 # the README quotes.

@@ -5,6 +5,7 @@ come in shards of 20 points, so kills also land between the shards of one unit."
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from robust_transfer.core.schema import RESULTS_FILE
 from robust_transfer.models.checkpoint import load_checkpoint
@@ -75,6 +77,8 @@ def test_sigkills_at_random_moments_lose_nothing(tmp_path: Path) -> None:
         progress=False,
     )
     cache = tmp_path / "cache"
+    # The runs use the reference's thread count: pretraining's sums depend on it.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     rng = random.Random(20261125)
     kills, rounds = 0, 0
     # Python and torch take about 2 s to start: kills land in imports, pretraining into
@@ -84,7 +88,7 @@ def test_sigkills_at_random_moments_lose_nothing(tmp_path: Path) -> None:
         out = tmp_path / f"out{rounds}"
         command = [sys.executable, "-m", "robust_transfer.cli", "run", str(config_file)]
         command += ["--out", str(out), "--cache", str(cache), "--quiet"]
-        run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         time.sleep(rng.uniform(1.5, 4.5))
         if run.poll() is not None:
             assert run.returncode == 0, run.stderr.read() if run.stderr else ""
@@ -93,7 +97,7 @@ def test_sigkills_at_random_moments_lose_nothing(tmp_path: Path) -> None:
         run.send_signal(signal.SIGKILL)
         run.wait()
         kills += 1
-    final = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    final = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert final.returncode == 0, final.stderr
     resumed = json.loads((out / RESULTS_FILE).read_text())
     for new, old in zip(_records(resumed), _records(reference), strict=True):
