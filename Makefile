@@ -15,7 +15,7 @@ CHROMIUM := /usr/bin/chromium
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install --no-compile -c constraints.txt -e '.[dev,zoo]'
+	$(BIN)/python -m pip install --no-compile -c constraints.txt -e '.[dev,zoo,peft]'
 	# Byte-compiled on both cores (pip compiles on one); torch ships files only newer
 	# Pythons parse (py312_*), which pip skips as well.
 	$(BIN)/python -m compileall -q -j 0 -x 'py3[1-9][0-9]_' $(VENV)/lib > /dev/null

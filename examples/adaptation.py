@@ -18,7 +18,7 @@ import torch
 import robust_transfer as rt
 from robust_transfer.data import get_task
 from robust_transfer.data.tasks import stratified_sample
-from robust_transfer.training.adapt import AdaptConfig, adapt
+from robust_transfer.training import AdaptConfig, adapt
 from robust_transfer.training.pretrain import PretrainConfig, pretrain
 
 

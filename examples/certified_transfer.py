@@ -14,7 +14,7 @@ import argparse
 
 import robust_transfer as rt
 from robust_transfer.data import get_task
-from robust_transfer.training.adapt import train_certified_probe
+from robust_transfer.training.linear_probe import train_certified_probe
 from robust_transfer.training.pretrain import PretrainConfig, pretrain
 
 

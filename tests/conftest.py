@@ -58,3 +58,26 @@ def robustbench_architecture(name: str, dataset: str, threat: str) -> nn.Module:
     entry = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat)][name]
     model: nn.Module = entry["model"]()
     return model.eval()
+
+
+def pretrained_on_digits(encoder: nn.Module, dim: int = 32) -> nn.Module:
+    """``encoder`` (``dim`` features) trained for 40 Adam steps with a linear head on
+    digits 0-4 (the caller seeds the generator): a small encoder with some structure, in
+    eval mode, no gradients left on it."""
+    import torch.nn.functional as F
+
+    from robust_transfer.data import get_task
+
+    split = get_task("mnist-5-9").pretrain
+    assert split is not None
+    head = nn.Linear(dim, 5)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=3e-3)
+    encoder.train()
+    for step in range(40):
+        start = (step * 100) % 2000
+        x, y = split.train.x[start : start + 100], split.train.y[start : start + 100]
+        optimizer.zero_grad()
+        F.cross_entropy(head(encoder(x)), y).backward()
+        optimizer.step()
+    encoder.zero_grad(set_to_none=True)
+    return encoder.eval()

@@ -5,6 +5,7 @@ from functools import cache
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import pretrained_on_digits
 from torch import nn
 
 from robust_transfer import criterion_holds
@@ -29,21 +30,10 @@ def _data() -> tuple[ImageDataset, ImageDataset]:
 
 
 @cache
-def _encoder() -> SmallCNN:
+def _encoder() -> nn.Module:
     """A small CNN pretrained for a few steps on digits 0-4."""
     torch.manual_seed(0)
-    split = get_task("mnist-5-9").pretrain
-    assert split is not None
-    encoder = SmallCNN(feature_dim=32)
-    head = nn.Linear(32, 5)
-    optimizer = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=3e-3)
-    for step in range(40):
-        start = (step * 100) % 2000
-        x, y = split.train.x[start : start + 100], split.train.y[start : start + 100]
-        optimizer.zero_grad()
-        F.cross_entropy(head(encoder(x)), y).backward()
-        optimizer.step()
-    return encoder.eval()
+    return pretrained_on_digits(SmallCNN(feature_dim=32))
 
 
 def _test_accuracy(encoder: nn.Module, head: nn.Linear) -> float:

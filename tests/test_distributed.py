@@ -56,7 +56,10 @@ ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}
 
 def _records(out: Path) -> list[dict[str, Any]]:
     results = json.loads((out / RESULTS_FILE).read_text())
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in results["records"]]
+    return [
+        {k: v for k, v in r.items() if k not in ("seconds", "train_seconds")}
+        for r in results["records"]
+    ]
 
 
 def _run(

@@ -62,7 +62,10 @@ KILLS = 4
 
 def _records(results: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(
-        ({k: v for k, v in r.items() if k != "seconds"} for r in results["records"]),
+        (
+            {k: v for k, v in r.items() if k not in ("seconds", "train_seconds")}
+            for r in results["records"]
+        ),
         key=lambda r: (r["encoder"], r["adaptation"], r["threat"], r["eps"]),
     )
 

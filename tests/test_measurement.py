@@ -14,7 +14,7 @@ import robust_transfer as rt
 from robust_transfer.attacks.settings import AttackSettings
 from robust_transfer.core.errors import InputError
 from robust_transfer.data.tasks import get_task
-from robust_transfer.training.adapt import AdaptConfig, adapt
+from robust_transfer.training import AdaptConfig, adapt
 
 _SETTINGS = AttackSettings(
     steps=20, targeted_restarts=2, representation_steps=5, representation_restarts=1

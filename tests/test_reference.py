@@ -89,3 +89,13 @@ def test_study_evaluation_folds_autoattack_into_the_attacked_accuracy() -> None:
     assert record["autoattack_gap"] == pytest.approx(
         record["pgd_robust_acc"] - record["autoattack_robust_acc"]  # type: ignore[operator]
     )
+    assert record["autoattack_flag"] == (record["autoattack_gap"] > 0.03)  # type: ignore[operator]
+    # A head PGD overstates by more than 3 points is flagged (one point of 30 is 3.3),
+    # one it does not overstate is not.
+    overstated = dict(arrays)
+    overstated["robust_pgd"] = arrays["robust_autoattack"].clone()
+    assert aggregate(overstated)["autoattack_flag"] is False
+    overstated["robust_pgd"][torch.nonzero(~arrays["robust_autoattack"])[:1, 0]] = True
+    flagged = aggregate(overstated)
+    assert flagged["autoattack_gap"] == pytest.approx(1 / 30)
+    assert flagged["autoattack_flag"] is True

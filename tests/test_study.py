@@ -70,6 +70,19 @@ SMALL: dict[str, Any] = {
         "linear-probe": {"protocol": "linear-probe"},
         "certified-probe": {"protocol": "certified-probe"},
         "finetune": {"protocol": "finetune", "epochs": 1},
+        "adv-probe": {
+            "protocol": "linear-probe",
+            "adversary": "trades",
+            "attack_steps": 2,
+            "eps_warmup": 0.5,
+        },
+        "roli": {"protocol": "lp-ft", "adversary": "pgd", "epochs": 1, "attack_steps": 2},
+        "adv-finetune": {
+            "protocol": "finetune",
+            "adversary": "pgd",
+            "epochs": 1,
+            "attack_steps": 2,
+        },
     },
     "tasks": [
         {
@@ -80,8 +93,8 @@ SMALL: dict[str, Any] = {
         {
             "name": "mnist-5-9",
             "encoders": ["std"],
-            "adaptations": ["finetune"],
-            "threats": {"L2": [1.0]},
+            "adaptations": ["finetune", "adv-probe", "roli", "adv-finetune"],
+            "threats": {"L2": [1.0], "Linf": ["1/10"]},
         },
         {
             "name": "dsprites-latents",
@@ -93,6 +106,8 @@ SMALL: dict[str, Any] = {
     ],
 }
 
+# Wall-clock fields: the only ones two runs of one study may differ in.
+TIMING = ("seconds", "train_seconds")
 KEYS = ("encoder", "pretraining", "task", "adaptation", "threat", "eps")
 METRICS = (
     "clean_acc",
@@ -117,13 +132,13 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
 
 
 def _without_timing(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
 def test_records_have_the_promised_keys_and_invariants(study: tuple[Path, dict[str, Any]]) -> None:
     _, results = study
     records = results["records"]
-    assert len(records) == 3 * 2 * 3 + 1 + 1
+    assert len(records) == 3 * 2 * 3 + 4 * 2 + 1
     for record in records:
         assert all(key in record for key in (*KEYS, *METRICS))
         assert record["threat"] in ("Linf", "L2")
@@ -243,6 +258,62 @@ def test_reports_are_written(study: tuple[Path, dict[str, Any]]) -> None:
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 4
     assert "<table>" in page
+
+
+def test_adaptations_are_advised_first_and_compared(
+    study: tuple[Path, dict[str, Any]],
+) -> None:
+    root, results = study
+    out = root / "out"
+    group = [
+        r
+        for r in results["records"]
+        if r["task"] == "mnist-5-9"
+        and r["encoder"] == "std"
+        and r["threat"] == "L2"
+        and r["eps"] == 1.0
+    ]
+    by_name = {r["adaptation"]: r for r in group}
+    assert set(by_name) == {"finetune", "adv-probe", "roli", "adv-finetune"}
+    # Adversarial heads say what they trained against and what it cost; clean ones not.
+    assert by_name["finetune"]["trained_against"] is None
+    assert by_name["roli"]["trained_against"] == "pgd L2(eps=1), 2 steps"
+    assert by_name["adv-finetune"]["trained_against"] == "pgd L2(eps=1), 2 steps"
+    warmed = "trades L2(eps=1), 2 steps, eps warm-up 0.5"
+    assert by_name["adv-probe"]["trained_against"] == warmed
+    assert [by_name[a]["recipe"] for a in ("adv-probe", "roli", "adv-finetune")] == [
+        "adversarial-probe",
+        "roli",
+        "adversarial-finetune",
+    ]
+    for record in group:
+        assert record["cost"] == record["encoder_forwards"] + record["encoder_backwards"]
+        assert record["train_seconds"] > 0
+
+    # The Pareto front, recomputed here: no head on it is beaten on all three axes.
+    def beats(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        ours = (a["clean_acc"], a["attacked_robust_acc"], -a["cost"])
+        theirs = (b["clean_acc"], b["attacked_robust_acc"], -b["cost"])
+        return all(x >= y for x, y in zip(ours, theirs, strict=True)) and ours != theirs
+
+    for record in group:
+        assert record["pareto"] == (not any(beats(other, record) for other in group))
+    advised = {r["advice_first"] for r in group}
+    assert len(advised) == 1
+    assert advised <= {"adversarial-probe", "roli", "adversarial-finetune"}
+    held = any(r["pareto"] for r in group if r["recipe"] == group[0]["advice_first"])
+    assert all(r["advice_held"] == held for r in group)
+    # The advice was stored before any head of its encoder and threat was trained.
+    advice = next(out.glob("store/advice/mnist-5-9/std/L2/*.safetensors"))
+    heads = list(out.glob("store/heads/mnist-5-9/std/*/L2/*.safetensors"))
+    assert heads
+    assert all(advice.stat().st_mtime < head.stat().st_mtime for head in heads)
+    claims = {f["claim"][:5]: f for f in results["findings"]}
+    assert "Over 2 settings" in claims["RoLI:"]["evidence"]  # L2 and Linf, trained alike
+    markdown = (out / "report.md").read_text()
+    section = markdown.split("## Which adaptation keeps robustness")[1].split("\n## ")[0]
+    assert "figures/pareto-mnist-5-9.png" in section
+    assert section.count("| std |") >= 5
 
 
 def test_report_renders_in_a_browser(study: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
@@ -666,6 +737,22 @@ def test_the_entry_point_reports_what_the_study_reports(
             ]
             for field in _SAME:
                 assert mine[field] == pytest.approx(theirs[field], abs=1e-9), field
+    # A head trained against each threat fine-tuned an encoder per threat: each unit is
+    # its own encoder's numbers, in shards that hold both threats' units.
+    for unit in run.units():
+        if unit.adaptation != "roli":
+            continue
+        encoder, head, _ = run.heads.get(run._split(unit.task), unit)
+        measured = measure(encoder, x, [unit.threat], settings=config.attack, seed=config.seed)
+        (mine,) = measured.evaluate(head, y, attack=True).records
+        (theirs,) = [
+            r
+            for r in results["records"]
+            if (r["task"], r["encoder"], r["adaptation"], r["threat"], r["eps"])
+            == (unit.task.name, unit.encoder, "roli", mine["threat"], mine["eps"])
+        ]
+        for field in _SAME:
+            assert mine[field] == pytest.approx(theirs[field], abs=1e-9), field
 
 
 def test_heads_train_on_the_points_asked_for_and_share_one_feature_pass(

@@ -44,10 +44,16 @@ def test_default_config_covers_what_the_demo_promises() -> None:
         spec.pretrain.architecture for spec in config.encoders.values() if spec.pretrain
     }
     assert {"lipschitz-cnn", "lipschitz-sll"} <= architectures
-    adaptations = {spec.protocol.value for spec in config.adaptations.values()}
-    assert {"linear-probe", "lp-ft", "anchored-finetune", "finetune", "certified-probe"} <= (
+    adaptations = {(spec.protocol.value, spec.adversarial) for spec in config.adaptations.values()}
+    assert {("linear-probe", False), ("finetune", False), ("certified-probe", False)} <= (
         adaptations
     )
+    # Every adversarial recipe, on the encoders the comparison promises.
+    assert {("linear-probe", True), ("lp-ft", True), ("finetune", True)} <= adaptations
+    assert {("bitfit", True), ("lora", True)} <= adaptations
+    compared = [t for t in config.tasks if "roli" in t.adaptations]
+    assert compared
+    assert {"standard", "adversarial", "simclr", "lipschitz"} <= set(compared[0].encoders)
     probe_task = config.tasks[0]
     for norm in ("Linf", "L2"):
         assert len({t.eps for t in probe_task.threats if t.norm.value == norm}) >= 3
@@ -116,6 +122,9 @@ def _broken(path: list[str | int], value: object) -> dict[str, Any]:
         (["encoders", "std", "feature_dim"], 10**12, r"encoders\.std: feature_dim .* exceeds"),
         (["encoders", "std", "lr"], float("nan"), r"encoders\.std: lr must be a finite number"),
         (["adaptations", "lp", "epochs"], 10**9, r"adaptations\.lp: epochs .* exceeds"),
+        (["adaptations", "lp", "adversary"], "fgsm", r"adaptations\.lp: unknown adversary"),
+        (["adaptations", "lp", "threat"], {"norm": "L2", "eps": 0.5}, "only by adversarial"),
+        (["adaptations", "lp", "eps_warmup"], 1.5, r"adaptations\.lp: eps_warmup"),
         (["encoders", "std"], {"spec": ".models:SmallCNN"}, "an absolute module path"),
         (["tasks"], [], "no task given"),
     ],
@@ -189,6 +198,26 @@ def test_duplicate_units_and_regression_adaptations_are_refused() -> None:
     source["tasks"] = [{"name": "dsprites-latents", "kind": "regression", "adaptations": ["ft"]}]
     with pytest.raises(ConfigError, match="linear probes only"):
         parse_config(source)
+    source["adaptations"]["ft"] = {"protocol": "linear-probe", "adversary": "pgd"}
+    with pytest.raises(ConfigError, match="clean linear probes only"):
+        parse_config(source)
+
+
+def test_adversarial_adaptations_train_against_the_unit_threat_unless_given_one() -> None:
+    source = _minimal()
+    source["threats"] = {"Linf": ["1/10"], "L2": [0.5]}
+    source["adaptations"] |= {
+        "roli": {"protocol": "lp-ft", "adversary": "pgd"},
+        "fixed": {"protocol": "lp-ft", "adversary": "trades", "threat": {"norm": "L2", "eps": 1}},
+    }
+    config = parse_config(source)
+    roli, fixed = config.adaptations["roli"], config.adaptations["fixed"]
+    assert roli.per_threat
+    assert not fixed.per_threat
+    assert not config.adaptations["lp"].per_threat
+    unit = ThreatModel("Linf", "1/10")
+    assert roli.config_for(None, unit).threat == unit
+    assert fixed.config_for(None, unit).threat == ThreatModel("L2", 1.0)
 
 
 def test_load_config_errors(tmp_path: Path) -> None:
@@ -259,7 +288,9 @@ def test_settings_built_in_python_check_themselves() -> None:
 
 def test_train_and_curve_points_are_checked() -> None:
     base = tomllib.loads(default_config_text())
-    assert parse_config(base).train_points is None
+    assert parse_config(base).train_points == 1000
+    everything = {key: value for key, value in base.items() if key != "train_points"}
+    assert parse_config(everything).train_points is None
     assert parse_config(base | {"train_points": 300}).train_points == 300
     assert parse_config(base | {"curve_points": 0}).curve_points == 0
     for key, value, reason in (

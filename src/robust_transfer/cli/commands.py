@@ -26,7 +26,7 @@ from ..data.sources import load_dataset, load_split
 from ..data.tasks import stratified_sample
 from ..estimates.evaluate import attacked_shift
 from ..estimates.measurement import Measurement, measure
-from ..models import load_encoder, load_head
+from ..models import load_head
 from ..models.heads import save_head
 from ..pipeline import run_study
 from ..report.render import write_report
@@ -34,12 +34,11 @@ from ..report.tables import text
 from ..study.config import default_config, default_config_text, load_config, parse_config
 from ..study.folder import refuse_a_file
 from ..theory.threat import ThreatModel
-from ..training.adapt import AdaptConfig, AdaptProtocol, adapt, head_accuracy
+from ..training.adapt import adapt, head_accuracy
+from ..training.protocols import AdaptConfig, AdaptProtocol
+from .adapt_command import run_adapt
+from .common import encoder_of, runtime_of
 from .parser import HEAD_FILE, PROBE_FILE, build_parser, default_cache
-
-
-def _runtime(args: argparse.Namespace) -> Runtime:
-    return Runtime.detect(args.device)
 
 
 def _study_runtime(args: argparse.Namespace) -> Runtime:
@@ -150,8 +149,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     }
     certified = args.protocol == AdaptProtocol.CERTIFIED_PROBE
     AdaptConfig(**settings, radius=0.0 if certified else None)  # checked before any work
-    runtime = _runtime(args)
-    encoder = _encoder(args, runtime)
+    runtime = runtime_of(args)
+    encoder = encoder_of(args, runtime)
     split = load_split(args.data, args.test_data)
     train = stratified_sample(split.train, args.n, seed=args.seed)
     check_two_classes(train.y, f"the training labels of {train.name}")
@@ -225,19 +224,6 @@ def _emit(rows: list[Record], args: argparse.Namespace) -> int:
     return 0
 
 
-def _encoder(args: argparse.Namespace, runtime: Runtime) -> nn.Module:
-    encoder = load_encoder(
-        args.encoder,
-        args.checkpoint,
-        layer=args.layer,
-        resize=args.resize,
-        trust_checkpoint=args.trust_checkpoint,
-        trust_code=args.trust_code,
-        seed=args.seed,
-    )
-    return encoder.to(runtime.device).eval()
-
-
 def _threats(args: argparse.Namespace) -> list[ThreatModel]:
     threats = [ThreatModel(args.threat, eps) for eps in args.eps]
     if len(set(threats)) < len(threats):
@@ -281,16 +267,16 @@ _BOUND_FIELDS = (
 
 
 def _cmd_vulnerability(args: argparse.Namespace) -> int:
-    runtime = _runtime(args)
-    encoder = _encoder(args, runtime)
+    runtime = runtime_of(args)
+    encoder = encoder_of(args, runtime)
     x = _data(args).x.to(runtime.device)
     rows = [_row(record, _VULNERABILITY_FIELDS) for record in _measured(args, encoder, x).summary()]
     return _emit(rows, args)
 
 
 def _labelled(args: argparse.Namespace) -> tuple[nn.Module, nn.Linear, Tensor, Tensor]:
-    runtime = _runtime(args)
-    encoder = _encoder(args, runtime)
+    runtime = runtime_of(args)
+    encoder = encoder_of(args, runtime)
     head = load_head(args.head).to(runtime.device)
     data = _data(args)
     x, y = data.x.to(runtime.device), data.y.to(runtime.device)
@@ -354,6 +340,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "report": _cmd_report,
     "transfer": _cmd_transfer,
     "probe": _cmd_probe,
+    "adapt": run_adapt,
     "vulnerability": _cmd_vulnerability,
     "bound": _cmd_bound,
     "attack": _cmd_attack,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 from ..core.checks import (
+    EPOCHS,
     POINTS,
     RESTARTS,
     STEPS,
@@ -24,11 +25,12 @@ from ..core.runtime import Precision
 from ..data.sources import FORMS as DATA_FORMS
 from ..models.specs import FORMS
 from ..theory.threat import Norm, parse_eps
-from ..training.adapt import AdaptProtocol
+from ..training.protocols import AdaptProtocol, Adversary, NormStats
 
 T = TypeVar("T")
 
 PROBE_FILE, HEAD_FILE = "probe.json", "head.safetensors"
+ADAPT_FILE, ENCODER_FILE = "adapt.json", "encoder.safetensors"
 PROBES = (AdaptProtocol.LINEAR_PROBE, AdaptProtocol.CERTIFIED_PROBE)
 
 
@@ -200,6 +202,67 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _adapt_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
+    adapt = commands.add_parser(
+        "adapt",
+        help="adapt an encoder to your data by one protocol, clean or adversarial, and save "
+        "the adapted encoder and head as safetensors",
+    )
+    _encoder_options(adapt)
+    adapt.add_argument("--data", required=True, help=f"training data: {DATA_FORMS}")
+    adapt.add_argument(
+        "--test-data", help="held-out data (default: 20%% of --data per class, kept out)"
+    )
+    adapt.add_argument(
+        "--out",
+        type=_argument(_folder),
+        required=True,
+        help=f"folder for {HEAD_FILE}, {ENCODER_FILE} (when the encoder moved) and {ADAPT_FILE}",
+    )
+    adapt.add_argument(
+        "--protocol",
+        choices=[p.value for p in AdaptProtocol if p is not AdaptProtocol.CERTIFIED_PROBE],
+        default=AdaptProtocol.LP_FT.value,
+        help="with an --adversary: linear-probe is the adversarial probe, lp-ft is RoLI",
+    )
+    adapt.add_argument(
+        "--adversary", choices=[a.value for a in Adversary], default=Adversary.NONE.value
+    )
+    adapt.add_argument("--threat", type=_argument(_threat), default="Linf", help="Linf or L2")
+    adapt.add_argument(
+        "--eps", type=_argument(parse_eps), default=0.1, help="what it trains against"
+    )
+    adapt.add_argument("--attack-steps", type=_count(STEPS), default=5)
+    adapt.add_argument(
+        "--eps-warmup",
+        type=_argument(lambda value: _real(value, inclusive=True, most=0.99)),
+        default=0.0,
+        help="share of the steps over which eps ramps up from 0",
+    )
+    adapt.add_argument(
+        "--norm-stats", choices=[n.value for n in NormStats], default=NormStats.ADAPTIVE.value
+    )
+    adapt.add_argument("--epochs", type=_count(EPOCHS), default=3)
+    adapt.add_argument(
+        "--lr", type=_argument(lambda value: _real(value, inclusive=False)), default=5e-4
+    )
+    adapt.add_argument("--lora-rank", type=_count(POINTS), default=4)
+    adapt.add_argument(
+        "--advise",
+        action="store_true",
+        help="first measure the frozen encoder and say which recipe to try (about two "
+        "linear probes' time)",
+    )
+    adapt.add_argument("--n", type=_count(POINTS), default=50_000, help="at most N training points")
+    adapt.add_argument(
+        "--eval-points", type=_count(POINTS), default=200, help="held-out points attacked"
+    )
+    adapt.add_argument("--batch-size", type=_count(POINTS), default=128)
+    adapt.add_argument("--seed", type=_argument(_seed), default=0)
+    adapt.add_argument("--quiet", action="store_true", help="no progress bars")
+    _device_option(adapt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="robust-transfer",
@@ -330,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--seed", type=_argument(_seed), default=0)
     probe.add_argument("--quiet", action="store_true", help="no progress bars")
     _device_option(probe)
+    _adapt_parser(commands)
     report = commands.add_parser("report", help="redraw report.html / report.md of a study")
     report.add_argument("dir", type=_argument(_folder), help="the study's output folder")
     return parser

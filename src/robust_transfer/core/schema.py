@@ -87,6 +87,19 @@ class Field(StrEnum):
     AUTOATTACK_ROBUST_ACC = "autoattack_robust_acc"  # PGD, then AutoAttack, on the subset
     AUTOATTACK_POINTS = "autoattack_points"  # the size of that subset
     AUTOATTACK_GAP = "autoattack_gap"  # PGD's robust accuracy on the subset minus the above
+    AUTOATTACK_FLAG = "autoattack_flag"  # the gap exceeds AUTOATTACK_TOLERANCE
+    RECIPE = "recipe"  # the adversarial recipe the adaptation is (training.adapt.Recipe)
+    TRAINED_AGAINST = "trained_against"  # the adversary, threat, steps and eps warm-up
+    TRAIN_SECONDS = "train_seconds"  # what training the head (and encoder) took
+    ENCODER_FORWARDS = "encoder_forwards"  # ... in images through the encoder
+    ENCODER_BACKWARDS = "encoder_backwards"
+    ADVICE_FIRST = "advice_first"  # the recipe advised before fine-tuning
+    ADVICE_FINETUNING = "advice_finetuning"  # fine-tuning predicted to "add" or "destroy"
+    ADVICE_REACH = "advice_reach"  # the robust accuracy a linear head reached then
+    ADVICE_REASON = "advice_reason"
+    COST = "cost"  # encoder forwards + backwards, in images: the Pareto front's third axis
+    PARETO = "pareto"  # on the front of clean vs robust accuracy vs cost among its setting's
+    ADVICE_HELD = "advice_held"  # an adaptation of the advised recipe is on that front
     TASK_AGNOSTIC_ROBUST_ACC = "task_agnostic_robust_acc"
     PREDICTED_ROBUST_ACC = "predicted_robust_acc"
     CERTIFIED_ROBUST_ACC = "certified_robust_acc"  # the tightest certificate's
@@ -189,6 +202,7 @@ class StoreKind(StrEnum):
     TRAIN_CERTIFICATES = "train-certificates"  # ... on training points
     HEADS = "heads"  # a trained head (and a fine-tuned encoder's weights)
     TRAIN_FEATURES = "train-features"  # an encoder's features of a task's training points
+    ADVICE = "advice"  # what the frozen encoder showed, and the advice, before fine-tuning
 
 
 class Key(StrEnum):
@@ -250,13 +264,27 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,79}")
 _NAMES = (Field.ENCODER, Field.TASK, Field.ADAPTATION)
 _MEASURED = {"classification": (Field.CLEAN_ACC,), "regression": (Field.CLEAN_LOSS,)}
 # Fields that are not numbers (or None); every other field of a record is one.
-_TEXT = {Field.PRETRAINING, Field.LOSS, Field.RADIUS_RULE, Field.ATTACK, Field.THREAT}
+_TEXT = {
+    Field.PRETRAINING,
+    Field.LOSS,
+    Field.RADIUS_RULE,
+    Field.ATTACK,
+    Field.THREAT,
+    Field.RECIPE,
+    Field.TRAINED_AGAINST,
+    Field.ADVICE_FIRST,
+    Field.ADVICE_FINETUNING,
+    Field.ADVICE_REASON,
+}
 _STRUCTURED = {
     Field.CERTIFIERS: list,
     Field.REFUSED: dict,
     Field.SANITY_FLAGS: dict,
     Field.STORE_KEY: list,
     Field.COLLAPSED_HEAD: bool,
+    Field.AUTOATTACK_FLAG: bool,
+    Field.PARETO: bool,
+    Field.ADVICE_HELD: bool,
 }
 
 

@@ -122,9 +122,19 @@ def _collapsed(arrays: Arrays) -> bool | None:
     return one_class and not bool((labels == labels[0]).all())
 
 
+# PGD's robust accuracy more than this above AutoAttack's on the same points flags the
+# head: its robust accuracy elsewhere is not to be trusted.
+AUTOATTACK_TOLERANCE = 0.03
+
+
 def _autoattack(arrays: Arrays) -> Record:
-    """AutoAttack's robust accuracy on its subset, and how much it took off PGD's there."""
-    none: Record = {Field.AUTOATTACK_ROBUST_ACC: None, Field.AUTOATTACK_GAP: None}
+    """AutoAttack's robust accuracy on its subset, how much it took off PGD's there, and
+    whether that is more than ``AUTOATTACK_TOLERANCE``."""
+    none: Record = {
+        Field.AUTOATTACK_ROBUST_ACC: None,
+        Field.AUTOATTACK_GAP: None,
+        Field.AUTOATTACK_FLAG: None,
+    }
     if Array.AUTOATTACKED not in arrays:
         return {Field.AUTOATTACK_POINTS: None} | none
     subset = arrays[Array.AUTOATTACKED]
@@ -137,6 +147,7 @@ def _autoattack(arrays: Arrays) -> Record:
         Field.AUTOATTACK_POINTS: points,
         Field.AUTOATTACK_ROBUST_ACC: robust,
         Field.AUTOATTACK_GAP: pgd - robust,
+        Field.AUTOATTACK_FLAG: pgd - robust > AUTOATTACK_TOLERANCE,
     }
 
 

@@ -35,9 +35,10 @@ GLOSSARY: tuple[Term, ...] = (
     Term(
         "adaptation",
         "How the encoder is put to the task: `linear-probe` (a linear head on frozen "
-        "features), `finetune`, `lp-ft` (probe, then fine-tune), `anchored-finetune` and "
-        "`partial-finetune`, or `certified-probe` (a linear head trained for margins "
-        "above a certified shift).",
+        "features), `finetune`, `lp-ft` (probe, then fine-tune), `anchored-finetune`, "
+        "`partial-finetune`, `bitfit` (biases only) and `lora` (low-rank adapters), or "
+        "`certified-probe` (a linear head trained for margins above a certified shift); "
+        "each of the others clean or adversarial (trained against PGD or TRADES).",
         ("adaptation",),
     ),
     Term(
@@ -204,6 +205,45 @@ GLOSSARY: tuple[Term, ...] = (
         "kept the highest attacked robust accuracy (ties: higher clean accuracy); *best "
         "attacked* and *best clean* are its accuracies.",
         ("best adaptation", "best attacked", "best clean"),
+    ),
+    Term(
+        "recipe",
+        "The adversarial recipe an adaptation is: `adversarial-probe` (a linear head "
+        "trained against the attack through the frozen encoder), `roli` (that probe "
+        "starts adversarial fine-tuning; Hua et al., 2024) or `adversarial-finetune` (from "
+        "a random head). *trained against* gives the adversary, threat, attack steps and "
+        "eps warm-up (the share of the steps over which eps rises from 0).",
+        ("recipe", "trained against"),
+    ),
+    Term(
+        "cost",
+        "What training a head (and its encoder) took: images through the encoder, forward "
+        "plus backward passes (features a study computed once for all its probes are not "
+        "counted), and *train s*, its seconds.",
+        ("cost (images)", "train s"),
+    ),
+    Term(
+        "Pareto front",
+        "Among the heads of one encoder, task and threat, those that no other head beats "
+        "at once on clean accuracy, attacked robust accuracy and cost: *Pareto* says "
+        "whether a head is on it.",
+        ("Pareto",),
+    ),
+    Term(
+        "advice",
+        "Before any fine-tuning, a clean and a cheap adversarial linear probe are trained "
+        "and attacked on held-out training points: *linear reach* is the robust accuracy "
+        "the adversarial one kept. Keeping 80% of its clean accuracy or more advises the "
+        "adversarial probe (fine-tuning predicted to destroy robustness), 50% or more "
+        "RoLI, less adversarial fine-tuning (both predicted to add it). *held* says whether "
+        "a head of the advised recipe reached the Pareto front.",
+        ("advised", "linear reach", "fine-tuning", "held"),
+    ),
+    Term(
+        "AutoAttack flag",
+        "The head's PGD robust accuracy exceeds AutoAttack's on the same points by more "
+        "than 3 points: PGD overstates its robustness.",
+        ("AA flag",),
     ),
     Term(
         "sanity checks",

@@ -235,6 +235,16 @@ def adaptation_comparison(rows: Sequence[Record], title: str) -> Figure:
                         s=50,
                         label=f"{adaptation} / {encoder}",
                     )
+                front = [r for r in mine if r.get(Field.PARETO)]
+                if front:
+                    ax.scatter(
+                        _values(front, Field.CLEAN_ACC),
+                        _values(front, Field.ATTACKED_ROBUST_ACC),
+                        s=160,
+                        facecolors="none",
+                        edgecolors="black",
+                        linewidths=1.2,
+                    )
         ax.set(
             title=f"{norm} eps={eps:.4g}",
             xlabel="clean accuracy (fraction)",

@@ -153,6 +153,43 @@ def _reference_section(records: Sequence[Record]) -> tuple[str, str, list[str]]:
     return "Reference evaluation and sanity checks", "\n".join(lines), []
 
 
+def _adaptation_section(
+    classification: Sequence[Record], figures: Figures
+) -> tuple[str, str, list[str]] | None:
+    """Which adaptation keeps robustness: every head of each encoder, task and threat that
+    was advised on, clean vs attacked robust accuracy and cost, the Pareto front marked,
+    and the advice given before fine-tuning beside whether it held."""
+    advised = [r for r in classification if r.get(Field.ADVICE_FIRST) is not None]
+    if not advised:
+        return None
+    settings = {
+        (r[Field.TASK], r[Field.ENCODER], r[Field.THREAT], r[Field.EPS]): r for r in advised
+    }
+    lines = [
+        "Every head of each encoder, task and threat the study advised on. The advice was "
+        "measured on held-out training points before any head was fine-tuned; *held*: a "
+        "head of the advised recipe is on the Pareto front of clean accuracy, attacked "
+        "robust accuracy and cost.",
+        "",
+        tables.markdown(list(settings.values()), tables.ADVICE_COLUMNS),
+        "",
+        tables.markdown(advised, tables.ADAPTATION_COLUMNS),
+    ]
+    names = []
+    for task in _tasks(advised):
+        slug = task.replace("/", "_")
+        figures.add(
+            f"pareto-{slug}",
+            f"Adaptation protocols and their Pareto front ({task})",
+            plots.adaptation_comparison(
+                [r for r in advised if r[Field.TASK] == task],
+                f"Adaptation: clean vs robust accuracy on {task} (ringed: Pareto front)",
+            ),
+        )
+        names.append(f"pareto-{slug}")
+    return "Which adaptation keeps robustness", "\n".join(lines), names
+
+
 def _certificate_section(classification: Sequence[Record]) -> tuple[str, str, list[str]]:
     """Task-agnostic (a bound on the shift, for every head) against head-specific (CROWN
     on this head's margins) certified accuracy: what the paper's route gives up."""
@@ -231,6 +268,9 @@ def sections(results: Results, store: Store, figures: Figures) -> list[tuple[str
     answer = answer_section(classification)
     if answer is not None:
         sections.append(answer)
+    protocols = _adaptation_section(classification, figures)
+    if protocols is not None:
+        sections.append(protocols)
     expected = _expected_section(classification, figures)
     if expected is not None:
         sections.append(expected)

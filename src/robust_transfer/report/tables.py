@@ -81,7 +81,35 @@ REFERENCE_COLUMNS: tuple[tuple[str, str], ...] = (
     (Field.AUTOATTACK_POINTS, "points"),
     (Field.AUTOATTACK_ROBUST_ACC, "AutoAttack"),
     (Field.AUTOATTACK_GAP, "PGD - AutoAttack"),
+    (Field.AUTOATTACK_FLAG, "AA flag"),
     (Field.PGD_ROBUST_ACC, "PGD (all points)"),
+)
+
+ADAPTATION_COLUMNS: tuple[tuple[str, str], ...] = (
+    (Field.ENCODER, "encoder"),
+    (Field.TASK, "task"),
+    (Field.THREAT, "threat"),
+    (Field.EPS, "eps"),
+    (Field.ADAPTATION, "adaptation"),
+    (Field.RECIPE, "recipe"),
+    (Field.TRAINED_AGAINST, "trained against"),
+    (Field.CLEAN_ACC, "clean"),
+    (Field.ATTACKED_ROBUST_ACC, "attacked"),
+    (Field.AUTOATTACK_FLAG, "AA flag"),
+    (Field.COST, "cost (images)"),
+    (Field.TRAIN_SECONDS, "train s"),
+    (Field.PARETO, "Pareto"),
+)
+
+ADVICE_COLUMNS: tuple[tuple[str, str], ...] = (
+    (Field.ENCODER, "encoder"),
+    (Field.TASK, "task"),
+    (Field.THREAT, "threat"),
+    (Field.EPS, "eps"),
+    (Field.ADVICE_REACH, "linear reach"),
+    (Field.ADVICE_FINETUNING, "fine-tuning"),
+    (Field.ADVICE_FIRST, "advised"),
+    (Field.ADVICE_HELD, "held"),
 )
 
 

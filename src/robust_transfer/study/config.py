@@ -20,8 +20,8 @@ from ..data.tasks import task_names
 from ..models import resolve_spec, source_name
 from ..theory.losses import RegressionLoss
 from ..theory.threat import ThreatModel
-from ..training.adapt import AdaptConfig, AdaptProtocol
 from ..training.pretrain import PretrainConfig, PretrainProtocol
+from ..training.protocols import AdaptConfig, AdaptProtocol
 from .config_values import (
     LOAD_KEYS,
     check_name,
@@ -168,7 +168,7 @@ def _radius(table: dict[str, Any], where: str) -> Radius:
 def _adaptation(name: str, value: object, seed: int) -> AdaptationSpec:
     check_name(name, f"adaptations.{name!r}")
     where = f"adaptations.{name}"
-    table = dict(expect(value, dict, where, "a table"))
+    table = converted(expect(value, dict, where, "a table"), where)
     table.setdefault("seed", seed)
     table["protocol"] = choice(AdaptProtocol, table.get("protocol", ""), f"{where}.protocol")
     given = sorted({"radius", "radius_quantile"} & set(table))
@@ -176,7 +176,15 @@ def _adaptation(name: str, value: object, seed: int) -> AdaptationSpec:
     if table["protocol"] is not AdaptProtocol.CERTIFIED_PROBE:
         if given:
             raise config_error(f"{where}.{given[0]}", "only the certified probe takes a radius")
-        dataclass_from(AdaptConfig, field_names(AdaptConfig), table, where)
+        # An adversarial adaptation without a threat of its own gets each unit's.
+        unit_threat = {"threat": ThreatModel("Linf", 0.1)} if "threat" not in table else {}
+        adversarial = table.get("adversary", "none") != "none"
+        dataclass_from(
+            AdaptConfig,
+            field_names(AdaptConfig),
+            table | (unit_threat if adversarial else {}),
+            where,
+        )
         return AdaptationSpec(name=name, settings=table)
     # Checks the other settings; the rule sets the radius per threat model later.
     probe = rule.value if rule.rule is RadiusRule.FIXED else 0.0

@@ -17,7 +17,10 @@ from ..data.tasks import Split
 from ..models import head_arrays, head_from_arrays
 from ..models.features import extract_features, median_distance
 from ..theory.losses import RegressionLoss
-from ..training.adapt import AdaptProtocol, adapt, train_regression_probe
+from ..training.adapt import adapt
+from ..training.advice import measure_advice
+from ..training.linear_probe import train_regression_probe
+from ..training.protocols import AdaptProtocol
 from .encoders import Encoders
 from .plan import Unit, threat_key
 from .spec import AdaptationSpec, RadiusRule, StudyConfig, TaskKind
@@ -38,9 +41,40 @@ class Heads:
     def key(self, unit: Unit) -> tuple[str, ...]:
         spec = self.config.adaptations[unit.adaptation]
         key = (StoreKind.HEADS, unit.task.name, unit.encoder, unit.adaptation)
-        if spec.radius is not None and spec.radius.rule is not RadiusRule.FIXED:
-            return (*key, *threat_key(unit.threat))
-        return key
+        return (*key, *threat_key(unit.threat)) if spec.per_threat else key
+
+    def advice_key(self, unit: Unit) -> tuple[str, ...]:
+        return (StoreKind.ADVICE, unit.task.name, unit.encoder, *threat_key(unit.threat))
+
+    def needs_advice(self, unit: Unit) -> bool:
+        """Whether the unit's head moves the encoder or trains against an attack: the
+        advice on its encoder and threat comes first."""
+        spec = self.config.adaptations[unit.adaptation]
+        moves = spec.protocol not in (AdaptProtocol.LINEAR_PROBE, AdaptProtocol.CERTIFIED_PROBE)
+        return unit.task.kind is TaskKind.CLASSIFICATION and (moves or spec.adversarial)
+
+    def advise(self, split: Split, unit: Unit) -> dict[str, object]:
+        """The advice on the unit's encoder and threat, measured on training points only
+        (before any head of the study is trained) and stored; read back if stored."""
+        key = self.advice_key(unit)
+        loaded = self.work.store.load(key)
+        if loaded is not None:
+            return loaded[1]
+        base, _ = self.encoders.get(unit.encoder)
+        features = self.work.train_features(unit.task.name, unit.encoder, base, split.train.x)
+        start = time.perf_counter()
+        advice = measure_advice(
+            base,
+            split.train,
+            unit.threat,
+            points=self.config.radius_points,
+            attack_steps=self.config.attack.steps,
+            seed=self.config.seed,
+            features=features,
+        )
+        meta = advice.to_dict() | {Meta.SECONDS: time.perf_counter() - start}
+        self.work.store.save(key, {}, meta)
+        return meta
 
     def _radius(
         self, spec: AdaptationSpec, unit: Unit, encoder: nn.Module, split: Split
@@ -107,7 +141,7 @@ class Heads:
         if spec.radius is not None:
             radius, how = self._radius(spec, unit, base, split)
             meta |= {Meta.RADIUS: radius, Meta.RADIUS_RULE: how}
-        config = spec.config_for(radius)
+        config = spec.config_for(radius, unit.threat)
         start = time.perf_counter()
         features = None
         if unit.task.kind is TaskKind.REGRESSION or spec.protocol is not AdaptProtocol.FINETUNE:

@@ -14,7 +14,7 @@ import torch
 from .._version import __version__
 from ..core.schema import RESULTS_FORMAT, Arrays, Field, Key, Meta, Record, Results
 from ..estimates.records import aggregate
-from .findings import findings
+from .findings import compare_adaptations, findings
 from .plan import Unit
 from .runner import StudyRun
 
@@ -53,6 +53,12 @@ def record(run: StudyRun, unit: Unit, arrays: Arrays, meta: dict[str, object]) -
     head = meta.get(Meta.HEAD)
     head = head if isinstance(head, dict) else {}
     aggregated = aggregate(arrays)
+    metrics = head.get(Meta.METRICS)
+    metrics = metrics if isinstance(metrics, dict) else {}
+    stored_advice = run.store.load(run.heads.advice_key(unit))
+    advice = stored_advice[1] if stored_advice is not None else {}
+    config = meta.get(Meta.ADAPTATION_CONFIG)
+    adaptation = run.config.adaptations[unit.adaptation].config_for(0.0, unit.threat)
     scale, shift = meta.get(Meta.FEATURE_SCALE), aggregated.get(Field.MEAN_SHIFT)
     relative = (
         shift / scale
@@ -72,6 +78,15 @@ def record(run: StudyRun, unit: Unit, arrays: Arrays, meta: dict[str, object]) -
         Field.REFUSED: meta.get(Meta.REFUSED, {}),
         Field.RADIUS: head.get(Meta.RADIUS),
         Field.RADIUS_RULE: head.get(Meta.RADIUS_RULE),
+        Field.RECIPE: None if adaptation.recipe is None else adaptation.recipe.value,
+        Field.TRAINED_AGAINST: trained_against(config if isinstance(config, dict) else {}),
+        Field.TRAIN_SECONDS: head.get(Meta.SECONDS),
+        Field.ENCODER_FORWARDS: metrics.get("encoder_forwards"),
+        Field.ENCODER_BACKWARDS: metrics.get("encoder_backwards"),
+        Field.ADVICE_FIRST: advice.get("first"),
+        Field.ADVICE_FINETUNING: advice.get("finetuning"),
+        Field.ADVICE_REACH: advice.get("reach"),
+        Field.ADVICE_REASON: advice.get("reason"),
         Field.LIPSCHITZ_L2: info.get(Field.LIPSCHITZ_L2),
         **aggregated,
         Field.FEATURE_SCALE: scale,
@@ -81,10 +96,23 @@ def record(run: StudyRun, unit: Unit, arrays: Arrays, meta: dict[str, object]) -
     }
 
 
+def trained_against(config: dict[str, object]) -> str | None:
+    """What an adaptation trained against, from its stored config: ``"pgd Linf(eps=0.1),
+    5 steps, eps warm-up 0.5"``; None for clean training."""
+    adversary, threat = config.get("adversary", "none"), config.get("threat")
+    if adversary == "none" or not isinstance(threat, dict):
+        return None
+    text = f"{adversary} {threat['norm']}(eps={float(threat['eps']):.4g})"
+    text += f", {config['attack_steps']} steps"
+    warmup = config.get("eps_warmup")
+    return text + (f", eps warm-up {warmup:g}" if isinstance(warmup, float) and warmup else "")
+
+
 def results(run: StudyRun, started: float) -> Results:
     """Run (or resume) ``run`` and return its whole ``results.json``; ``started`` is the
     :func:`time.perf_counter` reading when the run began."""
     records = [record(run, *unit) for unit in run.run()]
+    compare_adaptations(records)
     return {
         Key.FORMAT: RESULTS_FORMAT,
         Key.NAME: run.config.name,

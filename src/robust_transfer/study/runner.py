@@ -157,10 +157,14 @@ class StudyRun:
         ]
 
     def _prepare(self, todo: list[Unit]) -> None:
-        """Rank 0 builds the encoders (pretraining into the cache) and trains the heads
-        that every process then reads."""
+        """Rank 0 builds the encoders (pretraining into the cache), advises on each
+        encoder and threat that a head will fine-tune or train adversarially on, and then
+        trains the heads that every process reads: the advice never sees them."""
         if self.runtime.rank != 0:
             return
+        advised = {self.heads.advice_key(u): u for u in todo if self.heads.needs_advice(u)}
+        for unit in tqdm(advised.values(), desc="advice", unit="unit", disable=not self.progress):
+            self.heads.advise(self._split(unit.task), unit)
         for unit in tqdm(todo, desc="heads", unit="unit", disable=not self.progress):
             self.heads.get(self._split(unit.task), unit)
 

@@ -83,7 +83,12 @@ class ShardEvaluator:
                     sample_ids=ids,
                 )
         else:
-            profile = self._profile(name, encoder, x)
+            # A head trained per threat model fine-tuned an encoder per threat model: the
+            # profile belongs to the head's key, not to the variant's name.
+            fine_tuned = bool(head_meta.get(Meta.FINE_TUNED))
+            profile = self._profile(
+                "/".join(self.heads.key(unit)) if fine_tuned else name, encoder, x
+            )
             with work.runtime.search_precision():
                 arrays = evaluate_classification(
                     encoder,
@@ -122,14 +127,15 @@ class ShardEvaluator:
         }
         work.store.save(shard_key(unit, shard), arrays, meta)
 
-    def _profile(self, variant: str, encoder: nn.Module, x: Tensor) -> EncoderProfile:
+    def _profile(self, key: str, encoder: nn.Module, x: Tensor) -> EncoderProfile:
         """The encoder's profile on the shard's points, shared by the units of the shard
-        (recomputed per run: its Jacobian costs one backward pass per feature)."""
-        if variant not in self._profiles:
-            self._profiles[variant] = profile_encoder(
+        on that encoder (recomputed per run: its Jacobian costs one backward pass per
+        feature)."""
+        if key not in self._profiles:
+            self._profiles[key] = profile_encoder(
                 encoder, x, batch_size=self.heads.config.attack.batch_size
             )
-        return self._profiles[variant]
+        return self._profiles[key]
 
     def _model(self, unit: Unit, split: Split) -> Adapted:
         """The unit's encoder (prepared by the runtime: compiled when asked), head and

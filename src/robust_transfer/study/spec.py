@@ -17,8 +17,8 @@ from ..core.errors import ConfigError
 from ..models import source_name
 from ..theory.losses import RegressionLoss
 from ..theory.threat import ThreatModel
-from ..training.adapt import AdaptConfig, AdaptProtocol
 from ..training.pretrain import PretrainConfig
+from ..training.protocols import AdaptConfig, AdaptProtocol, Adversary
 
 
 def config_error(where: str, reason: str) -> ConfigError:
@@ -110,7 +110,8 @@ class Radius:
 @dataclass(frozen=True)
 class AdaptationSpec:
     """An adaptation protocol; a certified probe has a radius rule and its ``config``
-    gets the radius the rule gives for each threat model (:meth:`config_for`)."""
+    gets the radius the rule gives for each threat model (:meth:`config_for`); an
+    adversarial one without a ``threat`` of its own trains against each unit's."""
 
     name: str
     settings: Mapping[str, Any]
@@ -121,9 +122,25 @@ class AdaptationSpec:
         protocol: AdaptProtocol = self.settings["protocol"]
         return protocol
 
-    def config_for(self, radius: float | None = None) -> AdaptConfig:
-        """The adaptation config, with the radius the rule gave (certified probe only)."""
-        return AdaptConfig(**self.settings, radius=radius)
+    @property
+    def per_threat(self) -> bool:
+        """Whether the head depends on the unit's threat model."""
+        radius = self.radius is not None and self.radius.rule is not RadiusRule.FIXED
+        return radius or (self.adversarial and "threat" not in self.settings)
+
+    @property
+    def adversarial(self) -> bool:
+        return bool(self.settings.get("adversary", Adversary.NONE) != Adversary.NONE)
+
+    def config_for(
+        self, radius: float | None = None, threat: ThreatModel | None = None
+    ) -> AdaptConfig:
+        """The adaptation config, with the radius the rule gave (certified probe only)
+        and, for an adversarial one without its own, the unit's threat model."""
+        settings = dict(self.settings)
+        if self.adversarial:
+            settings.setdefault("threat", threat)
+        return AdaptConfig(**settings, radius=radius)
 
 
 @dataclass(frozen=True)
@@ -188,10 +205,11 @@ class StudyConfig:
                         )
             if task.kind is TaskKind.REGRESSION:
                 for item in task.adaptations:
-                    if self.adaptations[item].protocol is not AdaptProtocol.LINEAR_PROBE:
+                    spec = self.adaptations[item]
+                    if spec.protocol is not AdaptProtocol.LINEAR_PROBE or spec.adversarial:
                         raise config_error(
                             f"tasks[{index}].adaptations",
-                            f"regression tasks take linear probes only, {item!r} is not one",
+                            f"regression tasks take clean linear probes only, {item!r} is not one",
                         )
             for encoder in task.encoders:
                 for adaptation in task.adaptations:

@@ -1,14 +1,8 @@
 """Pretraining protocols that make encoders, and adaptation protocols that put heads on them."""
 
-from .adapt import (
-    AdaptConfig,
-    Adapted,
-    AdaptProtocol,
-    adapt,
-    train_certified_probe,
-    train_regression_probe,
-)
-from .linear_probe import train_linear_probe
+from .adapt import Adapted, adapt
+from .advice import Advice, advise, measure_advice
+from .linear_probe import train_certified_probe, train_linear_probe, train_regression_probe
 from .pretrain import (
     PretrainConfig,
     PretrainProtocol,
@@ -16,16 +10,23 @@ from .pretrain import (
     cached_pretrain,
     pretrain,
 )
+from .protocols import AdaptConfig, AdaptProtocol, Adversary, NormStats, Recipe
 
 __all__ = [
     "AdaptConfig",
     "AdaptProtocol",
     "Adapted",
+    "Adversary",
+    "Advice",
+    "NormStats",
     "PretrainConfig",
     "PretrainProtocol",
     "PretrainResult",
+    "Recipe",
     "adapt",
+    "advise",
     "cached_pretrain",
+    "measure_advice",
     "pretrain",
     "train_certified_probe",
     "train_linear_probe",

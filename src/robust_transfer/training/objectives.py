@@ -41,18 +41,50 @@ def protocol_threat(config: PretrainConfig) -> ThreatModel:
     return config.threat
 
 
-def adversarial_loss(config: PretrainConfig) -> ModelLoss:
-    threat = protocol_threat(config)
+class EpsSchedule:
+    """The threat of each training step: eps ramps linearly from 0 to the target over
+    the first ``warmup`` share of ``steps`` and then holds (``warmup = 0``: the target
+    from the first step). Fine-tuning a non-robust encoder adversarially at the full eps
+    from the start can wreck its features before the head has learnt anything."""
+
+    def __init__(self, threat: ThreatModel, steps: int = 1, warmup: float = 0.0) -> None:
+        self.threat, self.steps, self.warmup = threat, max(1, steps), warmup
+        self.done = 0
+        self._last: ThreatModel | None = None
+        self._repeat = False
+
+    def next(self) -> ThreatModel | None:
+        """The next step's threat; None while eps is still 0 (a clean step)."""
+        if self._repeat:
+            self._repeat = False
+            return self._last
+        ramp = self.warmup * self.steps
+        share = 1.0 if ramp == 0 else min(1.0, self.done / ramp)
+        self.done += 1
+        self._last = self.threat.with_eps(share * self.threat.eps) if share > 0 else None
+        return self._last
+
+    def repeat(self) -> None:
+        """The next call gives the last threat again: a second loss of the same step."""
+        self._repeat = True
+
+
+def adversarial_loss(schedule: EpsSchedule, steps: int) -> ModelLoss:
+    """PGD adversarial training (Madry et al., 2018): cross-entropy at a PGD point of
+    ``steps`` steps, the attack run with the model in eval mode."""
 
     def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        threat = schedule.next()
+        if threat is None:
+            return F.cross_entropy(model(x), y)
         model.eval()
         attacked = attack_classifier(
             model,
             x,
             y,
             threat,
-            steps=config.attack_steps,
-            step_size=2.5 * threat.eps / config.attack_steps,
+            steps=steps,
+            step_size=2.5 * threat.eps / steps,
             seed=_seed_from(generator),
             batch_size=len(x),
         )
@@ -62,11 +94,15 @@ def adversarial_loss(config: PretrainConfig) -> ModelLoss:
     return loss
 
 
-def trades_loss(config: PretrainConfig) -> ModelLoss:
-    threat = protocol_threat(config)
-    settings = AscentSettings(config.attack_steps, 1, 2.5 * threat.eps / config.attack_steps)
+def trades_loss(schedule: EpsSchedule, steps: int, beta: float) -> ModelLoss:
+    """TRADES (Zhang et al., 2019): cross-entropy plus ``beta`` times the KL divergence
+    between the clean and the attacked prediction, at the point that maximises it."""
 
     def loss(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        threat = schedule.next()
+        if threat is None:
+            return F.cross_entropy(model(x), y)
+        settings = AscentSettings(steps, 1, 2.5 * threat.eps / steps)
         model.eval()
         with torch.no_grad():
             clean_log_p = F.log_softmax(model(x), dim=1)
@@ -86,7 +122,7 @@ def trades_loss(config: PretrainConfig) -> ModelLoss:
             log_target=True,
             reduction="batchmean",
         )
-        return F.cross_entropy(logits, y) + config.trades_beta * kl
+        return F.cross_entropy(logits, y) + beta * kl
 
     return loss
 

@@ -51,6 +51,7 @@ from .linear_probe import train_linear_probe
 from .loop import train_epochs
 from .objectives import (
     Contrastive,
+    EpsSchedule,
     ModelLoss,
     adversarial_contrastive_loss,
     adversarial_loss,
@@ -224,8 +225,12 @@ def pretrain(
         radius = lipschitz_shift(constant, protocol_threat(config), data.x[0].numel())
     supervised: dict[PretrainProtocol, Callable[[], ModelLoss]] = {
         PretrainProtocol.STANDARD: lambda: lambda m, x, y, g: F.cross_entropy(m(x), y),
-        PretrainProtocol.ADVERSARIAL: lambda: adversarial_loss(config),
-        PretrainProtocol.TRADES: lambda: trades_loss(config),
+        PretrainProtocol.ADVERSARIAL: lambda: adversarial_loss(
+            EpsSchedule(protocol_threat(config)), config.attack_steps
+        ),
+        PretrainProtocol.TRADES: lambda: trades_loss(
+            EpsSchedule(protocol_threat(config)), config.attack_steps, config.trades_beta
+        ),
         PretrainProtocol.LIPSCHITZ: lambda: lipschitz_margin_loss(radius),
     }
     for protocol in _CERTIFIED:
