@@ -288,7 +288,7 @@ def test_settings_built_in_python_check_themselves() -> None:
 
 def test_train_and_curve_points_are_checked() -> None:
     base = tomllib.loads(default_config_text())
-    assert parse_config(base).train_points == 1000
+    assert parse_config(base).train_points == 600
     everything = {key: value for key, value in base.items() if key != "train_points"}
     assert parse_config(everything).train_points is None
     assert parse_config(base | {"train_points": 300}).train_points == 300

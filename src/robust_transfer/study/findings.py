@@ -256,7 +256,7 @@ def advice_holds(records: Sequence[Record]) -> Finding:
         front = ", ".join(str(r[Field.ADAPTATION]) for r in group if r.get(Field.PARETO))
         lines.append(
             f"{encoder} on {task} {threat} eps={eps:.4g}: advised {group[0][Field.ADVICE_FIRST]} "
-            f"(fine-tuning {group[0][Field.ADVICE_FINETUNING]}s robustness); front: {front}."
+            f"(fine-tuning {group[0][Field.ADVICE_FINETUNING]} robustness); front: {front}."
         )
     return Finding(claim, held > len(groups) / 2, " ".join(lines))
 
