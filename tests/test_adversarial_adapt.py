@@ -6,7 +6,9 @@ exact, and the advice follows its rule."""
 from __future__ import annotations
 
 import copy
+import json
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,9 +18,12 @@ from conftest import pretrained_on_digits
 from torch import nn
 
 from robust_transfer.attacks import attack_classifier
+from robust_transfer.cli import commands as cli
 from robust_transfer.core.errors import InputError
 from robust_transfer.data import ImageDataset, get_task
-from robust_transfer.models import SmallCNN
+from robust_transfer.data.tasks import stratified_sample
+from robust_transfer.models import SmallCNN, load_encoder, load_head
+from robust_transfer.models.features import extract_features
 from robust_transfer.theory.threat import ThreatModel
 from robust_transfer.training import AdaptConfig, Adapted, Recipe, adapt, objectives, wrappers
 from robust_transfer.training.advice import HOLDS, RETAINED, advise, measure_advice
@@ -329,3 +334,33 @@ def test_advice_reads_training_points_only_and_leaves_the_encoder() -> None:
 def test_bad_adversarial_configs(values: dict[str, Any], match: str) -> None:
     with pytest.raises(InputError, match=match):
         AdaptConfig(**values)
+
+
+def test_adapt_command_writes_what_it_trained_and_reloads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "roli"
+    factory = "robust_transfer.models:SmallCNN"
+    args = ["adapt", "--encoder", factory, "--data", "task:mnist-5-9", "--n", "300"]
+    args += ["--protocol", "lp-ft", "--adversary", "pgd", "--eps", "1/10", "--epochs", "1"]
+    args += ["--attack-steps", "2", "--eval-points", "60", "--advise", "--quiet"]
+    assert cli.main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "advice (Linf(eps=0.1)): try " in printed
+    record = json.loads((out / "adapt.json").read_text())
+    assert record["config"]["adversary"] == "pgd"
+    assert record["config"]["threat"] == {"norm": "Linf", "eps": 0.1}
+    assert record["advice"]["first"] in {r.value for r in Recipe}
+    assert record["metrics"]["encoder_backwards"] > 0
+    # The saved encoder and head alone give the held-out clean accuracy it reported.
+    encoder = load_encoder(factory, out / "encoder.safetensors")
+    head = load_head(out / "head.safetensors")
+    test = stratified_sample(get_task("mnist-5-9").downstream.test, 60, seed=0)
+    predicted = head(extract_features(encoder, test.x)).argmax(dim=1)
+    assert float((predicted == test.y).float().mean()) == pytest.approx(record["test_acc"])
+    assert record["test_robust_acc"] <= record["test_acc"]
+    # A clean protocol with an eps warm-up is refused before any work, in one line.
+    clean = [*args[:7], "--eps-warmup", "0.5", "--out", str(tmp_path / "clean")]
+    assert cli.main(clean) == 2
+    assert "give adversary" in capsys.readouterr().err
+    assert not (tmp_path / "clean").exists()
