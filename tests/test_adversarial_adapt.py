@@ -21,6 +21,7 @@ from robust_transfer.attacks import attack_classifier
 from robust_transfer.cli import commands as cli
 from robust_transfer.core.errors import InputError
 from robust_transfer.data import ImageDataset, get_task
+from robust_transfer.data.sources import load_split
 from robust_transfer.data.tasks import stratified_sample
 from robust_transfer.models import SmallCNN, load_encoder, load_head
 from robust_transfer.models.features import extract_features
@@ -355,7 +356,7 @@ def test_adapt_command_writes_what_it_trained_and_reloads(
     # The saved encoder and head alone give the held-out clean accuracy it reported.
     encoder = load_encoder(factory, out / "encoder.safetensors")
     head = load_head(out / "head.safetensors")
-    test = stratified_sample(get_task("mnist-5-9").downstream.test, 60, seed=0)
+    test = stratified_sample(load_split("task:mnist-5-9", None).test, 60, seed=0)
     predicted = head(extract_features(encoder, test.x)).argmax(dim=1)
     assert float((predicted == test.y).float().mean()) == pytest.approx(record["test_acc"])
     assert record["test_robust_acc"] <= record["test_acc"]
