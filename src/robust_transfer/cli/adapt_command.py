@@ -9,14 +9,10 @@ import json
 from pathlib import Path
 
 from safetensors.torch import save_file
-from torch import nn
 
 from ..attacks import attack_classifier
 from ..core.atomic import atomic_write, atomic_write_text
-from ..core.checks import check_two_classes
-from ..core.errors import InputError
 from ..core.schema import Record
-from ..data.sources import load_split
 from ..data.tasks import stratified_sample
 from ..models.heads import save_head
 from ..report.tables import text
@@ -25,15 +21,15 @@ from ..theory.threat import ThreatModel
 from ..training.adapt import adapt
 from ..training.advice import measure_advice
 from ..training.protocols import AdaptConfig, Adversary
-from .common import encoder_of, runtime_of
+from ..training.wrappers import Joined
+from .common import check_held_out, encoder_of, runtime_of, training_split
 from .parser import ADAPT_FILE, ENCODER_FILE, HEAD_FILE
 
 
 def run_adapt(args: argparse.Namespace) -> int:
     out = Path(args.out)
     refuse_a_file(out)
-    if args.test_data == args.data:
-        raise InputError("--test-data names the training data: the held-out accuracy would lie")
+    check_held_out(args)
     threat = ThreatModel(args.threat, args.eps)
     adversarial = args.adversary != Adversary.NONE
     config = AdaptConfig(  # checked before any work
@@ -51,16 +47,14 @@ def run_adapt(args: argparse.Namespace) -> int:
     )
     runtime = runtime_of(args)
     encoder = encoder_of(args, runtime)
-    split = load_split(args.data, args.test_data)
-    train = stratified_sample(split.train, args.n, seed=args.seed)
-    check_two_classes(train.y, f"the training labels of {train.name}")
+    train, split = training_split(args)
     advice = None
     if args.advise:
         advice = measure_advice(encoder, train, threat, seed=args.seed)
         print(f"advice ({threat}): try {advice.first.value} first; {advice.reason}")
     adapted = adapt(encoder, train, config, progress=not args.quiet)
     test = stratified_sample(split.test, args.eval_points, seed=args.seed)
-    model = nn.Sequential(adapted.encoder, nn.Flatten(), adapted.head).eval()
+    model = Joined(adapted.encoder, adapted.head).eval()
     attacked = attack_classifier(
         model,
         test.x.to(runtime.device),

@@ -15,14 +15,11 @@ from ..attacks import attack_classifier
 from ..attacks.reference import attack_autoattack
 from ..attacks.settings import AttackSettings
 from ..core.atomic import atomic_write_text
-from ..core.checks import (
-    check_two_classes,
-)
 from ..core.errors import InputError, MissingFileError, ResultsFormatError, RobustTransferError
 from ..core.runtime import Runtime, release_processes
 from ..core.schema import RESULTS_FILE, Array, Field, Record, check_results
 from ..data.dataset import ImageDataset
-from ..data.sources import load_dataset, load_split
+from ..data.sources import load_dataset
 from ..data.tasks import stratified_sample
 from ..estimates.evaluate import attacked_shift
 from ..estimates.measurement import Measurement, measure
@@ -37,7 +34,7 @@ from ..theory.threat import ThreatModel
 from ..training.adapt import adapt, head_accuracy
 from ..training.protocols import AdaptConfig, AdaptProtocol
 from .adapt_command import run_adapt
-from .common import encoder_of, runtime_of
+from .common import check_held_out, encoder_of, runtime_of, training_split
 from .parser import HEAD_FILE, PROBE_FILE, build_parser, default_cache
 
 
@@ -139,8 +136,7 @@ def _probe_radius(
 def _cmd_probe(args: argparse.Namespace) -> int:
     out = Path(args.out)
     refuse_a_file(out)
-    if args.test_data == args.data:
-        raise InputError("--test-data names the training data: the held-out accuracy would lie")
+    check_held_out(args)
     settings = {
         "protocol": args.protocol,
         "seed": args.seed,
@@ -151,9 +147,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     AdaptConfig(**settings, radius=0.0 if certified else None)  # checked before any work
     runtime = runtime_of(args)
     encoder = encoder_of(args, runtime)
-    split = load_split(args.data, args.test_data)
-    train = stratified_sample(split.train, args.n, seed=args.seed)
-    check_two_classes(train.y, f"the training labels of {train.name}")
+    train, split = training_split(args)
     radius, how = _probe_radius(args, encoder, train.x, runtime.device)
     config = AdaptConfig(**settings, radius=radius)
     adapted = adapt(encoder, train, config, progress=not args.quiet)

@@ -1,4 +1,5 @@
-"""What the single-step commands share: the runtime and the encoder the options name."""
+"""What the single-step commands share: the runtime, the encoder and the training data
+the options name."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import argparse
 
 from torch import nn
 
+from ..core.checks import check_two_classes
+from ..core.errors import InputError
 from ..core.runtime import Runtime
+from ..data.dataset import ImageDataset
+from ..data.sources import load_split
+from ..data.tasks import Split, stratified_sample
 from ..models import load_encoder
 
 
@@ -25,3 +31,18 @@ def encoder_of(args: argparse.Namespace, runtime: Runtime) -> nn.Module:
         seed=args.seed,
     )
     return encoder.to(runtime.device).eval()
+
+
+def check_held_out(args: argparse.Namespace) -> None:
+    """Refuse held-out data that is the training data, before any work."""
+    if args.test_data == args.data:
+        raise InputError("--test-data names the training data: the held-out accuracy would lie")
+
+
+def training_split(args: argparse.Namespace) -> tuple[ImageDataset, Split]:
+    """At most ``--n`` training points of ``--data`` (a seeded stratified sample, two
+    classes at least) and the split they came from."""
+    split = load_split(args.data, args.test_data)
+    train = stratified_sample(split.train, args.n, seed=args.seed)
+    check_two_classes(train.y, f"the training labels of {train.name}")
+    return train, split

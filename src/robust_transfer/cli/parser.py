@@ -202,22 +202,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _head_training_options(parser: argparse.ArgumentParser, files: str) -> None:
+    """The encoder, the data and the output folder of a command that trains a head."""
+    _encoder_options(parser)
+    parser.add_argument("--data", required=True, help=f"training data: {DATA_FORMS}")
+    parser.add_argument(
+        "--test-data", help="held-out data (default: 20%% of --data per class, kept out)"
+    )
+    parser.add_argument("--out", type=_argument(_folder), required=True, help=f"folder for {files}")
+
+
 def _adapt_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     adapt = commands.add_parser(
         "adapt",
         help="adapt an encoder to your data by one protocol, clean or adversarial, and save "
         "the adapted encoder and head as safetensors",
     )
-    _encoder_options(adapt)
-    adapt.add_argument("--data", required=True, help=f"training data: {DATA_FORMS}")
-    adapt.add_argument(
-        "--test-data", help="held-out data (default: 20%% of --data per class, kept out)"
-    )
-    adapt.add_argument(
-        "--out",
-        type=_argument(_folder),
-        required=True,
-        help=f"folder for {HEAD_FILE}, {ENCODER_FILE} (when the encoder moved) and {ADAPT_FILE}",
+    _head_training_options(
+        adapt, f"{HEAD_FILE}, {ENCODER_FILE} (when the encoder moved) and {ADAPT_FILE}"
     )
     adapt.add_argument(
         "--protocol",
@@ -346,17 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe = commands.add_parser(
         "probe", help="train a linear or certified probe on an encoder and save the head"
     )
-    _encoder_options(probe)
-    probe.add_argument("--data", required=True, help=f"training data: {DATA_FORMS}")
-    probe.add_argument(
-        "--test-data", help="held-out data (default: 20%% of --data per class, kept out)"
-    )
-    probe.add_argument(
-        "--out",
-        type=_argument(_folder),
-        required=True,
-        help=f"folder for {HEAD_FILE} (weight, bias) and {PROBE_FILE}",
-    )
+    _head_training_options(probe, f"{HEAD_FILE} (weight, bias) and {PROBE_FILE}")
     probe.add_argument(
         "--protocol", choices=[p.value for p in PROBES], default=AdaptProtocol.LINEAR_PROBE.value
     )

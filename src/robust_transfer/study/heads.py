@@ -20,7 +20,7 @@ from ..theory.losses import RegressionLoss
 from ..training.adapt import adapt
 from ..training.advice import measure_advice
 from ..training.linear_probe import train_regression_probe
-from ..training.protocols import AdaptProtocol
+from ..training.protocols import PROBES, AdaptProtocol
 from .encoders import Encoders
 from .plan import Unit, threat_key
 from .spec import AdaptationSpec, RadiusRule, StudyConfig, TaskKind
@@ -50,7 +50,7 @@ class Heads:
         """Whether the unit's head moves the encoder or trains against an attack: the
         advice on its encoder and threat comes first."""
         spec = self.config.adaptations[unit.adaptation]
-        moves = spec.protocol not in (AdaptProtocol.LINEAR_PROBE, AdaptProtocol.CERTIFIED_PROBE)
+        moves = spec.protocol not in PROBES
         return unit.task.kind is TaskKind.CLASSIFICATION and (moves or spec.adversarial)
 
     def advise(self, split: Split, unit: Unit) -> dict[str, object]:

@@ -39,7 +39,7 @@ from ..core.runtime import model_device
 from ..data.dataset import ImageDataset
 from ..models.features import extract_features
 from .linear_probe import train_certified_probe, train_linear_probe
-from .loop import train_epochs
+from .loop import BatchLoss, train_epochs
 from .objectives import EpsSchedule, ModelLoss, adversarial_loss, trades_loss
 from .protocols import PROBES, AdaptConfig, AdaptProtocol, Adversary, NormStats
 from .wrappers import (
@@ -87,6 +87,35 @@ def _objective(config: AdaptConfig, steps: int) -> tuple[ModelLoss, EpsSchedule 
     return trades_loss(schedule, config.attack_steps, config.trades_beta), schedule
 
 
+def _train(
+    model: nn.Module,
+    parameters: list[nn.Parameter],
+    data: ImageDataset,
+    loss: BatchLoss,
+    config: AdaptConfig,
+    *,
+    epochs: int,
+    lr: float,
+    desc: str,
+    progress: bool,
+) -> float:
+    """The one training loop, with the config's batches and seed (no one-cycle schedule)."""
+    return train_epochs(
+        model,
+        parameters,
+        data,
+        loss,
+        epochs=epochs,
+        batch_size=config.batch_size,
+        lr=lr,
+        seed=config.seed,
+        device=model_device(model, torch.device("cpu")),
+        one_cycle=False,
+        desc=f"{desc} ({len(data)} points)",
+        progress=progress,
+    )
+
+
 def _probe(
     encoder: nn.Module,
     features: Tensor,
@@ -106,18 +135,15 @@ def _probe(
     model = KeepEval(Joined(encoder, head), [encoder])
     objective, _ = _objective(config, _steps(data, config.probe_epochs, config.batch_size))
     with no_grad_on(encoder):
-        train_epochs(
+        _train(
             model,
-            head.parameters(),
+            list(head.parameters()),
             data,
             lambda x, y, generator: objective(model, x, y, generator),
+            config,
             epochs=config.probe_epochs,
-            batch_size=config.batch_size,
             lr=config.probe_lr,
-            seed=config.seed,
-            device=device,
-            one_cycle=False,
-            desc=f"adversarial probe ({len(data)} points)",
+            desc="adversarial probe",
             progress=progress,
         )
     return head.requires_grad_(False).eval()
@@ -196,18 +222,15 @@ def _fine_tune(
             value = value + config.anchor_weight * moved(trained(x).flatten(1), x)
         return value
 
-    last = train_epochs(
+    last = _train(
         model,
         [*trainable, *head.parameters()],
         data,
         loss,
+        config,
         epochs=config.epochs,
-        batch_size=config.batch_size,
         lr=config.lr,
-        seed=config.seed,
-        device=device,
-        one_cycle=False,
-        desc=f"{config.protocol.value} ({len(data)} points)",
+        desc=config.protocol.value,
         progress=progress,
     )
     head.requires_grad_(False).eval()
@@ -267,7 +290,11 @@ def adapt(
     protocol = config.protocol
     adapted = encoder if protocol in PROBES else copy.deepcopy(encoder)
     device = model_device(encoder, torch.device("cpu"))
-    width = extract_features(encoder, data.x[:1]).shape[1]
+    # Plain fine-tuning's fresh head, made before the cost counter starts.
+    fresh = None
+    if protocol is AdaptProtocol.FINETUNE:
+        width = extract_features(encoder, data.x[:1]).shape[1]
+        fresh = nn.Linear(width, data.num_classes).to(device)
     # The cost is what training passes through the encoder, diagnostics after it aside.
     passes = Passes()
     passes.watch(encoder)
@@ -288,8 +315,8 @@ def adapt(
                 robust_weight=config.robust_weight,
                 weight_decay=config.weight_decay,
             )
-        elif protocol is AdaptProtocol.FINETUNE:
-            head = nn.Linear(width, data.num_classes).to(device)
+        elif fresh is not None:
+            head = fresh
         else:
             head = _probe(encoder, _given(clean), data, config, progress)
         if adapted is not encoder:

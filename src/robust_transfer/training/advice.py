@@ -30,6 +30,7 @@ from ..data.dataset import ImageDataset
 from ..theory.threat import ThreatModel
 from .adapt import adapt
 from .protocols import AdaptConfig, AdaptProtocol, Adversary, Recipe
+from .wrappers import Joined
 
 # Shares of the adversarial probe's clean accuracy it keeps under attack.
 RETAINED = 0.8
@@ -89,7 +90,7 @@ def _accuracies(
     encoder: nn.Module, head: nn.Linear, x: Tensor, y: Tensor, threat: ThreatModel, steps: int
 ) -> tuple[float, float]:
     training = encoder.training
-    model = nn.Sequential(encoder, nn.Flatten(), head).eval()
+    model = Joined(encoder, head).eval()
     try:
         result = attack_classifier(model, x, y, threat, steps=steps, seed=1, batch_size=_BATCH)
     finally:

@@ -103,8 +103,7 @@ def twins(
     """The mean of ``loss`` with the batch statistics (which the running ones follow)
     and with the pretrained running statistics, frozen: TWINS' two networks, one set of
     weights."""
-    pretrained = [(m.running_mean, m.running_var) for m in norms]
-    pretrained = [(mean.clone(), var.clone()) for mean, var in pretrained]  # type: ignore[union-attr]
+    pretrained = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]  # type: ignore[union-attr]
 
     def both(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         adaptive = loss(model, x, y, generator)
