@@ -19,7 +19,7 @@ from .engine import AscentResult, AscentSettings, Objective, keep_better, maximi
 # rather than at it; against a 10-restart, 500-step reference the polish lifts the 5th
 # percentile of shift / reference by 0.01-0.03 for about a quarter more time
 # (benchmarks/results/bench_tail.md).
-_POLISH_STEPS = 10
+POLISH_STEPS = 10
 _POLISH_STEP_SCALE = 0.25
 
 
@@ -52,7 +52,7 @@ def maximize_both(
             for engine in (maximize, maximize_apgd)
         )
     )
-    polish = AscentSettings(_POLISH_STEPS, 1, None, step_scale=_POLISH_STEP_SCALE)
+    polish = AscentSettings(POLISH_STEPS, 1, None, step_scale=_POLISH_STEP_SCALE)
     polished = maximize(
         objective, x, threat, polish, noise, rerun_successful=rerun_successful, start=found.x_adv
     )

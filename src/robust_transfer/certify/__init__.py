@@ -26,7 +26,7 @@ from .base import (
     get_certifier,
     register_certifier,
 )
-from .crown import CROWNCertifier, margin_lower_bounds
+from .crown import CROWNCertifier, Intermediate, margin_lower_bounds
 from .ibp import IBPCertifier
 from .layers import LayerReader, conv_op, linear_op, ops_of, register_layer, reshape_op, scale_op
 from .lipschitz import LipschitzCertifier, lipschitz_shift
@@ -35,6 +35,24 @@ register_certifier(LipschitzCertifier())
 register_certifier(IBPCertifier())
 register_certifier(CROWNCertifier())
 register_certifier(CROWNCertifier(intermediate="crown"))
+
+
+# Head-specific certificates (CROWN on the encoder composed with a head's class
+# differences), by the intermediate bounds they use. A study names them among its
+# certifiers; one that names none of its certifiers gets ``head-crown``.
+HEAD_CERTIFIERS: dict[str, Intermediate] = {"head-crown": "ibp", "head-crown-full": "crown"}
+DEFAULT_HEAD_CERTIFIER = "head-crown"
+
+
+def split_certifiers(
+    names: Sequence[str] | None,
+) -> tuple[tuple[str, ...] | None, str | None]:
+    """The shift certifiers among ``names`` (None: the defaults) and the head
+    certifier (the tightest named, none if none is; with None, ``head-crown``)."""
+    if names is None:
+        return None, DEFAULT_HEAD_CERTIFIER
+    heads = [name for name in HEAD_CERTIFIERS if name in names]
+    return tuple(n for n in names if n not in HEAD_CERTIFIERS), heads[-1] if heads else None
 
 
 class NoCertificate(RobustTransferError, ValueError):
@@ -83,6 +101,8 @@ def certified_shift(
 
 __all__ = [
     "BEST",
+    "DEFAULT_HEAD_CERTIFIER",
+    "HEAD_CERTIFIERS",
     "CROWNCertifier",
     "Certificates",
     "Certifier",
@@ -105,4 +125,5 @@ __all__ = [
     "register_layer",
     "reshape_op",
     "scale_op",
+    "split_certifiers",
 ]

@@ -40,7 +40,52 @@ from .ops import (
 )
 
 # Rows of linear bounds (2 x features) times a sample's largest layer, per chunk of samples.
-_CHUNK_ELEMENTS = 20_000_000
+CHUNK_ELEMENTS = 20_000_000
+# Multiply-adds past which CROWN refuses rather than run: each linear bound it carries
+# back costs about one forward pass of a sample, so this is an hour or more on a CPU.
+WORK_LIMIT = 1e14
+
+
+def _multiply_adds(encoder: nn.Module, x: Tensor) -> tuple[int, int]:
+    """One sample's multiply-adds in ``encoder``'s convolutions and linear layers, and
+    its ReLU units (the intermediate bounds CROWN's own would tighten)."""
+    counts = [0, 0]
+
+    def seen(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            kernel = module.weight[0].numel()
+            counts[0] += output[0].numel() * kernel
+        elif isinstance(module, nn.Linear):
+            counts[0] += module.in_features * module.out_features
+        elif isinstance(module, nn.ReLU):
+            counts[1] += output[0].numel()
+
+    handles = [module.register_forward_hook(seen) for module in encoder.modules()]
+    try:
+        with torch.no_grad():
+            encoder(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts[0], counts[1]
+
+
+def too_costly(
+    encoder: nn.Module, x: Tensor, rows: int, intermediate: str, name: str
+) -> Refusal | None:
+    """Why CROWN with ``rows`` linear bounds per sample would not finish in reasonable
+    time on ``x``, or None: its work is about rows (plus, for CROWN's own intermediate
+    bounds, two per ReLU unit) times a sample's multiply-adds, per sample."""
+    multiply_adds, units = _multiply_adds(encoder, x)
+    carried = rows + (2 * units if intermediate == "crown" else 0)
+    work = float(carried) * multiply_adds * len(x)
+    if work <= WORK_LIMIT:
+        return None
+    return Refusal(
+        f"{name} would carry {carried} linear bounds per point through "
+        f"{multiply_adds / 1e9:.2g} G multiply-adds for {len(x)} points ({work:.2g} in all, "
+        f"over the limit of {WORK_LIMIT:.0e}: hours here); name cheaper certifiers"
+    )
 
 
 def _input_bounds(
@@ -108,7 +153,7 @@ def _tighten(
     half = lower.shape[1]
     # Each unit needs two rows (both signs): chunks of units keep a chunk's rows, times
     # the widest layer they cross, within the budget.
-    chunk = max(1, _CHUNK_ELEMENTS // (2 * _widest(prefix, x)))
+    chunk = max(1, CHUNK_ELEMENTS // (2 * _widest(prefix, x)))
     for sample in range(len(x)):
         unstable = ((lower[sample] < 0) & (upper[sample] > 0)).nonzero().squeeze(1)
         if len(unstable) == 0:
@@ -177,7 +222,7 @@ def _linear_upper(
     ∩ the box, ``start`` of shape (N, R, features); in chunks of samples. Intermediate
     bounds by IBP or, with ``intermediate="crown"``, by CROWN itself. Differentiable in
     the ops' parameters (certified training); certifiers call it without gradients."""
-    chunk = max(1, _CHUNK_ELEMENTS // (start.shape[1] * max(_widest(ops, x), start.shape[2])))
+    chunk = max(1, CHUNK_ELEMENTS // (start.shape[1] * max(_widest(ops, x), start.shape[2])))
     parts = []
     for first in range(0, len(x), chunk):
         part, rows = x[first : first + chunk], start[first : first + chunk]
@@ -243,6 +288,9 @@ class CROWNCertifier:
             return net
         ops, clean = net.ops, net.clean
         features = clean.shape[1]
+        costly = too_costly(encoder, x, 2 * features, self.intermediate, self.name)
+        if costly is not None:
+            return costly
         eye = torch.eye(features, dtype=x.dtype, device=x.device)
         start = torch.cat([eye, -eye]).expand(len(x), -1, -1)
         try:
@@ -271,6 +319,9 @@ def margin_lower_bounds(
     net = decompose(encoder, x)
     if isinstance(net, Refusal):
         return net
+    costly = too_costly(encoder, x, head.out_features, intermediate, f"head-{_NAMES[intermediate]}")
+    if costly is not None:
+        return costly
     ops = net.ops
     weight = head.weight.detach().to(x.dtype)
     bias = (

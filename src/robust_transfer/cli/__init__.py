@@ -1,5 +1,6 @@
-"""The ``robust-transfer`` command line: :mod:`.parser` reads and checks the arguments,
-:mod:`.commands` runs them through the library's entry points."""
+"""The ``robust-transfer`` command line: :mod:`.parser` reads the arguments (each
+checked by its type in :mod:`.arguments`), :mod:`.commands` runs them through the
+library's entry points, priced first by :mod:`.plan_command` when asked."""
 
 from .commands import main
 

@@ -22,8 +22,8 @@ from ..training.adapt import adapt
 from ..training.advice import measure_advice
 from ..training.protocols import AdaptConfig, Adversary
 from ..training.wrappers import Joined
+from .arguments import ADAPT_FILE, ENCODER_FILE, HEAD_FILE
 from .common import check_held_out, encoder_of, runtime_of, training_split
-from .parser import ADAPT_FILE, ENCODER_FILE, HEAD_FILE
 
 
 def run_adapt(args: argparse.Namespace) -> int:

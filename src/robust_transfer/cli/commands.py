@@ -30,12 +30,15 @@ from ..report.render import write_report
 from ..report.tables import text
 from ..study.config import default_config, default_config_text, load_config, parse_config
 from ..study.folder import refuse_a_file
+from ..study.spec import StudyConfig
 from ..theory.threat import ThreatModel
 from ..training.adapt import adapt, head_accuracy
 from ..training.protocols import AdaptConfig, AdaptProtocol
 from .adapt_command import run_adapt
+from .arguments import HEAD_FILE, PROBE_FILE, default_cache
 from .common import check_held_out, encoder_of, runtime_of, training_split
-from .parser import HEAD_FILE, PROBE_FILE, build_parser, default_cache
+from .parser import build_parser
+from .plan_command import planned, run_plan
 
 
 def _study_runtime(args: argparse.Namespace) -> Runtime:
@@ -43,27 +46,40 @@ def _study_runtime(args: argparse.Namespace) -> Runtime:
     return Runtime.detect(args.device, precision=args.precision, compile=args.compile, shared=True)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    cache = args.cache or config.cache_dir or default_cache()
-    run_study(
-        config, args.out, cache_dir=cache, runtime=_study_runtime(args), progress=not args.quiet
+def study_config(args: argparse.Namespace) -> tuple[StudyConfig, Path]:
+    """The study a ``run``, ``demo`` or ``transfer`` command names, and its cache."""
+    if args.command == "run":
+        config = load_config(args.config)
+        return config, args.cache or config.cache_dir or default_cache()
+    if args.command == "demo":
+        return default_config(), args.cache or default_cache()
+    return parse_config(_transfer_config(args), base=Path.cwd()), args.cache or default_cache()
+
+
+def _study(args: argparse.Namespace) -> int:
+    """Run (or resume) the study, priced first when ``--dry-run`` or ``--budget`` asks."""
+    config, cache = study_config(args)
+    runtime = _study_runtime(args)
+    return planned(
+        config,
+        args,
+        cache,
+        runtime,
+        lambda: run_study(
+            config, args.out, cache_dir=cache, runtime=runtime, progress=not args.quiet
+        ),
     )
-    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.print_config:
         print(default_config_text())
         return 0
-    run_study(
-        default_config(),
-        args.out,
-        cache_dir=args.cache or default_cache(),
-        runtime=_study_runtime(args),
-        progress=not args.quiet,
-    )
-    return 0
+    return _study(args)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    return run_plan(args, default_cache())
 
 
 def _transfer_config(args: argparse.Namespace) -> dict[str, object]:
@@ -94,20 +110,19 @@ def _transfer_config(args: argparse.Namespace) -> dict[str, object]:
         "eval_points": args.n,
         "radius_points": min(100, args.n),
         **({} if args.train_points is None else {"train_points": args.train_points}),
-        "attack": {"steps": args.steps, "autoattack": args.autoattack},
+        "attack": {
+            "steps": args.steps,
+            "restarts": args.restarts,
+            "targeted_restarts": args.restarts,
+            "representation_steps": args.steps,
+            "representation_restarts": args.restarts,
+            "representation_method": args.representation,
+            "autoattack": args.autoattack,
+        },
         "encoders": {"encoder": encoder},
         "adaptations": {protocol: {"protocol": protocol} for protocol in args.adaptations},
         "tasks": [task | {"threats": threats}],
     }
-
-
-def _cmd_transfer(args: argparse.Namespace) -> int:
-    config = parse_config(_transfer_config(args), base=Path.cwd())
-    cache = args.cache or default_cache()
-    run_study(
-        config, args.out, cache_dir=cache, runtime=_study_runtime(args), progress=not args.quiet
-    )
-    return 0
 
 
 def _probe_radius(
@@ -329,10 +344,11 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "run": _cmd_run,
+    "run": _study,
     "demo": _cmd_demo,
+    "plan": _cmd_plan,
     "report": _cmd_report,
-    "transfer": _cmd_transfer,
+    "transfer": _study,
     "probe": _cmd_probe,
     "adapt": run_adapt,
     "vulnerability": _cmd_vulnerability,

@@ -4,117 +4,37 @@ check every value where it is parsed (one line of error, never a usage dump)."""
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
-from collections.abc import Callable
-from pathlib import Path
-from typing import NoReturn, TypeVar
 
+from ..attacks.representation import METHODS as REPRESENTATION_METHODS
 from ..core.checks import (
     EPOCHS,
     POINTS,
     RESTARTS,
     STEPS,
-    Limit,
-    check_number,
-    check_positive_int,
-    check_seed,
 )
-from ..core.errors import InputError
 from ..core.runtime import Precision
 from ..data.sources import FORMS as DATA_FORMS
 from ..models.specs import FORMS
-from ..theory.threat import Norm, parse_eps
+from ..theory.threat import parse_eps
 from ..training.protocols import AdaptProtocol, Adversary, NormStats
-
-T = TypeVar("T")
-
-PROBE_FILE, HEAD_FILE = "probe.json", "head.safetensors"
-ADAPT_FILE, ENCODER_FILE = "adapt.json", "encoder.safetensors"
-PROBES = (AdaptProtocol.LINEAR_PROBE, AdaptProtocol.CERTIFIED_PROBE)
-
-
-def default_cache() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "robust-transfer" / "encoders"
-
-
-def _json_target(value: str) -> Path:
-    """``--json FILE``, checked before any work: a folder or a missing parent would only
-    fail once the results are computed."""
-    if not value.strip():
-        raise InputError("an empty path: name a file")
-    path = Path(value)
-    if path.is_dir():
-        raise InputError(f"{value} is a folder: name a file")
-    if not path.parent.is_dir():
-        raise InputError(f"{path.parent} does not exist")
-    try:  # found now, not once the rows are computed
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as err:
-        raise InputError(f"cannot write into {path.parent}: {err.strerror}") from err
-    return path
-
-
-def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
-    """``parse`` as an argparse type whose errors keep their reason (argparse words any
-    other exception as "invalid <function name> value")."""
-
-    def checked(value: str) -> T:
-        try:
-            return parse(value)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from err
-
-    checked.__name__ = parse.__name__
-    return checked
-
-
-def _threat(norm: str) -> str:
-    Norm.parse(norm)
-    return norm
-
-
-def _integer(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError as err:
-        raise InputError(f"expected an integer, got {value!r}") from err
-
-
-def _count(limit: Limit) -> Callable[[str], int]:
-    """A positive integer at most ``limit``, checked where it is parsed."""
-    return _argument(lambda value: check_positive_int(_integer(value), "the value", limit))
-
-
-def _train_points(value: str) -> int | None:
-    """A count of training points, or ``all``."""
-    if value == "all":
-        return None
-    return check_positive_int(_integer(value), "the value", POINTS)
-
-
-def _seed(value: str) -> int:
-    return check_seed(_integer(value))
-
-
-def _real(value: str, *, inclusive: bool, most: float = 1e15) -> float:
-    try:
-        number = float(value)
-    except ValueError as err:
-        raise InputError(f"expected a number, got {value!r}") from err
-    return check_number(number, "the value", inclusive=inclusive, most=most)
-
-
-def _folder(value: str) -> Path:
-    """An output folder, named: an empty string is not the current folder."""
-    if not value.strip():
-        raise InputError("an empty path: name a folder")
-    path = Path(value)
-    if path.is_symlink() and not path.exists():
-        raise InputError(f"{value} is a symbolic link to nothing: name a folder")
-    return path
+from .arguments import (
+    ADAPT_FILE,
+    ENCODER_FILE,
+    HEAD_FILE,
+    PROBE_FILE,
+    PROBES,
+    Parser,
+    argument,
+    count,
+    default_cache,
+    folder,
+    json_target,
+    real,
+    seed,
+    threat_name,
+    train_points,
+)
+from .plan_command import plan_options
 
 
 def _device_option(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +45,7 @@ def _device_option(parser: argparse.ArgumentParser) -> None:
 
 def _study_runtime_options(parser: argparse.ArgumentParser) -> None:
     _device_option(parser)
+    plan_options(parser)
     parser.add_argument(
         "--precision",
         choices=[precision.value for precision in Precision],
@@ -175,31 +96,23 @@ def _single_step_options(parser: argparse.ArgumentParser, *, head: bool) -> None
         required=True,
         help=f"a data spec: {DATA_FORMS}",
     )
-    parser.add_argument("--threat", type=_argument(_threat), default="Linf", help="Linf or L2")
+    parser.add_argument("--threat", type=argument(threat_name), default="Linf", help="Linf or L2")
     parser.add_argument(
-        "--eps", type=_argument(parse_eps), nargs="+", default=[0.1], help="radii, e.g. 8/255 0.1"
+        "--eps", type=argument(parse_eps), nargs="+", default=[0.1], help="radii, e.g. 8/255 0.1"
     )
     parser.add_argument(
         "--n",
-        type=_count(POINTS),
+        type=count(POINTS),
         default=500,
         help="N points of the data: a seeded sample, classes in proportion",
     )
-    parser.add_argument("--steps", type=_count(STEPS), default=50)
-    parser.add_argument("--restarts", type=_count(RESTARTS), default=1)
-    parser.add_argument("--batch-size", type=_count(POINTS), default=250)
-    parser.add_argument("--seed", type=_argument(_seed), default=0)
+    parser.add_argument("--steps", type=count(STEPS), default=50)
+    parser.add_argument("--restarts", type=count(RESTARTS), default=1)
+    parser.add_argument("--batch-size", type=count(POINTS), default=250)
+    parser.add_argument("--seed", type=argument(seed), default=0)
     parser.add_argument(
-        "--json", type=_argument(_json_target), help="also write the rows to this JSON file"
+        "--json", type=argument(json_target), help="also write the rows to this JSON file"
     )
-
-
-class _Parser(argparse.ArgumentParser):
-    """Says what is wrong with the command line in one line, as every other error is
-    said (``--help`` still prints the usage)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _head_training_options(parser: argparse.ArgumentParser, files: str) -> None:
@@ -209,10 +122,10 @@ def _head_training_options(parser: argparse.ArgumentParser, files: str) -> None:
     parser.add_argument(
         "--test-data", help="held-out data (default: 20%% of --data per class, kept out)"
     )
-    parser.add_argument("--out", type=_argument(_folder), required=True, help=f"folder for {files}")
+    parser.add_argument("--out", type=argument(folder), required=True, help=f"folder for {files}")
 
 
-def _adapt_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
+def _adapt_parser(commands: argparse._SubParsersAction[Parser]) -> None:
     adapt = commands.add_parser(
         "adapt",
         help="adapt an encoder to your data by one protocol, clean or adversarial, and save "
@@ -230,43 +143,102 @@ def _adapt_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     adapt.add_argument(
         "--adversary", choices=[a.value for a in Adversary], default=Adversary.NONE.value
     )
-    adapt.add_argument("--threat", type=_argument(_threat), default="Linf", help="Linf or L2")
+    adapt.add_argument("--threat", type=argument(threat_name), default="Linf", help="Linf or L2")
     adapt.add_argument(
-        "--eps", type=_argument(parse_eps), default=0.1, help="what it trains against"
+        "--eps", type=argument(parse_eps), default=0.1, help="what it trains against"
     )
-    adapt.add_argument("--attack-steps", type=_count(STEPS), default=5)
+    adapt.add_argument("--attack-steps", type=count(STEPS), default=5)
     adapt.add_argument(
         "--eps-warmup",
-        type=_argument(lambda value: _real(value, inclusive=True, most=0.99)),
+        type=argument(lambda value: real(value, inclusive=True, most=0.99)),
         default=0.0,
         help="share of the steps over which eps ramps up from 0",
     )
     adapt.add_argument(
         "--norm-stats", choices=[n.value for n in NormStats], default=NormStats.ADAPTIVE.value
     )
-    adapt.add_argument("--epochs", type=_count(EPOCHS), default=3)
+    adapt.add_argument("--epochs", type=count(EPOCHS), default=3)
     adapt.add_argument(
-        "--lr", type=_argument(lambda value: _real(value, inclusive=False)), default=5e-4
+        "--lr", type=argument(lambda value: real(value, inclusive=False)), default=5e-4
     )
-    adapt.add_argument("--lora-rank", type=_count(POINTS), default=4)
+    adapt.add_argument("--lora-rank", type=count(POINTS), default=4)
     adapt.add_argument(
         "--advise",
         action="store_true",
         help="first measure the frozen encoder and say which recipe to try (about two "
         "linear probes' time)",
     )
-    adapt.add_argument("--n", type=_count(POINTS), default=50_000, help="at most N training points")
+    adapt.add_argument("--n", type=count(POINTS), default=50_000, help="at most N training points")
     adapt.add_argument(
-        "--eval-points", type=_count(POINTS), default=200, help="held-out points attacked"
+        "--eval-points", type=count(POINTS), default=200, help="held-out points attacked"
     )
-    adapt.add_argument("--batch-size", type=_count(POINTS), default=128)
-    adapt.add_argument("--seed", type=_argument(_seed), default=0)
+    adapt.add_argument("--batch-size", type=count(POINTS), default=128)
+    adapt.add_argument("--seed", type=argument(seed), default=0)
     adapt.add_argument("--quiet", action="store_true", help="no progress bars")
     _device_option(adapt)
 
 
+def _transfer_parser(commands: argparse._SubParsersAction[Parser]) -> None:
+    transfer = commands.add_parser(
+        "transfer",
+        help="an encoder and a downstream data set to the full report (probe, shift, bounds, "
+        "criterion, expected robust accuracy, certificates, attacks) in one command",
+    )
+    _encoder_options(transfer)
+    transfer.add_argument(
+        "--data", required=True, help=f"a data spec, split 80/20 per class: {DATA_FORMS}"
+    )
+    transfer.add_argument(
+        "--out", type=argument(folder), required=True, help="output folder (as a study's)"
+    )
+    transfer.add_argument("--linf", nargs="*", default=["2/255", "4/255", "8/255"])
+    transfer.add_argument("--l2", nargs="*", default=["0.25", "0.5", "1.0"])
+    transfer.add_argument(
+        "--adaptations",
+        nargs="+",
+        default=["linear-probe", "certified-probe"],
+        help="adaptation protocols (linear-probe, certified-probe, finetune, lp-ft, ...)",
+    )
+    transfer.add_argument("--n", type=count(POINTS), default=500, help="evaluation points")
+    transfer.add_argument(
+        "--train-points",
+        type=argument(train_points),
+        default=1000,
+        help="training points of the heads, a stratified sample (default 1000; 'all': the "
+        "whole training split)",
+    )
+    transfer.add_argument(
+        "--steps",
+        type=count(STEPS),
+        default=10,
+        help="steps of PGD on each head and of the representation attack",
+    )
+    transfer.add_argument(
+        "--restarts",
+        type=count(RESTARTS),
+        default=2,
+        help="restarts of PGD on each head (cross-entropy and targeted) and of the "
+        "representation attack",
+    )
+    transfer.add_argument(
+        "--representation",
+        choices=REPRESENTATION_METHODS,
+        default="pgd+apgd",
+        help="the representation attack: pgd+apgd (both, then a polish) or one of them "
+        "(cheaper, for big encoders)",
+    )
+    transfer.add_argument("--autoattack", action="store_true", help="AutoAttack on every head")
+    transfer.add_argument("--seed", type=argument(seed), default=0)
+    transfer.add_argument(
+        "--cache", type=argument(folder), help="where pretrained encoders are cached"
+    )
+    transfer.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    _study_runtime_options(transfer)
+    transfer.add_argument("--test-data", help="held-out data (then --data is all training)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="robust-transfer",
         description="How much adversarial robustness a pretrained encoder passes on to the "
         "linear heads put on it: measured, bounded and certified.",
@@ -280,20 +252,30 @@ def build_parser() -> argparse.ArgumentParser:
     for sub, default_out in ((run, None), (demo, "runs/demo")):
         sub.add_argument(
             "--out",
-            type=_argument(_folder),
+            type=argument(folder),
             required=default_out is None,
             default=default_out,
             help="output folder (results.json, report.html, report.md, store/)",
         )
         sub.add_argument(
             "--cache",
-            type=_argument(_folder),
+            type=argument(folder),
             help="where pretrained encoders are cached (default: the config's cache_dir, "
             f"else {default_cache()})",
         )
         sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
         _study_runtime_options(sub)
 
+    plan = commands.add_parser(
+        "plan", help="a study's stages, passes, expected time and peak memory, before any work"
+    )
+    plan.add_argument("config", help="study TOML file")
+    plan.add_argument("--cache", type=argument(folder), help="where pretrained encoders are cached")
+    plan.add_argument(
+        "--json", type=argument(json_target), help="also write the plan to this JSON file"
+    )
+    _device_option(plan)
+    plan_options(plan, plan_only=True)
     vulnerability = commands.add_parser(
         "vulnerability", help="the task-independent representation shift of an encoder"
     )
@@ -308,43 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument(
         "--autoattack", action="store_true", help="AutoAttack 'standard' instead of PGD"
     )
-    transfer = commands.add_parser(
-        "transfer",
-        help="an encoder and a downstream data set to the full report (probe, shift, bounds, "
-        "criterion, expected robust accuracy, certificates, attacks) in one command",
-    )
-    _encoder_options(transfer)
-    transfer.add_argument(
-        "--data", required=True, help=f"a data spec, split 80/20 per class: {DATA_FORMS}"
-    )
-    transfer.add_argument(
-        "--out", type=_argument(_folder), required=True, help="output folder (as a study's)"
-    )
-    transfer.add_argument("--linf", nargs="*", default=["2/255", "4/255", "8/255"])
-    transfer.add_argument("--l2", nargs="*", default=["0.25", "0.5", "1.0"])
-    transfer.add_argument(
-        "--adaptations",
-        nargs="+",
-        default=["linear-probe", "certified-probe"],
-        help="adaptation protocols (linear-probe, certified-probe, finetune, lp-ft, ...)",
-    )
-    transfer.add_argument("--n", type=_count(POINTS), default=500, help="evaluation points")
-    transfer.add_argument(
-        "--train-points",
-        type=_argument(_train_points),
-        default=1000,
-        help="training points of the heads, a stratified sample (default 1000; 'all': the "
-        "whole training split)",
-    )
-    transfer.add_argument("--steps", type=_count(STEPS), default=10, help="PGD steps on each head")
-    transfer.add_argument("--autoattack", action="store_true", help="AutoAttack on every head")
-    transfer.add_argument("--seed", type=_argument(_seed), default=0)
-    transfer.add_argument(
-        "--cache", type=_argument(_folder), help="where pretrained encoders are cached"
-    )
-    transfer.add_argument("--quiet", action="store_true", help="no progress bars or tables")
-    _study_runtime_options(transfer)
-    transfer.add_argument("--test-data", help="held-out data (then --data is all training)")
+    _transfer_parser(commands)
     probe = commands.add_parser(
         "probe", help="train a linear or certified probe on an encoder and save the head"
     )
@@ -354,38 +300,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     probe.add_argument(
         "--radius",
-        type=_argument(lambda value: _real(value, inclusive=True)),
+        type=argument(lambda value: real(value, inclusive=True)),
         help="certified probe: feature-space radius",
     )
     probe.add_argument(
         "--eps",
-        type=_argument(parse_eps),
+        type=argument(parse_eps),
         help="certified probe: radius = median attacked shift at this eps (with --threat)",
     )
     probe.add_argument(
-        "--threat", type=_argument(_threat), default="Linf", help="Linf or L2 (with --eps)"
+        "--threat", type=argument(threat_name), default="Linf", help="Linf or L2 (with --eps)"
     )
-    probe.add_argument(
-        "--steps", type=_count(STEPS), default=20, help="representation attack steps"
-    )
-    probe.add_argument("--radius-points", type=_count(POINTS), default=200)
+    probe.add_argument("--steps", type=count(STEPS), default=20, help="representation attack steps")
+    probe.add_argument("--radius-points", type=count(POINTS), default=200)
     probe.add_argument(
         "--weight-decay",
-        type=_argument(lambda value: _real(value, inclusive=True)),
+        type=argument(lambda value: real(value, inclusive=True)),
         default=1e-4,
     )
     probe.add_argument(
         "--robust-weight",
-        type=_argument(lambda value: _real(value, inclusive=False, most=1.0)),
+        type=argument(lambda value: real(value, inclusive=False, most=1.0)),
         default=0.5,
         help="certified probe: the robust term's share of the loss, in (0, 1]",
     )
-    probe.add_argument("--n", type=_count(POINTS), default=50_000, help="at most N training points")
-    probe.add_argument("--batch-size", type=_count(POINTS), default=250)
-    probe.add_argument("--seed", type=_argument(_seed), default=0)
+    probe.add_argument("--n", type=count(POINTS), default=50_000, help="at most N training points")
+    probe.add_argument("--batch-size", type=count(POINTS), default=250)
+    probe.add_argument("--seed", type=argument(seed), default=0)
     probe.add_argument("--quiet", action="store_true", help="no progress bars")
     _device_option(probe)
     _adapt_parser(commands)
     report = commands.add_parser("report", help="redraw report.html / report.md of a study")
-    report.add_argument("dir", type=_argument(_folder), help="the study's output folder")
+    report.add_argument("dir", type=argument(folder), help="the study's output folder")
     return parser

@@ -58,6 +58,17 @@ _SETS: dict[str, tuple[_Builder, str, str]] = {
 }
 
 
+# name -> (image shape, training points, test points, classes): what a plan prices a
+# study by on a machine the data has not been downloaded to.
+SIZES: dict[str, tuple[tuple[int, int, int], int, int, int]] = {
+    "cifar10": ((3, 32, 32), 50_000, 10_000, 10),
+    "cifar100": ((3, 32, 32), 50_000, 10_000, 100),
+    "fashion-mnist": ((1, 28, 28), 60_000, 10_000, 10),
+    "svhn": ((3, 32, 32), 73_257, 26_032, 10),
+    "stl10": ((3, 96, 96), 5_000, 8_000, 10),
+}
+
+
 def torchvision_names() -> tuple[str, ...]:
     return tuple(_SETS)
 

@@ -18,8 +18,14 @@ from ..attacks.reference import AutoAttackResult, attack_autoattack
 from ..attacks.regression import attack_regression
 from ..attacks.sanity import margin_score, sanity_arrays
 from ..attacks.settings import AttackSettings
-from ..certify import Refusal, certify_all, margin_lower_bounds
-from ..certify.crown import Intermediate
+from ..certify import (
+    DEFAULT_HEAD_CERTIFIER,
+    HEAD_CERTIFIERS,
+    Refusal,
+    certify_all,
+    margin_lower_bounds,
+    split_certifiers,
+)
 from ..core.schema import Array, Arrays, certificate_key, methods_in, per_method
 from ..theory.bounds import (
     absolute_error_bound,
@@ -67,9 +73,10 @@ def attacked_shift(
 def certified_shifts(
     encoder: nn.Module, x: Tensor, threat: ThreatModel, methods: Sequence[str] | None = None
 ) -> tuple[Arrays, dict[str, str]]:
-    """``certified_shift@METHOD`` for every certifier of ``methods`` (default: all) that
-    applies, and ``certified_shift``, the per-sample tightest; and the refusals' reasons."""
-    certificates = certify_all(encoder, x, threat, methods)
+    """``certified_shift@METHOD`` for every certifier of ``methods`` (default: all run by
+    default; head certifiers among them are left to the heads) that applies, and
+    ``certified_shift``, the per-sample tightest; and the refusals' reasons."""
+    certificates = certify_all(encoder, x, threat, split_certifiers(methods)[0])
     arrays = {
         per_method(Array.CERTIFIED_SHIFT, method): bound.float()
         for method, bound in certificates.bounds.items()
@@ -203,17 +210,17 @@ def classification_estimates(
     shift: Arrays,
     *,
     profile: EncoderProfile | None = None,
-    margin_intermediate: Intermediate = "ibp",
+    head_certifier: str | None = DEFAULT_HEAD_CERTIFIER,
     curve_points: int | None = None,
 ) -> Arrays:
     """What is known of a classification head without attacking it: margins, Result 1
     and 2 (:func:`classification_theory`), the expected robust accuracy from the
     encoder's ``profile`` (with ``curve_points``, also at that many eps evenly from 0 to
-    ``threat.eps``: the robustness curve), and ``head_certified_robust`` where CROWN
-    reads the encoder:
-    this head's margins certified directly (with ``margin_intermediate`` intermediate
-    bounds: "crown" is tighter and costs what the ``crown-full`` certifier does, per
-    head), or the task-agnostic certificate where that is tighter."""
+    ``threat.eps``: the robustness curve), and, with a ``head_certifier`` (one of
+    :data:`~robust_transfer.certify.HEAD_CERTIFIERS`) that reads the encoder,
+    ``head_certified_robust``: this head's margins certified directly (``head-crown-full``
+    is tighter and costs what the ``crown-full`` certifier does, per head), or the
+    task-agnostic certificate where that is tighter."""
     head = head.to(x.device).eval()
     arrays = classification_theory(head, shift[Array.FEATURES], y, shift)
     if profile is not None:
@@ -223,7 +230,9 @@ def classification_estimates(
             grid = torch.linspace(0.0, threat.eps, curve_points, dtype=torch.float64)
             found = robust_on_grid(profile, head, y, threat.norm, grid, expected)
             arrays[Array.CURVE_ROBUST] = found.robust
-    margins = margin_lower_bounds(encoder, head, x, threat, margin_intermediate)
+    if head_certifier is None:
+        return arrays
+    margins = margin_lower_bounds(encoder, head, x, threat, HEAD_CERTIFIERS[head_certifier])
     if not isinstance(margins, Refusal):
         # The union of two sound certificates: never looser than the task-agnostic one.
         head_certified = arrays[Array.CORRECT] & (margins > 0).all(dim=1)
@@ -247,7 +256,7 @@ def evaluate_classification(
     progress: bool = False,
     profile: EncoderProfile | None = None,
     autoattack_rows: Tensor | None = None,
-    margin_intermediate: Intermediate = "ibp",
+    head_certifier: str | None = DEFAULT_HEAD_CERTIFIER,
     curve_points: int | None = None,
 ) -> Arrays:
     """Per-sample outcome of a classification head: :func:`classification_estimates`,
@@ -270,7 +279,7 @@ def evaluate_classification(
         threat,
         shift,
         profile=profile,
-        margin_intermediate=margin_intermediate,
+        head_certifier=head_certifier,
         curve_points=curve_points,
     )
     head = head.to(x.device).eval()

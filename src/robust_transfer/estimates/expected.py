@@ -37,9 +37,12 @@ from ..models.features import extract_features
 from ..theory import first_order
 from ..theory.threat import ThreatModel
 
-# Above this many stored Jacobian entries the profile starts from no directions and
-# takes the span of each head's class-difference directions as heads arrive.
+# Above this many stored Jacobian entries, or this many features (one backward pass
+# each: a ResNet-50's 2048 would cost hours on a CPU where its heads need a few), the
+# profile starts from no directions and takes the span of each head's class-difference
+# directions as heads arrive.
 FULL_JACOBIAN_LIMIT = 2**28
+FULL_JACOBIAN_FEATURES = 128
 # A direction whose residual against the stored span is below this share of its norm
 # is taken as inside the span.
 _SPAN_TOLERANCE = 1e-5
@@ -278,6 +281,13 @@ def _rows(encoder: nn.Module, x: Tensor, directions: Tensor, batch_size: int) ->
     return torch.cat(parts).to(x.dtype)
 
 
+def full_jacobian(points: int, features: int, input_numel: int) -> bool:
+    """Whether a profile of ``points`` stores every feature's Jacobian row up front."""
+    return features <= FULL_JACOBIAN_FEATURES and points * features * input_numel <= (
+        FULL_JACOBIAN_LIMIT
+    )
+
+
 def profile_encoder(
     encoder: nn.Module,
     x: Tensor,
@@ -290,7 +300,7 @@ def profile_encoder(
 
     ``directions`` (m, k) restricts the stored Jacobian to the span of those feature
     directions (e.g. the rows of the heads to come); by default every feature is
-    stored when that is at most :data:`FULL_JACOBIAN_LIMIT` numbers, else nothing is,
+    stored when :func:`full_jacobian` says so (few features, few numbers), else nothing is,
     and each head adds the span of its class-difference directions (at most one
     backward pass per class, once). ``refine`` sets how each head's thin-margin points
     are refined (:class:`RefineSettings`).
@@ -309,6 +319,6 @@ def profile_encoder(
     )
     if directions is not None:
         profile._extend(directions)
-    elif len(x) * k * d <= FULL_JACOBIAN_LIMIT:
+    elif full_jacobian(len(x), k, d):
         profile._extend(torch.eye(k, dtype=x.dtype, device=x.device))
     return profile

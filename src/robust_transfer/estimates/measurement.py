@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..attacks.reference import refusal as autoattack_refusal
 from ..attacks.settings import AttackSettings
-from ..certify.crown import Intermediate
+from ..certify import split_certifiers
 from ..core.checks import check_images, check_labels, check_seed
 from ..core.errors import InputError, InputTypeError
 from ..core.runtime import model_input
@@ -128,10 +128,8 @@ class Measurement:
         return self._profile
 
     @property
-    def _margin_intermediate(self) -> Intermediate:
-        # Who pays for CROWN's own intermediate bounds (crown-full) gets them on every
-        # head's margins too, as in a study.
-        return "crown" if "crown-full" in (self.certifiers or ()) else "ibp"
+    def _head_certifier(self) -> str | None:
+        return split_certifiers(self.certifiers)[1]
 
     def summary(self) -> tuple[Record, ...]:
         """Per threat model: the attacked shift's distribution and the certified shift."""
@@ -174,7 +172,7 @@ class Measurement:
                     seed=self.seed,
                     profile=self.profile,
                     autoattack_rows=torch.ones_like(y, dtype=torch.bool) if autoattack else None,
-                    margin_intermediate=self._margin_intermediate,
+                    head_certifier=self._head_certifier,
                 )
             else:
                 arrays[threat] = classification_estimates(
@@ -185,7 +183,7 @@ class Measurement:
                     threat,
                     shift,
                     profile=self.profile,
-                    margin_intermediate=self._margin_intermediate,
+                    head_certifier=self._head_certifier,
                 )
         gap = float(weight_gap(head))
         records = tuple(

@@ -45,10 +45,17 @@ def _silent(_: str) -> None:
     return None
 
 
-def _downstream(task: TaskSpec) -> Split:
+def downstream_split(config: StudyConfig, task: TaskSpec) -> Split:
+    """The task's training and held-out points, the training part cut to the study's
+    ``train_points`` (a stratified sample)."""
     if task.data is None:
-        return get_task(task.name).downstream
-    return load_split(task.data, task.test_data, **task.data_options)
+        split = get_task(task.name).downstream
+    else:
+        split = load_split(task.data, task.test_data, **task.data_options)
+    limit = config.train_points
+    if limit is not None and limit < len(split.train):
+        split = Split(stratified_sample(split.train, limit), split.test)
+    return split
 
 
 @dataclass
@@ -121,10 +128,7 @@ class StudyRun:
 
     def _split(self, task: TaskSpec) -> Split:
         if task.name not in self._splits:
-            split = _downstream(task)
-            limit = self.config.train_points
-            if limit is not None and limit < len(split.train):
-                split = Split(stratified_sample(split.train, limit), split.test)
+            split = downstream_split(self.config, task)
             self._splits[task.name] = split
             if len(split.test) < self.config.eval_points and self.runtime.rank == 0:
                 self.log(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from ..attacks.reference import refusal as autoattack_refusal
+from ..certify import split_certifiers
 from ..core.errors import ConfigError, SoundnessError
 from ..core.schema import Meta, StoreKind
 from ..data.tasks import Split
@@ -103,11 +104,7 @@ class ShardEvaluator:
                     profile=profile,
                     autoattack_rows=self._autoattack_rows(unit, split, ids, y),
                     curve_points=config.curve_points_of(task, threat),
-                    # A study that pays for CROWN's own intermediate bounds gets them
-                    # on every head's margins too.
-                    margin_intermediate=(
-                        "crown" if "crown-full" in (config.certifiers or ()) else "ibp"
-                    ),
+                    head_certifier=split_certifiers(config.certifiers)[1],
                 )
         violations = soundness_violations(arrays)
         if violations:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..attacks.settings import AttackSettings
-from ..certify import BEST, certifier_names, default_certifier_names
+from ..certify import BEST, HEAD_CERTIFIERS, certifier_names, default_certifier_names
 from ..core.checks import Limit, check_number, check_positive_int, check_seed
 from ..core.errors import ConfigError
 from ..models import source_name
@@ -231,11 +231,12 @@ class StudyConfig:
 
     def _check_certifiers(self) -> None:
         names = self.certifiers or ()
+        known = (*certifier_names(), *HEAD_CERTIFIERS)
         for index, name in enumerate(names):
-            if name not in certifier_names():
+            if name not in known:
                 raise config_error(
                     f"certifiers[{index}]",
-                    f"unknown certifier {name!r} (known: {', '.join(certifier_names())})",
+                    f"unknown certifier {name!r} (known: {', '.join(known)})",
                 )
         if len(set(names)) != len(names):
             raise config_error("certifiers", f"a certifier is named twice: {list(names)}")

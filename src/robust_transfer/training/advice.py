@@ -84,6 +84,8 @@ def advise(
 
 # Points per attack batch: what the advice's memory follows on a large encoder.
 _BATCH = 128
+# The PGD steps of the advice's one-epoch adversarial probe.
+ADVICE_PROBE_STEPS = 5
 
 
 def _accuracies(
@@ -124,6 +126,7 @@ def measure_advice(
             AdaptProtocol.LINEAR_PROBE,
             adversary=Adversary.PGD,
             threat=threat,
+            attack_steps=ADVICE_PROBE_STEPS,
             probe_epochs=1,
             seed=seed,
         ),
