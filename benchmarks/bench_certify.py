@@ -13,7 +13,7 @@ a certificate an attack beats stops the benchmark.
         [--methods lipschitz,ibp,crown,crown-full] [--threats Linf:1/40,L2:0.1]
 
 With ``crown-full`` among the methods, the head-specific certificate uses CROWN's own
-intermediate bounds too (as a study naming it does).
+intermediate bounds too (as a study naming ``head-crown-full`` does).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ empty cache, so pretraining counts) or for one ``transfer`` command. Results go 
 ``benchmarks/results/bench_plan_<name>.json`` and ``.md``.
 
     python benchmarks/bench_plan.py demo
-    python benchmarks/bench_plan.py transfer --name resnet50 -- --encoder torchvision:resnet50 \\
+    python benchmarks/bench_plan.py --name resnet50 transfer -- --encoder torchvision:resnet50 \\
         --resize --data task:mnist-5-9 --n 100 ...
 """
 
@@ -72,8 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("study", choices=["demo", "transfer"])
     parser.add_argument("--name", help="results file suffix (default: the study)")
-    parser.add_argument("rest", nargs="*", help="the transfer command's options, after --")
+    parser.add_argument(
+        "rest", nargs=argparse.REMAINDER, help="the transfer command's options, after --"
+    )
     args = parser.parse_args(argv)
+    args.rest = [arg for arg in args.rest if arg != "--"]
     name = args.name or args.study
     cli = [sys.executable, "-m", "robust_transfer.cli"]
     with tempfile.TemporaryDirectory() as folder:

@@ -18,13 +18,15 @@ from robust_transfer.attacks.sanity import margin_score, sanity_arrays
 from robust_transfer.attacks.settings import AttackSettings
 from robust_transfer.certify import crown as crown_module
 from robust_transfer.certify import get_certifier, margin_lower_bounds
+from robust_transfer.core.schema import STORE_DIR, StoreKind
+from robust_transfer.core.store import Store
 from robust_transfer.data.dataset import ImageDataset
 from robust_transfer.estimates import expected
 from robust_transfer.estimates.evaluate import study_pgd
 from robust_transfer.estimates.expected import profile_encoder
 from robust_transfer.models.checkpoint import save_checkpoint
 from robust_transfer.models.encoders import SmallCNN
-from robust_transfer.study import cost
+from robust_transfer.study import calibration, cost
 from robust_transfer.study.forecast import (
     BudgetError,
     Forecast,
@@ -237,6 +239,12 @@ def test_budget_refuses_in_one_line_and_force_runs(
     assert not (where / "out").exists()
     assert cli.main(_transfer(where, "--budget", "0.001s", "--force")) == 0
     assert (where / "out" / "results.json").is_file()
+    capsys.readouterr()
+    # A finished study costs nothing more: its plan prices only what is not stored.
+    assert cli.main(_transfer(where, "--dry-run")) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 units already stored" in out
+    assert "plan: 0 units, about 0 s" in out
 
 
 def test_plan_command_writes_json(where: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -269,3 +277,38 @@ threats = {{ Linf = [0.05, 0.1] }}
     assert plan["seconds"] > 0
     attack = next(row for row in plan["stages"] if row["stage"] == "representation attack")
     assert attack["points"] == 12  # 6 points at each of 2 threats
+
+
+def test_fewer_points_give_the_same_answers_for_the_points_they_share(where: Path) -> None:
+    """``--n`` bounds the work, not the answers: every per-sample array of a unit on the
+    first points equals the run over more points (heads train on the same points)."""
+    small, large = where / "small", where / "large"
+    for out, n in ((small, "4"), (large, "6")):
+        args = _transfer(where)
+        args[args.index("--out") + 1], args[args.index("--n") + 1] = str(out), n
+        assert cli.main(args) == 0
+    few, many = Store(small / STORE_DIR), Store(large / STORE_DIR)
+    keys = [key for key in few.keys() if key[0] == StoreKind.UNITS]  # noqa: SIM118
+    assert len(keys) == 2
+    for key in keys:
+        loaded_few, loaded_many = few.load(key), many.load(key)
+        assert loaded_few is not None
+        assert loaded_many is not None
+        for name, values in loaded_few[0].items():
+            torch.testing.assert_close(values, loaded_many[0][name][:4], msg=f"{key} {name}")
+
+
+def test_activations_grow_with_the_image_and_bound_the_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    encoder = cnn_encoder()
+    small, _, _ = calibration.activations(encoder, torch.rand(2, 1, 12, 12))
+    large, _, _ = calibration.activations(
+        nn.Sequential(nn.Upsample(scale_factor=2), encoder[:-2], nn.Flatten()),
+        torch.rand(2, 1, 12, 12),
+    )
+    # Four times the pixels: about four times what a backward pass keeps per image.
+    assert 3.0 < large / small < 5.0
+    monkeypatch.setattr(calibration, "ACTIVATION_BUDGET", small * 5.5)
+    assert calibration.bounded_batch(encoder, torch.rand(2, 1, 12, 12), 250) == 5
+    assert calibration.bounded_batch(encoder, torch.rand(2, 1, 12, 12), 3) == 3

@@ -41,9 +41,11 @@ from .ops import (
 
 # Rows of linear bounds (2 x features) times a sample's largest layer, per chunk of samples.
 CHUNK_ELEMENTS = 20_000_000
-# Multiply-adds past which CROWN refuses rather than run: each linear bound it carries
-# back costs about one forward pass of a sample, so this is an hour or more on a CPU.
-WORK_LIMIT = 1e14
+# Multiply-adds per point past which CROWN refuses rather than run: each linear bound it
+# carries back costs about one forward pass of a sample, so this is 20 s or more per
+# point on a CPU, an hour or more for a shard. Per point, so that whether a certifier
+# runs does not depend on how many points a call takes.
+WORK_LIMIT = 1e12
 
 
 def _multiply_adds(encoder: nn.Module, x: Tensor) -> tuple[int, int]:
@@ -74,17 +76,17 @@ def too_costly(
     encoder: nn.Module, x: Tensor, rows: int, intermediate: str, name: str
 ) -> Refusal | None:
     """Why CROWN with ``rows`` linear bounds per sample would not finish in reasonable
-    time on ``x``, or None: its work is about rows (plus, for CROWN's own intermediate
-    bounds, two per ReLU unit) times a sample's multiply-adds, per sample."""
+    time on points like ``x``, or None: its work per point is about rows (plus, for
+    CROWN's own intermediate bounds, two per ReLU unit) times a point's multiply-adds."""
     multiply_adds, units = _multiply_adds(encoder, x)
     carried = rows + (2 * units if intermediate == "crown" else 0)
-    work = float(carried) * multiply_adds * len(x)
+    work = float(carried) * multiply_adds
     if work <= WORK_LIMIT:
         return None
     return Refusal(
         f"{name} would carry {carried} linear bounds per point through "
-        f"{multiply_adds / 1e9:.2g} G multiply-adds for {len(x)} points ({work:.2g} in all, "
-        f"over the limit of {WORK_LIMIT:.0e}: hours here); name cheaper certifiers"
+        f"{multiply_adds / 1e9:.2g} G multiply-adds ({work:.2g} per point, over the limit "
+        f"of {WORK_LIMIT:.0e}: hours for a shard here); name cheaper certifiers"
     )
 
 

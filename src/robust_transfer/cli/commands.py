@@ -108,7 +108,9 @@ def _transfer_config(args: argparse.Namespace) -> dict[str, object]:
         "name": "transfer",
         "seed": args.seed,
         "eval_points": args.n,
-        "radius_points": min(100, args.n),
+        # Not tied to --n: the heads, and so every point's answers, do not depend on
+        # how many points are evaluated.
+        "radius_points": 100,
         **({} if args.train_points is None else {"train_points": args.train_points}),
         "attack": {
             "steps": args.steps,

@@ -74,9 +74,14 @@ def show(priced: Forecast) -> None:
 
 
 def priced(
-    config: StudyConfig, args: argparse.Namespace, cache: Path, runtime: Runtime
+    config: StudyConfig,
+    args: argparse.Namespace,
+    cache: Path,
+    runtime: Runtime,
+    out: Path | None = None,
 ) -> Forecast:
-    return forecast(config, cache, runtime, stand_ins=dict(args.stand_in))
+    """The plan of ``config``; with ``out``, of what its folder does not hold yet."""
+    return forecast(config, cache, runtime, stand_ins=dict(args.stand_in), out=out)
 
 
 def planned(
@@ -91,7 +96,7 @@ def planned(
     if args.stand_in and not (args.dry_run or args.budget):
         raise InputError("--stand-in prices a plan: give --dry-run or --budget too")
     if args.dry_run or args.budget is not None:
-        plan = priced(config, args, cache, runtime)
+        plan = priced(config, args, cache, runtime, Path(args.out))
         show(plan)
         if args.dry_run:
             return 0

@@ -2,9 +2,9 @@
 backward and a point's certificate cost, in seconds and bytes. The plan multiplies the
 passes of each stage (:mod:`.cost`) by them.
 
-The batch grows from a few images until a batch of forward and backward passes takes
-:data:`_ENOUGH` seconds or reaches the study's batch size, so a small encoder is timed at
-the batch size it will run at and a big one in a second or two.
+Everything is timed at the batch size the study will run at: the study's, or fewer
+images where a batch of backward passes would keep more than :data:`ACTIVATION_BUDGET`
+bytes (:func:`bounded_batch`, which the study uses too).
 """
 
 from __future__ import annotations
@@ -22,9 +22,15 @@ from ..core.runtime import eval_mode, model_device
 from ..models.features import extract_features
 from ..theory.threat import ThreatModel
 
-# A batch that takes this long is timed; smaller ones double first.
+# A timed run this long is not repeated.
 _ENOUGH = 0.3
-_STEPS = 2
+_STEPS = 3
+# Random features a probe's loss is timed on, and the evaluations of a fit: L-BFGS's
+# default max_eval (1.25 x its 200 iterations, training.linear_probe).
+_PROBE_POINTS = 256
+_PROBE_EVALUATIONS = 250
+# Bytes of activations a batch of backward passes may keep (:func:`bounded_batch`).
+ACTIVATION_BUDGET = 2 * 2**30
 # Certifiers are timed on one point and on this many (their cost is a line in the points).
 _CERTIFIER_POINTS = 8
 
@@ -33,7 +39,8 @@ _CERTIFIER_POINTS = 8
 class Calibration:
     """One encoder on this machine: seconds per image of a forward and of a backward
     pass (an attack step's projection included), the bytes a backward pass keeps per
-    image and per batch, the parameters' bytes, and per certifier the cost of a call or
+    image and per batch, those a forward pass alone needs per image (its largest layer's
+    input and output), the parameters' bytes, and per certifier the cost of a call or
     why it refused."""
 
     features: int
@@ -43,10 +50,13 @@ class Calibration:
     backward: float
     activation_bytes: float
     batch_bytes: float
+    forward_bytes: float
     parameter_bytes: int
     certifiers: dict[str, CallCost] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
-    head_certificate: CallCost | None = None  # on a head of the task's classes
+    head_certificate: CallCost | None = None  # on a head of ``head_classes`` classes
+    head_classes: int = 2
+    probe: float = 0.0  # seconds per training point to fit a probe on the features
 
     def seconds(self, forward: float, backward: float) -> float:
         return forward * self.forward + backward * self.backward
@@ -63,60 +73,126 @@ class CallCost:
         return self.fixed + self.per_point * points
 
 
-def _timed(run: Callable[[], object]) -> float:
-    """The fastest of a few runs after a warm-up (first calls allocate and pick kernels):
-    three while they are quick, one when a run takes :data:`_ENOUGH` seconds."""
+def _synchronized(run: Callable[[], object]) -> float:
+    """Seconds of ``run``, to the end of its kernels on a GPU."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
     run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _timed(run: Callable[[], object], *, warm: bool = False) -> float:
+    """The fastest of a few runs after a warm-up (first calls allocate and pick kernels;
+    ``warm``: it ran already): three while they are quick, one that takes :data:`_ENOUGH`
+    seconds is enough."""
+    if not warm:
+        run()
     best = float("inf")
     for _ in range(3):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, _synchronized(run))
         if best >= _ENOUGH:
             break
     return best
 
 
 def _call_cost(run: Callable[[Tensor], object], x: Tensor) -> CallCost | Refusal:
-    """A certifier's cost line from calls on one point and on all of ``x``."""
-    outcome = run(x[:1])
-    if isinstance(outcome, Refusal):
-        return outcome
-    one, many = _timed(lambda: run(x[:1])), _timed(lambda: run(x))
+    """A certifier's cost line from calls on one point and on all of ``x`` (a refusal
+    of either is the certifier's answer)."""
+    for outcome in (run(x[:1]), run(x)):
+        if isinstance(outcome, Refusal):
+            return outcome
+    one = _timed(lambda: run(x[:1]), warm=True)
+    many = _timed(lambda: run(x), warm=True)
     per_point = max(0.0, (many - one) / max(1, len(x) - 1))
     return CallCost(max(0.0, one - per_point), per_point)
 
 
-def _saved_bytes(encoder: nn.Module, x: Tensor) -> float:
-    """Bytes autograd keeps for the backward pass of ``x`` through ``encoder``."""
-    total = 0
+def _saved_bytes(encoder: nn.Module, x: Tensor) -> tuple[float, float]:
+    """Bytes autograd keeps for a backward pass of ``x`` through ``encoder``, and the
+    largest activation among them (the weights it keeps are not activations)."""
+    weights = {p.data_ptr() for p in encoder.parameters()}
+    total, largest = 0, 0
 
     def pack(tensor: Tensor) -> Tensor:
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
+        nonlocal total, largest
+        size = tensor.numel() * tensor.element_size()
+        total += size
+        if tensor.data_ptr() not in weights:
+            largest = max(largest, size)
         return tensor
 
+    x = x.clone().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        encoder(x.requires_grad_(True)).flatten(1).sum().backward()
-    return float(total)
+        # The input's gradient only: the encoder's parameters keep their .grad.
+        torch.autograd.grad(encoder(x).flatten(1).sum(), x)
+    return float(total), float(largest)
+
+
+def activations(encoder: nn.Module, x: Tensor) -> tuple[float, float, float]:
+    """Bytes a backward pass through ``encoder`` keeps per image and once per batch (a
+    parametrised weight), from one and two of the points ``x``, and the largest layer
+    of one image (what a forward pass alone needs about twice of)."""
+    device = model_device(encoder, torch.device("cpu"))
+    with eval_mode(encoder, purpose="measuring activations"):
+        (one, largest), (two, _) = (
+            _saved_bytes(encoder, x[torch.arange(n) % len(x)].to(device)) for n in (1, 2)
+        )
+    return max(0.0, two - one), max(0.0, 2 * one - two), largest
+
+
+def bounded_batch(encoder: nn.Module, x: Tensor, batch_size: int) -> int:
+    """``batch_size``, or fewer images where a batch of backward passes would keep more
+    than :data:`ACTIVATION_BUDGET` bytes (a ResNet-50 at 224 x 224 keeps about 0.1 GB per
+    image): attacks and the profile then take batches of this many, so their memory
+    stays bounded whatever the batch size asked for (per-sample random starts make the
+    results the same)."""
+    per_image, _, _ = activations(encoder, x)
+    return max(1, min(batch_size, int(ACTIVATION_BUDGET // max(per_image, 1.0))))
 
 
 def _time_batch(encoder: nn.Module, xb: Tensor, threat: ThreatModel) -> tuple[float, float]:
-    """Seconds per image of a forward pass, and seconds of a short attack on ``xb``."""
+    """Seconds per image of a forward pass and of an attack step (a forward and a
+    backward pass and the projection) on the batch ``xb``: the step from the difference
+    of attacks of :data:`_STEPS` and one step, which cancels what every attack does once
+    (its clean and final outputs). Each is warmed up first at the same batch (the first
+    calls allocate and pick kernels)."""
     batch = len(xb)
-    forward = _timed(lambda: extract_features(encoder, xb, batch_size=batch)) / batch
-    whole = _timed(
-        lambda: attack_representation(
-            encoder, xb, threat, steps=_STEPS, restarts=1, method="pgd", batch_size=batch
+
+    def attack(steps: int) -> Callable[[], object]:
+        return lambda: attack_representation(
+            encoder, xb, threat, steps=steps, restarts=1, method="pgd", batch_size=batch
         )
-    )
-    return forward, whole
+
+    forward = _timed(lambda: extract_features(encoder, xb, batch_size=batch)) / batch
+    one, many = _timed(attack(1)), _timed(attack(_STEPS), warm=True)
+    return forward, max(0.0, many - one) / (_STEPS - 1) / batch
 
 
 def _certifying(
     certifier: Certifier, encoder: nn.Module, threat: ThreatModel
 ) -> Callable[[Tensor], object]:
     return lambda xs: certifier.certify(encoder, xs, threat)
+
+
+def _probe_seconds(features: int, classes: int) -> float:
+    """Seconds per training point to fit a linear probe on the features (what every
+    probe and every protocol that starts from one does): full-batch L-BFGS runs at most
+    :data:`_PROBE_EVALUATIONS` loss-and-gradient evaluations, and features of a real
+    encoder are ill-conditioned enough to use them, so one evaluation on random
+    features of the encoder's width is timed and multiplied."""
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(_PROBE_POINTS, features, generator=generator)
+    y = torch.arange(_PROBE_POINTS) % classes
+    head = nn.Linear(features, classes)
+
+    def evaluation() -> None:
+        loss = nn.functional.cross_entropy(head(z), y) + 1e-4 * head.weight.square().sum()
+        torch.autograd.grad(loss, list(head.parameters()))
+
+    return _timed(evaluation) * _PROBE_EVALUATIONS / _PROBE_POINTS
 
 
 def calibrate(
@@ -132,20 +208,16 @@ def calibrate(
     """Time ``encoder`` on (repeats of) the points ``x`` under ``threat``: passes, the
     shift ``certifiers`` and the ``head_certifier`` on a head of ``classes``."""
     device = model_device(encoder, torch.device("cpu"))
-    batch = max(1, min(4, batch_size))
-    while True:
-        xb = x[torch.arange(batch) % len(x)].to(device)
-        forward, whole = _time_batch(encoder, xb, threat)
-        if whole >= _ENOUGH or batch >= batch_size:
-            break
-        batch = min(batch_size, batch * 2)
-    # The attack made (steps + 3) forward and ``steps`` backward passes per image.
-    backward = max(0.0, whole / batch - (_STEPS + 3) * forward) / _STEPS
+    per_image, per_batch, largest = activations(encoder, x)
+    # Timed at the batch the study will run: per-image costs change with the batch (a
+    # big one allocates gigabytes per step).
+    batch = bounded_batch(encoder, x, batch_size)
+    xb = x[torch.arange(batch) % len(x)].to(device)
+    forward, step = _time_batch(encoder, xb, threat)
+    # A step is one forward and one backward pass in the plan's counts.
+    backward = max(0.0, step - forward)
     with eval_mode(encoder, purpose="the calibration"):
         features = int(encoder(xb[:1]).flatten(1).shape[1])
-        # On one and on two images: what a layer keeps once per batch (a parametrised
-        # weight) is not kept per image.
-        one, two = (_saved_bytes(encoder, x[torch.arange(n) % len(x)].to(device)) for n in (1, 2))
     parameters = sum(p.numel() * p.element_size() for p in encoder.parameters())
     timed: dict[str, CallCost] = {}
     refused: dict[str, str] = {}
@@ -169,15 +241,18 @@ def calibrate(
             else:
                 head_cost = line
     return Calibration(
+        probe=_probe_seconds(features, classes),
         features=features,
         input_numel=x[0].numel(),
         batch=batch,
         forward=forward,
         backward=backward,
-        activation_bytes=max(0.0, two - one),
-        batch_bytes=max(0.0, 2 * one - two),
+        activation_bytes=per_image,
+        batch_bytes=per_batch,
+        forward_bytes=2.0 * largest,
         parameter_bytes=parameters,
         certifiers=timed,
         refused=refused,
         head_certificate=head_cost,
+        head_classes=classes,
     )

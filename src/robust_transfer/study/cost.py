@@ -25,9 +25,8 @@ from ..training.protocols import AdaptConfig, AdaptProtocol, Adversary
 # 10% of its margin by first order's account), and the eps per point a curve attacks at.
 REFINED_SHARE = 0.1
 CURVE_ATTACKS = 2
-# AutoAttack "standard" at most, per point it runs on: APGD-CE and APGD-T (9 targets) at
-# 100 steps, FAB-T (9 targets, 100 steps, two passes each), Square's 5000 queries.
-AUTOATTACK = (100 + 9 * 100 + 9 * 100 * 2, 5000)
+# AutoAttack "standard": its steps, targets at most, and Square's queries.
+_AUTOATTACK_STEPS, _AUTOATTACK_TARGETS, _SQUARE_QUERIES = 100, 9, 5000
 
 
 @dataclass(frozen=True)
@@ -79,10 +78,11 @@ def study_pgd(settings: AttackSettings) -> Passes:
     )
 
 
-def profile(directions: int) -> Passes:
-    """The expected robust accuracy's profile: features, then one backward pass per
-    feature direction stored."""
-    return Passes(2.0, float(directions))
+def profile(directions: int, extensions: int = 1) -> Passes:
+    """The expected robust accuracy's profile: features, then a forward pass for each
+    time it is extended (once for every feature, or once per head adding its class
+    differences) and one backward pass per feature direction stored."""
+    return Passes(1.0 + extensions, float(directions))
 
 
 def refinement(refine: RefineSettings, curve: bool) -> Passes:
@@ -92,10 +92,12 @@ def refinement(refine: RefineSettings, curve: bool) -> Passes:
     return attack(refine.steps, 1) * attacks
 
 
-def autoattack() -> Passes:
-    """AutoAttack "standard" per point, at most."""
-    gradient, queries = AUTOATTACK
-    return Passes(gradient + queries, gradient)
+def autoattack(classes: int) -> Passes:
+    """AutoAttack "standard" per point, at most: APGD-CE, APGD-T and FAB-T (two passes
+    a step) over the targets the classes allow, and Square's queries."""
+    targets = min(_AUTOATTACK_TARGETS, classes - 1)
+    gradient = _AUTOATTACK_STEPS * (1 + targets + 2 * targets)
+    return Passes(gradient + _SQUARE_QUERIES, gradient)
 
 
 def _adversarial_step(steps: int, adversary: Adversary, *, trains_encoder: bool) -> Passes:

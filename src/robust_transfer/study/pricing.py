@@ -17,21 +17,26 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..certify import default_certifier_names, split_certifiers
+from ..attacks.reference import refusal as autoattack_refusal
+from ..certify import BEST, default_certifier_names, split_certifiers
 from ..certify.crown import CHUNK_ELEMENTS
 from ..core.errors import DataError, MissingFileError, RobustTransferError
 from ..core.runtime import Runtime
+from ..core.schema import STORE_DIR
+from ..core.store import Store
 from ..data.tasks import get_task
 from ..data.torchvision_sets import SIZES
 from ..estimates.expected import RefineSettings, full_jacobian
 from ..models import build_encoder, load_checkpoint, resolve_encoder
+from ..theory.threat import ThreatModel
+from ..training.adapt import MOVEMENT_POINTS
 from ..training.pretrain import cache_path
 from ..training.protocols import PROBES, AdaptProtocol
 from . import cost
 from .calibration import Calibration, calibrate
 from .cost import Passes
 from .forecast import Forecast, Stage
-from .plan import shards, units
+from .plan import Unit, shards, units
 from .runner import downstream_split
 from .spec import EncoderSpec, RadiusRule, StudyConfig, TaskKind, TaskSpec
 
@@ -46,7 +51,9 @@ def _encoder(
     """The encoder to time, and the passes and points of its pretraining (none when
     cached or not pretrained here)."""
     if stand_in is not None:
-        return resolve_encoder(stand_in, seed=config.seed).module, cost.NONE, 0
+        # The stand-in sees the inputs the encoder would: resized where it resizes.
+        resize = {key: value for key, value in spec.options.items() if key == "resize"}
+        return resolve_encoder(stand_in, seed=config.seed, **resize).module, cost.NONE, 0
     if spec.pretrain is None or spec.pretrain_task is None:
         return (
             resolve_encoder(str(spec.source), seed=config.seed, **spec.options).module,
@@ -123,9 +130,14 @@ class _Ledger:
                 return
             self.seen.add(key)
         c = self.calibrations[encoder]
-        batch = min(points, batch or self.config.attack.batch_size)
+        batch = min(points, batch or c.batch)
         seconds = points * c.seconds(passes.forward, passes.backward) + extra_seconds
-        memory = c.batch_bytes + batch * c.activation_bytes + extra_memory
+        # A backward pass keeps every layer's activations; a forward pass alone, about
+        # its largest layer's input and output; training a probe on features, neither.
+        per_image = c.activation_bytes if passes.backward else c.forward_bytes
+        memory = extra_memory
+        if passes.forward or passes.backward:
+            memory += c.batch_bytes + batch * per_image
         self.stages.append(Stage(name, encoder, points, passes, seconds, memory))
 
 
@@ -133,33 +145,62 @@ def _heads_of(config: StudyConfig, task: TaskSpec, adaptations: list[str]) -> in
     return sum(len(task.threats) if config.adaptations[a].per_threat else 1 for a in adaptations)
 
 
-def _task(
-    ledger: _Ledger, task: TaskSpec, encoder: str, train: int, test: int, classes: int
-) -> None:
-    config, c = ledger.config, ledger.calibrations[encoder]
+@dataclass(frozen=True)
+class _Work:
+    """One encoder on one task: the sizes of the task and the units already stored."""
+
+    task: TaskSpec
+    encoder: str
+    size: _Size
+    done: frozenset[tuple[str, ...]]
+
+    def pending(self, adaptations: list[str], threats: tuple[ThreatModel, ...]) -> bool:
+        """Whether a unit of ``adaptations`` at ``threats`` is still to run."""
+        return any(
+            Unit(self.task, self.encoder, name, threat).key() not in self.done
+            for name in adaptations
+            for threat in threats
+        )
+
+
+def _task(ledger: _Ledger, work: _Work) -> None:
+    config, c = ledger.config, ledger.calibrations[work.encoder]
+    task, encoder, train = work.task, work.encoder, work.size.train
     attack = config.attack
     specs = {name: config.adaptations[name] for name in task.adaptations}
     moving = [name for name, spec in specs.items() if spec.protocol not in PROBES]
-    still = [name for name in specs if name not in moving]
     classification = task.kind is TaskKind.CLASSIFICATION
-    if not classification or any(s.protocol is not AdaptProtocol.FINETUNE for s in specs.values()):
+    if not work.pending(list(specs), task.threats):
+        return
+    advised = classification and any(
+        s.protocol not in PROBES or s.adversarial for s in specs.values()
+    )
+    probes = any(s.protocol is not AdaptProtocol.FINETUNE for s in specs.values())
+    if not classification or probes or advised:
         ledger.add("train features", encoder, train, cost.FORWARD, batch=256)
     radius_points = min(config.radius_points, train)
     for threat in task.threats:
-        if classification and any(
-            s.protocol not in PROBES or s.adversarial for s in specs.values()
-        ):
+        if advised and work.pending(list(specs), (threat,)):
             held = min(config.radius_points, train // 2)
-            ledger.add(
-                "advice", encoder, train, cost.advice(train, held, attack.steps) * (1 / train)
-            )
+            advice = cost.advice(train, held, attack.steps) * (1 / train)
+            ledger.add("advice", encoder, train, advice)
         for name, spec in specs.items():
+            threats = (threat,) if spec.per_threat else task.threats
+            if not (spec.per_threat or threat == task.threats[0]) or not work.pending(
+                [name], threats
+            ):
+                continue
             rule = spec.radius
             if rule is not None and rule.rule is not RadiusRule.FIXED:
-                certified = rule.rule is RadiusRule.CERTIFIED and c.certifiers
-                key = ("radius", task.name, encoder, threat, bool(certified))
+                lines = (
+                    c.certifiers
+                    if rule.method == BEST
+                    else {k: v for k, v in c.certifiers.items() if k == rule.method}
+                )
+                certified = rule.rule is RadiusRule.CERTIFIED and bool(lines)
+                key = ("radius", task.name, encoder, threat, certified)
                 if certified:
-                    seconds = sum(line(radius_points) for line in c.certifiers.values())
+                    seconds = sum(line(radius_points) for line in lines.values())
                     ledger.add(
                         "radius", encoder, radius_points, cost.NONE, extra_seconds=seconds, key=key
                     )
@@ -167,94 +208,99 @@ def _task(
                     ledger.add(
                         "radius", encoder, radius_points, cost.representation(attack), key=key
                     )
-            if spec.per_threat or threat == task.threats[0]:
-                adapted = spec.config_for(0.0 if rule is not None else None, threat)
-                passes = cost.adaptation(adapted, train, features_cached=True)
-                memory = 4.0 * c.parameter_bytes if name in moving else 0.0
-                ledger.add(
-                    "heads",
-                    encoder,
-                    train,
-                    passes * (1 / train),
-                    batch=adapted.batch_size,
-                    extra_memory=memory,
-                )
-    _evaluation(ledger, task, encoder, test, classes, moving, still)
+            adapted = spec.config_for(0.0 if rule is not None else None, threat)
+            passes = cost.adaptation(adapted, train, features_cached=True)
+            memory = 4.0 * c.parameter_bytes if name in moving else 0.0
+            # Every protocol but plain fine-tuning first fits a probe on the features; a
+            # fine-tuned encoder's diagnostics then read the training points (its accuracy,
+            # and how far some of them moved, through both encoders).
+            fit = 0.0 if spec.protocol is AdaptProtocol.FINETUNE else c.probe * train
+            if name in moving:
+                passes = passes + cost.FORWARD * (train + 2 * min(train, MOVEMENT_POINTS))
+            ledger.add(
+                "heads",
+                encoder,
+                train,
+                passes * (1 / train),
+                batch=adapted.batch_size,
+                extra_seconds=fit,
+                extra_memory=memory,
+            )
+    _evaluation(ledger, work, moving)
 
 
-def _evaluation(
-    ledger: _Ledger,
-    task: TaskSpec,
-    encoder: str,
-    test: int,
-    classes: int,
-    moving: list[str],
-    still: list[str],
-) -> None:
-    config, c = ledger.config, ledger.calibrations[encoder]
+def _evaluation(ledger: _Ledger, work: _Work, moving: list[str]) -> None:
+    config, c = ledger.config, ledger.calibrations[work.encoder]
+    task, encoder, size = work.task, work.encoder, work.size
     attack = config.attack
-    variants = ([encoder] if still else []) + [f"{encoder}+{name}" for name in moving]
-    crown = any(name.startswith("crown") for name in c.certifiers)
-    certify_memory = 4.0 * CHUNK_ELEMENTS * _FLOAT if crown else 0.0
+    still = [name for name in task.adaptations if name not in moving]
+    variants = ([still] if still else []) + [[name] for name in moving]
+    chunk = 4.0 * CHUNK_ELEMENTS * _FLOAT
+    crown = chunk if any(name.startswith("crown") for name in c.certifiers) else 0.0
     classification = task.kind is TaskKind.CLASSIFICATION
-    for shard in shards(config, test):
+    numel = int(size.sample[0].numel())
+    for shard in shards(config, size.test):
         n = shard.stop - shard.start
         for threat in task.threats:
-            for _ in variants:
+            for members in variants:  # the encoder's own, and each fine-tuned one
+                if not work.pending(members, (threat,)):
+                    continue
                 ledger.add("representation attack", encoder, n, cost.representation(attack))
                 seconds = sum(line(n) for line in c.certifiers.values())
                 ledger.add(
-                    "certificates",
-                    encoder,
-                    n,
-                    cost.NONE,
-                    extra_seconds=seconds,
-                    extra_memory=certify_memory,
+                    "certificates", encoder, n, cost.NONE, extra_seconds=seconds, extra_memory=crown
                 )
             for name in task.adaptations:
+                if not work.pending([name], (threat,)):
+                    continue
                 if not classification:
-                    ledger.add(
-                        "PGD on heads",
-                        encoder,
-                        n,
-                        cost.attack(attack.steps, attack.restarts) + cost.SANITY,
-                    )
+                    passes = cost.attack(attack.steps, attack.restarts) + cost.SANITY
+                    ledger.add("PGD on heads", encoder, n, passes)
                     continue
                 curve = config.curve_points_of(task, threat) is not None
                 ledger.add("PGD on heads", encoder, n, cost.study_pgd(attack) + cost.SANITY)
                 ledger.add("refinement", encoder, n, cost.refinement(RefineSettings(), curve))
                 if c.head_certificate is not None:
-                    seconds = c.head_certificate(n)
+                    seconds = c.head_certificate(n) * size.classes / c.head_classes
                     ledger.add(
                         "head certificates",
                         encoder,
                         n,
                         cost.NONE,
                         extra_seconds=seconds,
-                        extra_memory=certify_memory,
+                        extra_memory=chunk,
                     )
                 plan = attack.autoattack
-                if plan is not None and plan.covers(task.name, encoder, name, threat):
-                    covered = (
-                        n
-                        if plan.points is None
-                        else max(0, min(plan.points, shard.stop) - shard.start)
-                    )
-                    if covered:
-                        ledger.add("AutoAttack", encoder, covered, cost.autoattack())
+                refused = autoattack_refusal(tuple(size.sample.shape[1:]), size.classes, threat)
+                if (
+                    plan is not None
+                    and refused is None
+                    and plan.covers(task.name, encoder, name, threat)
+                ):
+                    last = shard.stop if plan.points is None else min(plan.points, shard.stop)
+                    if last > shard.start:
+                        ledger.add(
+                            "AutoAttack", encoder, last - shard.start, cost.autoattack(size.classes)
+                        )
         if not classification:
             continue
-        full = full_jacobian(n, c.features, c.input_numel)
-        heads = [(_heads_of(config, task, still), still)] if still else []
-        heads += [
-            (1, [name])
+        full = full_jacobian(n, c.features, numel)
+        # The encoder's own profile, shared by its probes; one per fine-tuned head.
+        profiles = [(_heads_of(config, task, still), still, task.threats)] if still else []
+        profiles += [
+            (1, [name], (threat,))
             for name in moving
-            for _ in (task.threats if config.adaptations[name].per_threat else task.threats[:1])
+            for threat in (
+                task.threats if config.adaptations[name].per_threat else task.threats[:1]
+            )
         ]
-        for count, _ in heads:
-            directions = c.features if full else count * (classes - 1)
-            rows = n * directions * c.input_numel * _FLOAT
-            ledger.add("profile", encoder, n, cost.profile(directions), extra_memory=rows)
+        for heads, members, threats in profiles:
+            if not work.pending(members, threats if members != still else task.threats):
+                continue
+            directions = c.features if full else min(c.features, heads * (size.classes - 1))
+            rows = n * directions * numel * _FLOAT
+            passes = cost.profile(directions, 1 if full else heads)
+            ledger.add("profile", encoder, n, passes, extra_memory=rows)
 
 
 def _resident_bytes() -> float:
@@ -273,11 +319,16 @@ def forecast(
     runtime: Runtime,
     *,
     stand_ins: Mapping[str, str] | None = None,
+    out: Path | None = None,
 ) -> Forecast:
     """Price ``config`` on this machine (``runtime``'s device) without running it;
     ``stand_ins`` maps an encoder's name to a spec timed in its place (an architecture
-    whose weights cannot be had here)."""
+    whose weights cannot be had here). With ``out``, a study folder, what its store
+    already holds is not priced (a resumed run does only the rest)."""
     stand_ins = dict(stand_ins or {})
+    store = Store(Path(out) / STORE_DIR) if out is not None else None
+    planned = list(units(config))
+    done = frozenset(u.key() for u in planned if store is not None and store.has(u.key()))
     unknown = set(stand_ins) - set(config.encoders)
     if unknown:
         raise RobustTransferError(
@@ -299,10 +350,12 @@ def forecast(
                 config.encoders[name], config, cache_dir, stand_ins.get(name)
             )
             module = module.to(runtime.device).eval()
+            first = task.threats[0].norm
+            widest = max((t for t in task.threats if t.norm is first), key=lambda t: t.eps)
             calibrations[name] = calibrate(
                 module,
                 size.sample,
-                task.threats[0],
+                widest,
                 batch_size=config.attack.batch_size,
                 certifiers=certifiers,
                 head_certifier=head_name,
@@ -322,12 +375,13 @@ def forecast(
                     extra_memory=4.0 * calibrations[name].parameter_bytes,
                 )
     for task in tasks:
-        size = sizes[task.name]
         for name in task.encoders:
-            _task(ledger, task, name, size.train, size.test, size.classes)
+            _task(ledger, _Work(task, name, sizes[task.name], done))
     baseline = _resident_bytes()
+    if done:
+        notes.append(f"{len(done)} of {len(planned)} units already stored in {out}: not priced")
     return Forecast(
-        units=sum(1 for _ in units(config)),
+        units=len(planned) - len(done),
         stages=ledger.stages,
         calibrations=calibrations,
         baseline=baseline,

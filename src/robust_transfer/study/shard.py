@@ -65,7 +65,7 @@ class ShardEvaluator:
         shift |= certified
         start = time.perf_counter()
         config = self.heads.config
-        settings, seed, ids = config.attack, config.seed, shard.ids()
+        settings, seed, ids = work.settings(encoder, x), config.seed, shard.ids()
         if task.kind is TaskKind.REGRESSION:
             if targets is None:
                 raise ConfigError(f"task {task.name!r} has no regression targets")
@@ -129,9 +129,8 @@ class ShardEvaluator:
         on that encoder (recomputed per run: its Jacobian costs one backward pass per
         feature)."""
         if key not in self._profiles:
-            self._profiles[key] = profile_encoder(
-                encoder, x, batch_size=self.heads.config.attack.batch_size
-            )
+            batch = self.heads.work.settings(encoder, x).batch_size
+            self._profiles[key] = profile_encoder(encoder, x, batch_size=batch)
         return self._profiles[key]
 
     def _model(self, unit: Unit, split: Split) -> Adapted:

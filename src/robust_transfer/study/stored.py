@@ -4,18 +4,22 @@ one see the same arrays)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from ..attacks.settings import AttackSettings
 from ..core.runtime import Runtime
 from ..core.schema import Array, Arrays, Meta, StoreKind
 from ..core.store import Store
 from ..estimates.evaluate import attacked_shift, certified_shifts
 from ..models.features import extract_features
 from ..theory.threat import ThreatModel
+from .calibration import bounded_batch
 from .plan import Shard, store_key
 from .spec import StudyConfig
 
@@ -29,6 +33,16 @@ class StoredWork:
     config: StudyConfig
     runtime: Runtime
     progress: bool
+    _batches: weakref.WeakKeyDictionary[nn.Module, int] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
+
+    def settings(self, encoder: nn.Module, x: Tensor) -> AttackSettings:
+        """The study's attack settings for ``encoder``, with a batch that keeps its
+        backward passes' activations bounded (:func:`.calibration.bounded_batch`)."""
+        if encoder not in self._batches:
+            self._batches[encoder] = bounded_batch(encoder, x, self.config.attack.batch_size)
+        return dataclasses.replace(self.config.attack, batch_size=self._batches[encoder])
 
     def get(
         self,
@@ -65,7 +79,7 @@ class StoredWork:
                     encoder,
                     x,
                     threat,
-                    self.config.attack,
+                    self.settings(encoder, x),
                     seed=self.config.seed,
                     sample_ids=None if shard is None else shard.ids(),
                     progress=self.progress,

@@ -53,6 +53,9 @@ from .wrappers import (
     with_lora,
 )
 
+# Training points a fine-tuned encoder's feature movement is measured on.
+MOVEMENT_POINTS = 1000
+
 
 @dataclass(frozen=True)
 class Adapted:
@@ -329,7 +332,7 @@ def adapt(
     # Heads come back on the encoder's device, whichever protocol trained them.
     head = head.to(model_device(adapted, device))
     if adapted is not encoder:
-        metrics["feature_movement"] = _feature_movement(encoder, adapted, data.x[:1000])
+        metrics["feature_movement"] = _feature_movement(encoder, adapted, data.x[:MOVEMENT_POINTS])
     train_features = clean if adapted is encoder else None
     metrics["train_acc"] = head_accuracy(adapted, head, data, train_features)
     metrics |= {
