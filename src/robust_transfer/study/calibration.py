@@ -24,7 +24,8 @@ from ..theory.threat import ThreatModel
 
 # A timed run this long is not repeated.
 _ENOUGH = 0.3
-_STEPS = 3
+_STEPS = 5
+_REPEATS = 5
 # Random features a probe's loss is timed on, and the evaluations of a fit: L-BFGS's
 # default max_eval (1.25 x its 200 iterations, training.linear_probe).
 _PROBE_POINTS = 256
@@ -86,14 +87,15 @@ def _synchronized(run: Callable[[], object]) -> float:
 
 def _timed(run: Callable[[], object], *, warm: bool = False) -> float:
     """The fastest of a few runs after a warm-up (first calls allocate and pick kernels;
-    ``warm``: it ran already): three while they are quick, one that takes :data:`_ENOUGH`
-    seconds is enough."""
+    ``warm``: it ran already): up to :data:`_REPEATS` while they take less than
+    :data:`_ENOUGH` seconds in all."""
     if not warm:
         run()
-    best = float("inf")
-    for _ in range(3):
-        best = min(best, _synchronized(run))
-        if best >= _ENOUGH:
+    best, spent = float("inf"), 0.0
+    for _ in range(_REPEATS):
+        took = _synchronized(run)
+        best, spent = min(best, took), spent + took
+        if spent >= _ENOUGH:
             break
     return best
 
@@ -112,16 +114,16 @@ def _call_cost(run: Callable[[Tensor], object], x: Tensor) -> CallCost | Refusal
 
 def _saved_bytes(encoder: nn.Module, x: Tensor) -> tuple[float, float]:
     """Bytes autograd keeps for a backward pass of ``x`` through ``encoder``, and the
-    largest activation among them (the weights it keeps are not activations)."""
-    weights = {p.data_ptr() for p in encoder.parameters()}
+    largest activation among them per image (a tensor with a row per image; the weights
+    it keeps, plain or computed from a parametrisation, are not activations)."""
     total, largest = 0, 0
 
     def pack(tensor: Tensor) -> Tensor:
         nonlocal total, largest
         size = tensor.numel() * tensor.element_size()
         total += size
-        if tensor.data_ptr() not in weights:
-            largest = max(largest, size)
+        if tensor.dim() > 0 and tensor.shape[0] == len(x):
+            largest = max(largest, size // len(x))
         return tensor
 
     x = x.clone().requires_grad_(True)
@@ -133,14 +135,16 @@ def _saved_bytes(encoder: nn.Module, x: Tensor) -> tuple[float, float]:
 
 def activations(encoder: nn.Module, x: Tensor) -> tuple[float, float, float]:
     """Bytes a backward pass through ``encoder`` keeps per image and once per batch (a
-    parametrised weight), from one and two of the points ``x``, and the largest layer
-    of one image (what a forward pass alone needs about twice of)."""
+    parametrised weight), from one and three of the points ``x`` (a weight's rows
+    rarely number three), and the largest activation of one image (what a forward pass
+    alone needs about twice of)."""
     device = model_device(encoder, torch.device("cpu"))
     with eval_mode(encoder, purpose="measuring activations"):
-        (one, largest), (two, _) = (
-            _saved_bytes(encoder, x[torch.arange(n) % len(x)].to(device)) for n in (1, 2)
+        (one, _), (three, largest) = (
+            _saved_bytes(encoder, x[torch.arange(n) % len(x)].to(device)) for n in (1, 3)
         )
-    return max(0.0, two - one), max(0.0, 2 * one - two), largest
+    per_image = max(0.0, (three - one) / 2)
+    return per_image, max(0.0, one - per_image), largest
 
 
 def bounded_batch(encoder: nn.Module, x: Tensor, batch_size: int) -> int:
