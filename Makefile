@@ -39,7 +39,7 @@ lint: $(STAMP)
 test: lint | $(CHROMIUM)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
-# About an hour on 2 cores: every benchmark, then benchmarks/RESULTS.md, whose figures
+# About two hours on 2 cores: every benchmark, then benchmarks/RESULTS.md, whose figures
 # the README quotes.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_attack.py --resnet-batch 16 --repeats 7
@@ -50,6 +50,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_adapt.py
 	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_profile.py
+	$(BIN)/python benchmarks/bench_plan.py demo
+	$(BIN)/python benchmarks/bench_plan.py --name resnet50 transfer -- --encoder torchvision:resnet50 --resize --data task:mnist-5-9 --n 100 --train-points 200 --steps 5 --restarts 1 --representation pgd --linf 4/255 --l2
+	$(BIN)/python benchmarks/bench_big.py
 	$(BIN)/python benchmarks/collect.py
 
 clean:

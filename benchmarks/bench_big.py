@@ -16,6 +16,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from _record import RESULTS, command, describe, environment, write
 
@@ -51,6 +52,7 @@ def one(encoder_name: str, stage: str, points: int, steps: int) -> dict[str, obj
     from robust_transfer.estimates.evaluate import study_pgd
     from robust_transfer.estimates.expected import profile_encoder
     from robust_transfer.models.features import extract_features
+    from robust_transfer.study.calibration import bounded_batch
 
     torch.manual_seed(0)
     encoder = load_encoder(ENCODERS[encoder_name], resize=True).eval()
@@ -58,23 +60,27 @@ def one(encoder_name: str, stage: str, points: int, steps: int) -> dict[str, obj
     x, y = test.x[:points], test.y[:points]
     threat = ThreatModel("Linf", 4 / 255)
     features = extract_features(encoder, x[:2])
-    head = nn.Linear(features.shape[1], 2)
+    head = nn.Linear(features.shape[1], len(test.classes))
+    # The batch a study takes: activations of its backward passes within 2 GiB.
+    batch = bounded_batch(encoder, x, 250)
     base = _peak_mb()
     note = ""
     start = time.perf_counter()
     if stage == "features":
         extract_features(encoder, x)
     elif stage == "representation attack":
-        attack_representation(encoder, x, threat, steps=steps, restarts=1, method="pgd")
+        attack_representation(
+            encoder, x, threat, steps=steps, restarts=1, method="pgd", batch_size=batch
+        )
     elif stage == "profile":
-        profile = profile_encoder(encoder, x)
-        profile.head_drops(head, threat)  # the head's class difference: one backward pass
+        profile = profile_encoder(encoder, x, batch_size=batch)
+        profile.head_drops(head, threat)  # one backward pass per class difference
         note = f"{profile.backward_passes} backward passes per point"
     elif stage == "PGD on a head":
-        settings = AttackSettings(steps=steps, restarts=1, targeted_restarts=1)
+        settings = AttackSettings(steps=steps, restarts=1, targeted_restarts=1, batch_size=batch)
         study_pgd(nn.Sequential(encoder, head).eval(), x, y, threat, settings, seed=0)
     elif stage == "expected robust accuracy":
-        profile = profile_encoder(encoder, x)
+        profile = profile_encoder(encoder, x, batch_size=batch)
         robust = profile.expected_robust(head, y, threat)
         note = (
             f"profile and refinement; expected robust accuracy {float(robust.float().mean()):.2f}"
@@ -94,6 +100,7 @@ def one(encoder_name: str, stage: str, points: int, steps: int) -> dict[str, obj
         "peak_mb": _peak_mb(),
         "added_mb": _peak_mb() - base,
         "note": note,
+        "batch": batch,
     }
 
 
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--points", type=int, default=100)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS))
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_big")
     parser.add_argument("--one", nargs=2, metavar=("ENCODER", "STAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -130,16 +138,16 @@ def main(argv: list[str] | None = None) -> None:
         "restart; each stage in a fresh process (added: its peak resident memory beyond "
         "the encoder and the points).",
         "",
-        "| encoder | stage | seconds | ms / point | peak MiB | added MiB | note |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| encoder | stage | batch | seconds | ms / point | peak MiB | added MiB | note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
         *(
-            f"| {r['encoder']} ({ENCODERS[str(r['encoder'])]}) | {r['stage']} | "
+            f"| {r['encoder']} ({ENCODERS[str(r['encoder'])]}) | {r['stage']} | {r['batch']} | "
             f"{r['seconds']:.1f} | {1000 * float(r['seconds']) / args.points:.0f} | "  # type: ignore[arg-type]
             f"{r['peak_mb']:.0f} | {r['added_mb']:.0f} | {r['note']} |"
             for r in rows
         ),
     ]
-    write(RESULTS / "bench_big", record, "\n".join(lines))
+    write(args.out, record, "\n".join(lines))
     print("\n".join(lines))
 
 

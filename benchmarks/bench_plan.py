@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("study", choices=["demo", "transfer"])
     parser.add_argument("--name", help="results file suffix (default: the study)")
+    parser.add_argument("--out", type=Path, help="results file, without suffix")
     parser.add_argument(
         "rest", nargs=argparse.REMAINDER, help="the transfer command's options, after --"
     )
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         "Stored seconds do not count loading, joining and the report: the total row is the "
         "command's wall time.",
     ]
-    write(RESULTS / f"bench_plan_{name}", record, "\n".join(lines))
+    write(args.out or RESULTS / f"bench_plan_{name}", record, "\n".join(lines))
     print("\n".join(lines))
 
 

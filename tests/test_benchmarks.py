@@ -175,3 +175,32 @@ def test_the_profile_benchmark_runs_small(tmp_path: Path) -> None:
             assert any("run_backward" in t["function"] for t in path["top"])
             assert path["compiled_share"] > 0.5
     assert "| path | wall s | compiled share |" in out.with_suffix(".md").read_text()
+
+
+def test_the_plan_benchmark_sets_a_plan_beside_its_run(tmp_path: Path) -> None:
+    import bench_plan
+
+    out = tmp_path / "plan"
+    transfer = ["--encoder", "robust_transfer.models:SmallCNN", "--data", "task:mnist-5-9"]
+    transfer += ["--n", "4", "--train-points", "20", "--steps", "1", "--restarts", "1"]
+    bench_plan.main(["--out", str(out), "transfer", "--", *transfer, "--linf", "0.05", "--l2"])
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["plan_seconds"] > 0
+    assert record["run_seconds"] > 0
+    rows = {row["stored as"]: row for row in record["stages"]}
+    assert "train-features" in rows
+    for kind in ("shift", "unit-shards"):
+        assert rows[kind]["plan s"] > 0, kind
+        assert rows[kind]["run s"] > 0, kind
+    assert "| unit-shards |" in out.with_suffix(".md").read_text()
+
+
+def test_the_big_encoder_benchmark_runs_a_stage_and_records_refusals() -> None:
+    import bench_big
+
+    features = bench_big.one("vit", "features", 2, 1)
+    assert features["seconds"] > 0
+    certifiers = bench_big.one("vit", "certifiers", 2, 1)
+    # A ViT's attention is not a layer any certifier reads: each says so in its line.
+    for name in ("lipschitz", "ibp", "crown", "head-crown"):
+        assert f"{name}: " in str(certifiers["note"])

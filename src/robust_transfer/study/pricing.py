@@ -91,7 +91,7 @@ def _sizes(config: StudyConfig, task: TaskSpec) -> _Size:
     torchvision set's known sizes (random points of its shape are timed)."""
     try:
         split = downstream_split(config, task)
-    except (MissingFileError, DataError) as err:
+    except (MissingFileError, DataError, OSError) as err:  # OSError: a download refused
         name = (task.data or "").removeprefix("torchvision:").split(":")[0]
         if not (task.data or "").startswith("torchvision:") or name not in SIZES:
             return _Size(0, 0, 0, torch.zeros(0), f"not priced: its data is not here ({err})")
