@@ -61,7 +61,7 @@ class Forecast:
                 "points": sum(s.points for s in parts),
                 "forward": round(sum(s.passes.forward * s.points for s in parts)),
                 "backward": round(sum(s.passes.backward * s.points for s in parts)),
-                "seconds": round(sum(s.seconds for s in parts), 1),
+                "seconds": sum(s.seconds for s in parts),
                 "memory_mb": round(max(s.memory for s in parts) / 2**20),
             }
             for (name, encoder), parts in merged.items()
