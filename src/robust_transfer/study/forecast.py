@@ -5,7 +5,7 @@ run that it says would take longer."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from ..core.errors import RobustTransferError
 from ..core.schema import Record
@@ -76,7 +76,7 @@ class Forecast:
             "device": self.device,
             "stages": self.rows(),
             "calibrations": {
-                name: {k: v for k, v in vars(c).items()} for name, c in self.calibrations.items()
+                name: asdict(calibration) for name, calibration in self.calibrations.items()
             },
             "notes": self.notes,
         }
