@@ -119,6 +119,24 @@ def test_certified_probe_raises_the_certified_share() -> None:
     assert accuracy(mixed) > accuracy(pure) + 0.1
 
 
+def test_certified_probe_does_not_depend_on_where_its_features_lie_in_memory() -> None:
+    """CPU kernels round by the data's alignment, and L-BFGS on a flat objective (here
+    the radius exceeds the features' spread) turns the last bit into another head: a
+    stored unit's features, which lie at any byte offset, once gave other heads in a
+    long-running process than fresh ones."""
+    features = torch.randn(20, 8, generator=torch.Generator().manual_seed(0)) * 0.05
+    labels = torch.arange(20) % 3
+    heads = []
+    for offset in range(8):
+        buffer = torch.zeros(features.numel() + offset)
+        view = buffer[offset:].view(features.shape)
+        view.copy_(features)
+        heads.append(train_certified_probe(view, labels, 0.076))
+    for head in heads[1:]:
+        assert torch.equal(head.weight, heads[0].weight)
+        assert torch.equal(head.bias, heads[0].bias)
+
+
 def test_certified_probe_objective_bounds_the_worst_case_loss() -> None:
     """PGD in feature space within the radius never exceeds CE(ztilde, y)."""
     features, labels = _features()

@@ -54,7 +54,9 @@ class Store:
         if not path.is_file():
             return None
         try:
-            arrays = load_file(path)
+            # Owned copies: safetensors' tensors lie at any byte offset, and CPU kernels
+            # round differently on unaligned data; a resumed unit must equal a fresh one.
+            arrays = {name: value.clone() for name, value in load_file(path).items()}
             with safe_open(path, framework="pt") as file:
                 meta = json.loads((file.metadata() or {}).get("meta", "{}"))
         except (SafetensorError, OSError, ValueError):

@@ -117,7 +117,9 @@ def train_certified_probe(
     useful while the robust term widens its normalised margins. Full-batch L-BFGS from
     the plain probe's solution; deterministic.
     """
-    features = check_features(features)
+    # A copy: CPU kernels round by the data's alignment, and L-BFGS on a flat objective
+    # turns the last bit into a different head; a view into a buffer must not change it.
+    features = check_features(features).clone()
     n = features.shape[0]
     classes = num_classes if num_classes is not None else int(check_labels(labels, n).max()) + 1
     labels = check_labels(labels, n, num_classes=classes)
