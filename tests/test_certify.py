@@ -195,11 +195,37 @@ class _Gelu(nn.Module):
         return torch.nn.functional.gelu(x)
 
 
+class _Skip(nn.Module):
+    """A residual block of readable layers, unreadable as a whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.inner(x)
+
+
+class _Wrapped(nn.Module):
+    """A model wrapped as zoo encoders are: its own forward, layers inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Flatten(), nn.Linear(36, 4), _Skip(), _Gelu())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
 def test_unsupported_layers_and_modes_are_refused_by_name() -> None:
     x = torch.rand(2, 1, 6, 6)
     refused = decompose(nn.Sequential(nn.Flatten(), nn.Linear(36, 4), _Gelu()), x)
     assert isinstance(refused, Refusal)
     assert "unsupported layer _Gelu" in refused.reason
+    # A wrapper names the first layer inside that has no reader, and where it sits.
+    refused = decompose(_Wrapped(), x)
+    assert isinstance(refused, Refusal)
+    assert refused.reason == "unsupported layer _Wrapped: its _Skip at 'model.2' has no reader"
     train_mode = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
     refused = decompose(train_mode, x)
     assert isinstance(refused, Refusal)

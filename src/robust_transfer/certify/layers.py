@@ -268,7 +268,29 @@ def ops_of(module: nn.Module) -> list[Op] | Refusal:
     for kind in type(module).__mro__:
         if kind in _READERS:
             return _READERS[kind](module)
-    return Refusal(f"unsupported layer {type(module).__name__}")
+    inner = _innermost_unreadable(module)
+    where = (
+        "" if inner is None else f": its {type(inner[1]).__name__} at {inner[0]!r} has no reader"
+    )
+    return Refusal(f"unsupported layer {type(module).__name__}{where}")
+
+
+def _readable(module: nn.Module) -> bool:
+    return any(kind in _READERS for kind in type(module).__mro__)
+
+
+def _innermost_unreadable(module: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first layer inside ``module`` with no reader and none below it: what a wrapped
+    model (a zoo encoder, a user's network) would need read first (a ResNet-50's first
+    Bottleneck, a ViT's patch embedding); None when ``module`` is that layer itself."""
+    for name, inner in module.named_modules():
+        if (
+            name
+            and not _readable(inner)
+            and all(_readable(m) for m in inner.modules() if m is not inner)
+        ):
+            return name, inner
+    return None
 
 
 # Flattens every sample's output: the features a head reads.
