@@ -78,6 +78,9 @@ def test_resize_and_clear_errors_for_other_sizes_layers_and_names() -> None:
         load_encoder("torchvision:resnet18", layer="layer9")
     with pytest.raises(InputError, match=r"no model 'resnet181'.*resnet18"):
         load_encoder("torchvision:resnet181")
+    # A name near nothing gets no empty list of close names.
+    with pytest.raises(InputError, match=r"^torchvision has no model 'qqqq'$"):
+        load_encoder("torchvision:qqqq")
     with pytest.raises(InputError, match="expected 'robustbench:NAME:DATASET:THREAT'"):
         load_encoder("robustbench:Standard")
 

@@ -16,7 +16,7 @@ import difflib
 import importlib
 import importlib.util
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -155,11 +155,15 @@ def _find_layer(model: nn.Module, layer: str, name: str) -> nn.Module:
         return linears[-1]
     modules: dict[str, nn.Module] = dict(model.named_modules())
     if layer not in modules or not layer:
-        close = difflib.get_close_matches(layer, list(modules), n=5)
-        hint = f"; close: {', '.join(close)}" if close else ""
-        raise InputError(f"{name} has no layer {layer!r}{hint}")
+        raise InputError(f"{name} has no layer {layer!r}{_close(layer, modules)}")
     found: nn.Module = modules[layer]
     return found
+
+
+def _close(word: str, choices: Iterable[str]) -> str:
+    """ "; close: a, b" for the names nearest ``word``, or nothing when none is near."""
+    close = difflib.get_close_matches(word, list(choices), n=5)
+    return f"; close: {', '.join(close)}" if close else ""
 
 
 def _import(module: str, package: str) -> ModuleType:
@@ -202,8 +206,8 @@ def load_torchvision(spec: str, options: LoadOptions) -> ZooEncoder:
     try:
         builder = models.get_model_builder(name)
     except ValueError as err:
-        close = difflib.get_close_matches(name, models.list_models(), n=5)
-        raise InputError(f"torchvision has no model {name!r}; close: {', '.join(close)}") from err
+        hint = _close(name, models.list_models())
+        raise InputError(f"torchvision has no model {name!r}{hint}") from err
     weights = None
     if rest:
         enum = models.get_model_weights(name)
@@ -238,8 +242,7 @@ def load_timm(spec: str, options: LoadOptions) -> ZooEncoder:
     name, *rest = _split(spec, "timm:", 2, "'timm:NAME[:TAG]'")
     timm = _import("timm", "timm")
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5)
-        raise InputError(f"timm has no model {name!r}; close: {', '.join(close)}")
+        raise InputError(f"timm has no model {name!r}{_close(name, timm.list_models())}")
     full = name if not rest or rest[0] == "pretrained" else f"{name}.{rest[0]}"
     with _download_errors(spec, lambda: "the Hugging Face cache (HF_HOME)"):
         model = timm.create_model(full, pretrained=bool(rest), num_classes=0)
@@ -265,8 +268,8 @@ def load_open_clip(spec: str, options: LoadOptions) -> ZooEncoder:
     arch, *rest = _split(spec, "open_clip:", 2, "'open_clip:ARCH[:PRETRAINED]'")
     open_clip = _import("open_clip", "open-clip-torch")
     if arch not in open_clip.list_models():
-        close = difflib.get_close_matches(arch, open_clip.list_models(), n=5)
-        raise InputError(f"open_clip has no model {arch!r}; close: {', '.join(close)}")
+        hint = _close(arch, open_clip.list_models())
+        raise InputError(f"open_clip has no model {arch!r}{hint}")
     with _download_errors(spec, lambda: "the Hugging Face cache (HF_HOME)"):
         model = open_clip.create_model(arch, pretrained=rest[0] if rest else None)
     visual: nn.Module = model.visual
@@ -321,9 +324,8 @@ def load_robustbench(spec: str, options: LoadOptions) -> ZooEncoder:
     zoo = importlib.import_module("robustbench.model_zoo").model_dicts
     known = zoo[dataset_enum][threat_enum]
     if name not in known:
-        close = difflib.get_close_matches(name, list(known), n=5)
         raise InputError(
-            f"RobustBench has no {dataset}/{threat} model {name!r}; close: {', '.join(close)}"
+            f"RobustBench has no {dataset}/{threat} model {name!r}{_close(name, known)}"
         )
     model_dir = Path(str(options.extra.get("model_dir", "models")))
     path = model_dir / dataset / threat / f"{name}.pt"
