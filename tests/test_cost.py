@@ -240,6 +240,11 @@ def test_budget_refuses_in_one_line_and_force_runs(
     assert len(err) == 1, err
     assert "over the budget of 0 s" in err[0]
     assert not (where / "out").exists()
+    # A dry run with a budget says, by its exit code, whether the run would start.
+    assert cli.main(_transfer(where, "--budget", "0.001s", "--dry-run")) == 2
+    assert "over the budget" in capsys.readouterr().err
+    assert cli.main(_transfer(where, "--budget", "1h", "--dry-run")) == 0
+    assert not (where / "out").exists()
     assert cli.main(_transfer(where, "--budget", "0.001s", "--force")) == 0
     assert (where / "out" / "results.json").is_file()
     capsys.readouterr()

@@ -98,10 +98,11 @@ def planned(
     if args.dry_run or args.budget is not None:
         plan = priced(config, args, cache, runtime, Path(args.out))
         show(plan)
+        # A dry run with a budget answers whether the run would start, as its exit code.
+        if args.budget is not None and not args.force:
+            check_budget(plan, args.budget)
         if args.dry_run:
             return 0
-        if not args.force:
-            check_budget(plan, args.budget)
     run()
     return 0
 
