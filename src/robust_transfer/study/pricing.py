@@ -122,16 +122,20 @@ class _Ledger:
         points: int,
         passes: Passes,
         *,
+        total: bool = False,
         batch: int | None = None,
         extra_seconds: float = 0.0,
         extra_memory: float = 0.0,
         key: tuple[object, ...] | None = None,
     ) -> None:
-        """A stage, once per ``key`` (work the study stores and shares)."""
+        """A stage of ``passes`` per point (``total``: over all ``points``), once per
+        ``key`` (work the study stores and shares)."""
         if key is not None:
             if key in self.seen:
                 return
             self.seen.add(key)
+        if total:
+            passes = passes * (1 / points)
         c = self.calibrations[encoder]
         batch = min(points, batch or c.batch)
         seconds = points * c.seconds(passes.forward, passes.backward) + extra_seconds
@@ -185,8 +189,8 @@ def _task(ledger: _Ledger, work: _Work) -> None:
     for threat in task.threats:
         if advised and work.pending(list(specs), (threat,)):
             held = min(config.radius_points, train // 2)
-            advice = cost.advice(train, held, attack.steps) * (1 / train)
-            ledger.add("advice", encoder, train, advice)
+            advice = cost.advice(train, held, attack.steps)
+            ledger.add("advice", encoder, train, advice, total=True)
         for name, spec in specs.items():
             threats = (threat,) if spec.per_threat else task.threats
             if not (spec.per_threat or threat == task.threats[0]) or not work.pending(
@@ -224,7 +228,8 @@ def _task(ledger: _Ledger, work: _Work) -> None:
                 "heads",
                 encoder,
                 train,
-                passes * (1 / train),
+                passes,
+                total=True,
                 batch=adapted.batch_size,
                 extra_seconds=fit,
                 extra_memory=memory,
@@ -373,7 +378,8 @@ def forecast(
                     "pretraining",
                     name,
                     points,
-                    pretraining * (1 / points),
+                    pretraining,
+                    total=True,
                     batch=spec.batch_size,
                     extra_memory=4.0 * calibrations[name].parameter_bytes,
                 )
