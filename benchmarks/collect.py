@@ -13,7 +13,8 @@ from pathlib import Path
 from _record import RESULTS, describe
 
 # In the order a reader wants them: the limit and the peers, the tail, what the theory
-# saves, certificates, adaptation, scaling, the profile.
+# saves, certificates, adaptation, scaling (small and mid-size encoders), the profile,
+# the plan against the run, big encoders, the GPU.
 ORDER = (
     "bench_attack",
     "bench_tail",
@@ -23,7 +24,12 @@ ORDER = (
     "bench_certify_full",
     "bench_adapt",
     "bench_scale",
+    "bench_scale_wrn16",
     "bench_profile",
+    "bench_plan_demo",
+    "bench_plan_resnet50",
+    "bench_big",
+    "bench_gpu",
 )
 
 
