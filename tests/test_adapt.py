@@ -1,14 +1,16 @@
 """Adaptation protocols learn and show their defining property."""
 
+from collections.abc import Callable
 from functools import cache
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import pretrained_on_digits
-from torch import nn
+from torch import Tensor, nn
 
 from robust_transfer import criterion_holds
+from robust_transfer.core.layout import aligned
 from robust_transfer.data import ImageDataset, get_task
 from robust_transfer.models import SmallCNN
 from robust_transfer.models.features import extract_features
@@ -126,15 +128,24 @@ def test_certified_probe_does_not_depend_on_where_its_features_lie_in_memory() -
     long-running process than fresh ones."""
     features = torch.randn(20, 8, generator=torch.Generator().manual_seed(0)) * 0.05
     labels = torch.arange(20) % 3
-    heads = []
-    for offset in range(8):
+    layouts = [features, features.T.contiguous().T]  # row- and column-major
+    for offset in range(1, 8):
         buffer = torch.zeros(features.numel() + offset)
         view = buffer[offset:].view(features.shape)
         view.copy_(features)
-        heads.append(train_certified_probe(view, labels, 0.076))
-    for head in heads[1:]:
-        assert torch.equal(head.weight, heads[0].weight)
-        assert torch.equal(head.bias, heads[0].bias)
+        layouts.append(view)
+    fits: list[Callable[[Tensor], nn.Linear]] = [
+        lambda z: train_certified_probe(z, labels, 0.076),
+        lambda z: train_linear_probe(z, labels),
+    ]
+    for fit in fits:
+        heads = [fit(z) for z in layouts]
+        for head in heads[1:]:
+            assert torch.equal(head.weight, heads[0].weight)
+            assert torch.equal(head.bias, heads[0].bias)
+    # What is laid out as torch allocates is not copied.
+    assert aligned(features) is features
+    assert aligned(layouts[1]).is_contiguous()
 
 
 def test_certified_probe_objective_bounds_the_worst_case_loss() -> None:

@@ -235,13 +235,13 @@ def test_dry_run_prints_the_plan_and_runs_nothing(
 def test_budget_refuses_in_one_line_and_force_runs(
     where: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main(_transfer(where, "--budget", "0.001s")) == 2
+    assert cli.main(_transfer(where, "--budget", "0.001s")) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert "over the budget of 0 s" in err[0]
     assert not (where / "out").exists()
     # A dry run with a budget says, by its exit code, whether the run would start.
-    assert cli.main(_transfer(where, "--budget", "0.001s", "--dry-run")) == 2
+    assert cli.main(_transfer(where, "--budget", "0.001s", "--dry-run")) == 3
     assert "over the budget" in capsys.readouterr().err
     assert cli.main(_transfer(where, "--budget", "1h", "--dry-run")) == 0
     assert not (where / "out").exists()

@@ -81,6 +81,8 @@ def test_resize_and_clear_errors_for_other_sizes_layers_and_names() -> None:
     # A name near nothing gets no empty list of close names.
     with pytest.raises(InputError, match=r"^torchvision has no model 'qqqq'$"):
         load_encoder("torchvision:qqqq")
+    with pytest.raises(InputError, match=r"no layer ''$"):
+        load_encoder("torchvision:resnet18", layer="")
     with pytest.raises(InputError, match="expected 'robustbench:NAME:DATASET:THREAT'"):
         load_encoder("robustbench:Standard")
 

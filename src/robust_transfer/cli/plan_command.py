@@ -52,7 +52,8 @@ def plan_options(parser: argparse.ArgumentParser, *, plan_only: bool = False) ->
     parser.add_argument(
         "--budget",
         type=_budget,
-        help="refuse to start when the plan expects more than this (90s, 15m, 2h)",
+        help="refuse to start when the plan expects more than this (90s, 15m, 2h): exit "
+        "code 3, also with --dry-run",
     )
     parser.add_argument("--force", action="store_true", help="run even past --budget")
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .atomic import atomic_write
+from .layout import aligned
 
 _SUFFIX = ".safetensors"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
@@ -37,7 +38,7 @@ class Store:
         return self.root.joinpath(*parts[:-1], parts[-1] + _SUFFIX)
 
     def has(self, key: tuple[str, ...]) -> bool:
-        return self.load(key) is not None
+        return self._read(key) is not None
 
     def save(
         self, key: tuple[str, ...], arrays: Mapping[str, Tensor], meta: Mapping[str, object]
@@ -50,13 +51,20 @@ class Store:
 
     def load(self, key: tuple[str, ...]) -> tuple[dict[str, Tensor], dict[str, object]] | None:
         """The unit's arrays and metadata, or None when it is missing or unreadable."""
+        read = self._read(key)
+        if read is None:
+            return None
+        # safetensors' tensors lie at any byte offset: aligned, a resumed unit computes
+        # as a fresh one (core/layout.py).
+        return {name: aligned(value) for name, value in read[0].items()}, read[1]
+
+    def _read(self, key: tuple[str, ...]) -> tuple[dict[str, Tensor], dict[str, object]] | None:
+        # load_file maps the file and reads only what is touched: checking a unit is cheap.
         path = self._path(key)
         if not path.is_file():
             return None
         try:
-            # Owned copies: safetensors' tensors lie at any byte offset, and CPU kernels
-            # round differently on unaligned data; a resumed unit must equal a fresh one.
-            arrays = {name: value.clone() for name, value in load_file(path).items()}
+            arrays = load_file(path)
             with safe_open(path, framework="pt") as file:
                 meta = json.loads((file.metadata() or {}).get("meta", "{}"))
         except (SafetensorError, OSError, ValueError):

@@ -162,7 +162,7 @@ def _find_layer(model: nn.Module, layer: str, name: str) -> nn.Module:
 
 def _close(word: str, choices: Iterable[str]) -> str:
     """ "; close: a, b" for the names nearest ``word``, or nothing when none is near."""
-    close = difflib.get_close_matches(word, list(choices), n=5)
+    close = difflib.get_close_matches(word, [choice for choice in choices if choice], n=5)
     return f"; close: {', '.join(close)}" if close else ""
 
 

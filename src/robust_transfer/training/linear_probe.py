@@ -17,6 +17,7 @@ from ..core.checks import (
     check_two_classes,
 )
 from ..core.errors import InputError, InputTypeError
+from ..core.layout import aligned
 from ..theory.bounds import worst_case_cross_entropy
 from ..theory.losses import RegressionLoss
 
@@ -36,7 +37,7 @@ def train_linear_probe(
     needs no seed; full-batch second-order steps make it fast on cached features. The
     penalty keeps ``D(W)``, the head's factor in the loss bound, in check.
     """
-    features = check_features(features)
+    features = aligned(check_features(features))  # as in train_certified_probe
     n, dim = features.shape
     labels = check_labels(labels, n)
     classes = (
@@ -117,9 +118,9 @@ def train_certified_probe(
     useful while the robust term widens its normalised margins. Full-batch L-BFGS from
     the plain probe's solution; deterministic.
     """
-    # A copy: CPU kernels round by the data's alignment, and L-BFGS on a flat objective
-    # turns the last bit into a different head; a view into a buffer must not change it.
-    features = check_features(features).clone()
+    # L-BFGS on a flat objective turns a kernel's last bit into another head, and kernels
+    # round by the data's layout: a view into a buffer must not change the head.
+    features = aligned(check_features(features))
     n = features.shape[0]
     classes = num_classes if num_classes is not None else int(check_labels(labels, n).max()) + 1
     labels = check_labels(labels, n, num_classes=classes)
