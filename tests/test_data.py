@@ -209,6 +209,9 @@ def test_array_files(tmp_path: Path) -> None:
     data = load_array_file(tmp_path / "mine.npz")
     assert data.classes == ("a", "b")
     assert data.x.shape == (5, 1, 8, 8)
+    # Laid out as torch allocates (numpy's buffer starts anywhere; kernels round by it).
+    assert data.x.is_contiguous()
+    assert data.x.data_ptr() % 64 == 0
     torch.save(
         {
             "x": torch.from_numpy((x * 255).astype(np.uint8)),

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..core.checks import CLASSES
 from ..core.errors import DataError, InputTypeError, MissingFileError
+from ..core.layout import aligned
 from .dataset import ImageDataset
 
 
@@ -96,7 +97,8 @@ def load_array_file(path: str | Path) -> ImageDataset:
             targets = targets[:, None]
     names = tuple(f"target{k}" for k in range(targets.shape[1])) if targets is not None else ()
     return ImageDataset(
-        x=x.float().contiguous(),
+        # numpy's buffer starts anywhere: kernels would round by where it lies.
+        x=aligned(x.float()),
         y=y,
         name=path.stem,
         classes=classes,
