@@ -1,6 +1,6 @@
 """Work done once per key: what is in the study's store is read, what is missing is
-computed, stored atomically and then read like the rest (so a resumed run and a fresh
-one see the same arrays)."""
+computed and stored atomically. Stored arrays come back bit for bit and laid out as
+fresh ones (core/layout.py), so a resumed run computes what a fresh one does."""
 
 from __future__ import annotations
 
