@@ -184,7 +184,7 @@ def test_budget_parsing_and_refusal() -> None:
             parse_budget(bad)
     plan = Forecast(units=1, stages=[], calibrations={}, baseline=0.0, device="cpu")
     check_budget(plan, 1.0)  # no work is within any budget
-    plan.stages.append(Stage("heads", "e", 10, cost.NONE, 100.0, 0.0))
+    plan.stages.append(Stage("heads", "e", 10, cost.NONE, 100.0, 0.0, 100.0))
     assert plan.seconds == 100.0
     with pytest.raises(BudgetError, match="over the budget of 50 s"):
         check_budget(plan, 50.0)
@@ -285,6 +285,10 @@ threats = {{ Linf = [0.05, 0.1] }}
     assert plan["seconds"] > 0
     attack = next(row for row in plan["stages"] if row["stage"] == "representation attack")
     assert attack["points"] == 12  # 6 points at each of 2 threats
+    # The refinement's share is not known beforehand: at most, every point is refined.
+    refinement = next(row for row in plan["stages"] if row["stage"] == "refinement")
+    unknown = (1 / cost.REFINED_SHARE - 1) * refinement["seconds"]
+    assert plan["most_seconds"] == pytest.approx(plan["seconds"] + unknown)
 
 
 def test_fewer_points_give_the_same_answers_for_the_points_they_share(where: Path) -> None:

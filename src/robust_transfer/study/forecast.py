@@ -28,6 +28,9 @@ class Stage:
     passes: Passes
     seconds: float
     memory: float
+    # Seconds when the stage works on every point it might (the refinement: on all of
+    # them, not the share the plan assumes).
+    most_seconds: float
 
 
 @dataclass
@@ -44,6 +47,10 @@ class Forecast:
     @property
     def seconds(self) -> float:
         return sum(stage.seconds for stage in self.stages)
+
+    @property
+    def most_seconds(self) -> float:
+        return sum(stage.most_seconds for stage in self.stages)
 
     @property
     def peak(self) -> float:
@@ -71,6 +78,7 @@ class Forecast:
         return {
             "units": self.units,
             "seconds": self.seconds,
+            "most_seconds": self.most_seconds,
             "peak_bytes": self.peak,
             "baseline_bytes": self.baseline,
             "device": self.device,

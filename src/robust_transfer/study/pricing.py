@@ -127,9 +127,11 @@ class _Ledger:
         extra_seconds: float = 0.0,
         extra_memory: float = 0.0,
         key: tuple[object, ...] | None = None,
+        most: float = 1.0,
     ) -> None:
         """A stage of ``passes`` per point (``total``: over all ``points``), once per
-        ``key`` (work the study stores and shares)."""
+        ``key`` (work the study stores and shares); ``most`` times its passes at most,
+        where the share of points it works on is not known beforehand."""
         if key is not None:
             if key in self.seen:
                 return
@@ -145,7 +147,8 @@ class _Ledger:
         memory = extra_memory
         if passes.forward or passes.backward:
             memory += c.batch_bytes + batch * per_image
-        self.stages.append(Stage(name, encoder, points, passes, seconds, memory))
+        most_seconds = seconds + (most - 1.0) * (seconds - extra_seconds)
+        self.stages.append(Stage(name, encoder, points, passes, seconds, memory, most_seconds))
 
 
 def _heads_of(config: StudyConfig, task: TaskSpec, adaptations: list[str]) -> int:
@@ -267,7 +270,13 @@ def _evaluation(ledger: _Ledger, work: _Work, moving: list[str]) -> None:
                     continue
                 curve = config.curve_points_of(task, threat) is not None
                 ledger.add("PGD on heads", encoder, n, cost.study_pgd(attack) + cost.SANITY)
-                ledger.add("refinement", encoder, n, cost.refinement(RefineSettings(), curve))
+                ledger.add(
+                    "refinement",
+                    encoder,
+                    n,
+                    cost.refinement(RefineSettings(), curve),
+                    most=1 / cost.REFINED_SHARE,
+                )
                 if c.head_certificate is not None:
                     seconds = c.head_certificate(n) * size.classes / c.head_classes
                     ledger.add(
@@ -391,7 +400,7 @@ def forecast(
     if pending:
         overhead = pending * _UNIT_OVERHEAD
         ledger.stages.append(
-            Stage("store, records, report", "all", pending, cost.NONE, overhead, 0.0)
+            Stage("store, records, report", "all", pending, cost.NONE, overhead, 0.0, overhead)
         )
     if done:
         notes.append(f"{len(done)} of {len(planned)} units already stored in {out}: not priced")
