@@ -52,7 +52,10 @@ def collect(results: Path) -> str:
         "Written by `make bench` (each benchmark, then `python benchmarks/collect.py`). Every "
         "ratio inside a section was measured in that section's one run. Each section says "
         "whether its times are medians of repeats or single runs (where many heads, threats "
-        "or sizes are the repeats), where it was measured, and the command that reproduces it.",
+        "or sizes are the repeats), where it was measured, and the command that reproduces it. "
+        "Records made before 0.5.1 name robust-transfer 0.1.0 whatever the code was (an "
+        "editable install's metadata keeps the version it was made at); their dates place "
+        "them in CHANGELOG.md.",
         "",
         "| benchmark | measured with |",
         "| --- | --- |",
