@@ -30,7 +30,6 @@ from ..report.render import write_report
 from ..report.tables import text
 from ..study.config import default_config, default_config_text, load_config, parse_config
 from ..study.folder import refuse_a_file
-from ..study.forecast import BudgetError
 from ..study.spec import StudyConfig
 from ..theory.threat import ThreatModel
 from ..training.adapt import adapt, head_accuracy
@@ -361,8 +360,6 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 _STUDIES = ("run", "demo", "transfer")
-# The exit code of a study the plan prices over its --budget (errors exit 2).
-OVER_BUDGET = 3
 
 
 def _failure(err: BaseException) -> str | None:
@@ -397,7 +394,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(err, OSError) and args.command in _STUDIES:
             line += "; what was stored so far is kept, and the same command resumes from it"
         print(f"robust-transfer {args.command}: error: {line}", file=sys.stderr)
-        # Its own code: a script can tell "over budget" from a bad config.
-        return OVER_BUDGET if isinstance(err, BudgetError) else 2
+        return err.exit_code if isinstance(err, RobustTransferError) else 2
     finally:
         release_processes()

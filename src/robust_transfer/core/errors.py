@@ -13,6 +13,9 @@ from __future__ import annotations
 class RobustTransferError(Exception):
     """Base of every error about what robust-transfer was given."""
 
+    # The command line's exit status for it (argparse's, for a usage error, is also 2).
+    exit_code = 2
+
 
 class InputError(RobustTransferError, ValueError):
     """A value that cannot be used: wrong shape, NaN, out of [0, 1], unknown name."""

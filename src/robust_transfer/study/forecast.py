@@ -11,10 +11,14 @@ from ..core.errors import RobustTransferError
 from ..core.schema import Record
 from .calibration import Calibration
 from .cost import Passes
+from .spec import StudyConfig
 
 
 class BudgetError(RobustTransferError):
     """A study the plan says would take longer than the budget it was given."""
+
+    # Its own status: a script can tell "over budget" from a bad config.
+    exit_code = 3
 
 
 @dataclass(frozen=True)
@@ -119,3 +123,49 @@ def duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+@dataclass
+class Ledger:
+    """The stages of a plan as :mod:`.pricing` finds them, each priced by its encoder's
+    calibration."""
+
+    config: StudyConfig
+    calibrations: dict[str, Calibration]
+    stages: list[Stage] = field(default_factory=list)
+    seen: set[tuple[object, ...]] = field(default_factory=set)
+
+    def add(
+        self,
+        name: str,
+        encoder: str,
+        points: int,
+        passes: Passes,
+        *,
+        total: bool = False,
+        batch: int | None = None,
+        extra_seconds: float = 0.0,
+        extra_memory: float = 0.0,
+        key: tuple[object, ...] | None = None,
+        most: float = 1.0,
+    ) -> None:
+        """A stage of ``passes`` per point (``total``: over all ``points``), once per
+        ``key`` (work the study stores and shares); ``most`` times its passes at most,
+        where the share of points it works on is not known beforehand."""
+        if key is not None:
+            if key in self.seen:
+                return
+            self.seen.add(key)
+        if total:
+            passes = passes * (1 / points)
+        c = self.calibrations[encoder]
+        batch = min(points, batch or c.batch)
+        seconds = points * c.seconds(passes.forward, passes.backward) + extra_seconds
+        # A backward pass keeps every layer's activations; a forward pass alone, about
+        # its largest layer's input and output; training a probe on features, neither.
+        per_image = c.activation_bytes if passes.backward else c.forward_bytes
+        memory = extra_memory
+        if passes.forward or passes.backward:
+            memory += c.batch_bytes + batch * per_image
+        most_seconds = seconds + (most - 1.0) * (seconds - extra_seconds)
+        self.stages.append(Stage(name, encoder, points, passes, seconds, memory, most_seconds))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import resource
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from ..training.protocols import PROBES, AdaptProtocol
 from . import cost
 from .calibration import Calibration, calibrate
 from .cost import Passes
-from .forecast import Forecast, Stage
+from .forecast import Forecast, Ledger, Stage
 from .plan import Unit, shards, units
 from .runner import downstream_split
 from .spec import EncoderSpec, RadiusRule, StudyConfig, TaskKind, TaskSpec
@@ -108,49 +108,6 @@ def _sizes(config: StudyConfig, task: TaskSpec) -> _Size:
     )
 
 
-@dataclass
-class _Ledger:
-    config: StudyConfig
-    calibrations: dict[str, Calibration]
-    stages: list[Stage] = field(default_factory=list)
-    seen: set[tuple[object, ...]] = field(default_factory=set)
-
-    def add(
-        self,
-        name: str,
-        encoder: str,
-        points: int,
-        passes: Passes,
-        *,
-        total: bool = False,
-        batch: int | None = None,
-        extra_seconds: float = 0.0,
-        extra_memory: float = 0.0,
-        key: tuple[object, ...] | None = None,
-        most: float = 1.0,
-    ) -> None:
-        """A stage of ``passes`` per point (``total``: over all ``points``), once per
-        ``key`` (work the study stores and shares); ``most`` times its passes at most,
-        where the share of points it works on is not known beforehand."""
-        if key is not None:
-            if key in self.seen:
-                return
-            self.seen.add(key)
-        if total:
-            passes = passes * (1 / points)
-        c = self.calibrations[encoder]
-        batch = min(points, batch or c.batch)
-        seconds = points * c.seconds(passes.forward, passes.backward) + extra_seconds
-        # A backward pass keeps every layer's activations; a forward pass alone, about
-        # its largest layer's input and output; training a probe on features, neither.
-        per_image = c.activation_bytes if passes.backward else c.forward_bytes
-        memory = extra_memory
-        if passes.forward or passes.backward:
-            memory += c.batch_bytes + batch * per_image
-        most_seconds = seconds + (most - 1.0) * (seconds - extra_seconds)
-        self.stages.append(Stage(name, encoder, points, passes, seconds, memory, most_seconds))
-
-
 def _heads_of(config: StudyConfig, task: TaskSpec, adaptations: list[str]) -> int:
     return sum(len(task.threats) if config.adaptations[a].per_threat else 1 for a in adaptations)
 
@@ -173,7 +130,7 @@ class _Work:
         )
 
 
-def _task(ledger: _Ledger, work: _Work) -> None:
+def _task(ledger: Ledger, work: _Work) -> None:
     config, c = ledger.config, ledger.calibrations[work.encoder]
     task, encoder, train = work.task, work.encoder, work.size.train
     attack = config.attack
@@ -240,7 +197,7 @@ def _task(ledger: _Ledger, work: _Work) -> None:
     _evaluation(ledger, work, moving)
 
 
-def _evaluation(ledger: _Ledger, work: _Work, moving: list[str]) -> None:
+def _evaluation(ledger: Ledger, work: _Work, moving: list[str]) -> None:
     config, c = ledger.config, ledger.calibrations[work.encoder]
     task, encoder, size = work.task, work.encoder, work.size
     attack = config.attack
@@ -357,7 +314,7 @@ def forecast(
     shift_names, head_name = split_certifiers(config.certifiers)
     certifiers = default_certifier_names() if shift_names is None else shift_names
     calibrations: dict[str, Calibration] = {}
-    ledger = _Ledger(config, calibrations)
+    ledger = Ledger(config, calibrations)
     for task in tasks:
         size = sizes[task.name]
         for name in task.encoders:
