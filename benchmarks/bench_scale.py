@@ -34,7 +34,6 @@ from _record import RESULTS, command, describe, environment, write
 
 from robust_transfer.attacks.settings import REPRESENTATION_METHODS
 
-TRAIN_POINTS = 1000
 SMALL_CNN = 'protocol = "random"\npretrain_task = "mnist-5-9"'
 
 CONFIG = """
@@ -75,6 +74,7 @@ class Setup:
     classes: int = 10
     representation: str = "pgd+apgd"
     restarts: int = 2
+    train_points: int = 1000
 
 
 def _digits(n: int, seed: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +99,7 @@ def _peak_mb() -> float:
 
 def _write_study(workdir: Path, points: int, setup: Setup) -> Path:
     """The data files and the config of ``setup``'s study over ``points`` held-out digits."""
-    for name, n, seed in (("train", TRAIN_POINTS, 1), ("test", points, 2)):
+    for name, n, seed in (("train", setup.train_points, 1), ("test", points, 2)):
         x, y = _digits(n, seed, setup.classes)
         np.savez(workdir / f"{name}.npz", x=x, y=y)
     config = workdir / "scale.toml"
@@ -219,7 +219,7 @@ def markdown(record: dict[str, object]) -> str:
         "torch), data the held-out images themselves (float32). One linear probe, "
         f"{settings['classes']} classes, `Linf` 1/10, {settings['steps']} attack steps on "
         f"the head and the representation ({settings['representation']}, restarts "
-        f"{settings['restarts']}), {TRAIN_POINTS:,} training points.",
+        f"{settings['restarts']}), {settings['train_points']:,} training points.",
         "",
         "| points | shard | seconds | ms / point | peak MiB | peak - base - data MiB |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "--representation", default="pgd+apgd", choices=REPRESENTATION_METHODS, help="its attack"
     )
     parser.add_argument("--restarts", type=int, default=2, help="its attack's restarts")
+    parser.add_argument("--train-points", type=int, default=1000, help="the probe's")
     parser.add_argument("--no-unsharded", action="store_true", help="skip the one-shard run")
     parser.add_argument("--torchrun-points", type=int, default=1000, help="0 skips torchrun")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_scale")
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         classes=args.classes,
         representation=args.representation,
         restarts=args.restarts,
+        train_points=args.train_points,
     )
     runs = [_measure(points, setup) for points in args.sizes]
     sizes = [float(run["points"]) for run in runs]

@@ -167,12 +167,13 @@ def test_the_scale_benchmark_measures_a_named_encoder(tmp_path: Path) -> None:
     argv = ["--sizes", "12", "--shard", "8", "--steps", "1", "--no-unsharded"]
     argv += ["--encoder", "wide_resnet:wrn_16_4_grey", "--classes", "2"]
     argv += ["--representation", "pgd", "--restarts", "1", "--torchrun-points", "0"]
+    argv += ["--train-points", "60"]
     record = bench_scale.main([*argv, "--out", str(out)])
     assert record["settings"]["encoder"] == "wide_resnet:wrn_16_4_grey"  # type: ignore[index]
     text = out.with_suffix(".md").read_text()
     assert text.startswith("# Memory and time against the number of evaluation points: wide_")
     assert "2 classes" in text
-    assert "(pgd, restarts 1)" in text
+    assert "(pgd, restarts 1), 60 training points" in text
 
 
 def test_the_profile_benchmark_runs_small(tmp_path: Path) -> None:
