@@ -265,9 +265,9 @@ def ops_of(module: nn.Module) -> list[Op] | Refusal:
     differentiable: certified training uses them), or why it cannot be read: the reader
     registered for its type, or its nearest base class's. Unchecked: :func:`decompose`
     also checks the chain against the module's output."""
-    for kind in type(module).__mro__:
-        if kind in _READERS:
-            return _READERS[kind](module)
+    reader = _reader_of(module)
+    if reader is not None:
+        return reader(module)
     inner = _innermost_unreadable(module)
     where = (
         "" if inner is None else f": its {type(inner[1]).__name__} at {inner[0]!r} has no reader"
@@ -275,8 +275,13 @@ def ops_of(module: nn.Module) -> list[Op] | Refusal:
     return Refusal(f"unsupported layer {type(module).__name__}{where}")
 
 
+def _reader_of(module: nn.Module) -> LayerReader | None:
+    """The reader registered for ``module``'s type, or for its nearest base class."""
+    return next((_READERS[kind] for kind in type(module).__mro__ if kind in _READERS), None)
+
+
 def _readable(module: nn.Module) -> bool:
-    return any(kind in _READERS for kind in type(module).__mro__)
+    return _reader_of(module) is not None
 
 
 def _innermost_unreadable(module: nn.Module) -> tuple[str, nn.Module] | None:
