@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ from robust_transfer.core.store import Store
 from robust_transfer.data.dataset import ImageDataset
 from robust_transfer.estimates import expected
 from robust_transfer.estimates.evaluate import study_pgd
-from robust_transfer.estimates.expected import profile_encoder
+from robust_transfer.estimates.expected import RefineSettings, profile_encoder
 from robust_transfer.models.checkpoint import save_checkpoint
 from robust_transfer.models.encoders import SmallCNN
 from robust_transfer.study import calibration, cost
@@ -285,10 +286,66 @@ threats = {{ Linf = [0.05, 0.1] }}
     assert plan["seconds"] > 0
     attack = next(row for row in plan["stages"] if row["stage"] == "representation attack")
     assert attack["points"] == 12  # 6 points at each of 2 threats
-    # The refinement's share is not known beforehand: at most, every point is refined.
-    refinement = next(row for row in plan["stages"] if row["stage"] == "refinement")
-    unknown = (1 / cost.REFINED_SHARE - 1) * refinement["seconds"]
-    assert plan["most_seconds"] == pytest.approx(plan["seconds"] + unknown)
+    assert plan["most_seconds"] >= plan["seconds"]
+
+
+def test_the_pilot_prices_the_refinement_the_run_makes(
+    where: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The share of points the expected robust accuracy refines depends on the encoder
+    and the head: the plan's pilot measures it. With the study's few training points
+    and no more evaluation points than the pilot takes, its probe is the study's and
+    it counts exactly the points the run's refinement attacks."""
+    refined: list[int] = []
+    attack = expected.EncoderProfile._attack
+
+    def counted(self: expected.EncoderProfile, *args: Any) -> torch.Tensor:
+        refined.append(len(args[-1]))
+        return attack(self, *args)
+
+    monkeypatch.setattr(expected.EncoderProfile, "_attack", counted)
+    # Noise labelled by which half is brighter, and small radii: of a seeded encoder's
+    # heads, the refinement takes a few points (4 of 90).
+    rng = np.random.default_rng(1)
+    x = rng.random((150, 1, 28, 28)).astype(np.float32)
+    y = x[:, 0, :, :14].mean(axis=(1, 2)) > x[:, 0, :, 14:].mean(axis=(1, 2))
+    np.savez(where / "halves.npz", x=x, y=y.astype(np.int64))
+    torch.manual_seed(0)
+    save_checkpoint(where / "seeded.safetensors", SmallCNN(feature_dim=8).eval(), {})
+    config = where / "study.toml"
+    config.write_text(
+        f"""
+name = "p"
+eval_points = 30
+train_points = 40
+curve_points = 0
+certifiers = ["ibp"]
+[attack]
+steps = 2
+[encoders.e]
+spec = "{where / "seeded.safetensors"}"
+[adaptations.linear-probe]
+protocol = "linear-probe"
+[[tasks]]
+name = "t"
+data = "{where / "halves.npz"}"
+threats = {{ Linf = [0.003, 0.005, 0.008] }}
+"""
+    )
+    assert cli.main(["plan", str(config), "--json", str(where / "plan.json")]) == 0
+    plan = json.loads((where / "plan.json").read_text())
+    piloted, refined[:] = sum(refined), []
+    assert cli.main(["run", str(config), "--out", str(where / "out"), "--quiet"]) == 0
+    assert sum(refined) == piloted > 0
+    row = next(row for row in plan["stages"] if row["stage"] == "refinement")
+    # Each refined point: at most 7 steps of PGD, its clean and final outputs.
+    per_point = cost.attack(RefineSettings().steps, 1)
+    assert row["forward"] == round(piloted * per_point.forward)
+    assert row["backward"] == round(piloted * per_point.backward)
+    # At most, every point of both threats is refined.
+    every = row["seconds"] * row["points"] / piloted
+    assert plan["most_seconds"] == pytest.approx(plan["seconds"] - row["seconds"] + every)
+    assert any("pilot probe's refinement attacked" in note for note in plan["notes"])
 
 
 def test_fewer_points_give_the_same_answers_for_the_points_they_share(where: Path) -> None:

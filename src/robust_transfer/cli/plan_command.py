@@ -13,7 +13,6 @@ from ..core.atomic import atomic_write_text
 from ..core.errors import InputError
 from ..core.runtime import Runtime
 from ..report.tables import text
-from ..study import cost
 from ..study.config import load_config
 from ..study.forecast import Forecast, check_budget, duration, parse_budget
 from ..study.pricing import forecast
@@ -73,8 +72,7 @@ def show(priced: Forecast) -> None:
     if priced.most_seconds > 1.05 * priced.seconds:
         most = (
             f" (at most {duration(priced.most_seconds)} if the expected robust accuracy "
-            f"refines every point, not the {cost.REFINED_SHARE:.0%} near a head's boundary "
-            "the plan assumes)"
+            "refines every point, not the share its pilot found near a head's boundary)"
         )
     print(
         f"plan: {priced.units} units, about {duration(priced.seconds)}{most} and "

@@ -113,6 +113,9 @@ class EncoderProfile:
     refine: RefineSettings = RefineSettings()
     batch_size: int = 256
     backward_passes: int = 0
+    # Points the refinement attacked, over every head and threat so far (what the plan's
+    # pilot counts: :mod:`robust_transfer.study.pilot`).
+    refined_points: int = 0
 
     @property
     def flat_x(self) -> Tensor:
@@ -203,6 +206,7 @@ class EncoderProfile:
         model = nn.Sequential(self.encoder, copy.deepcopy(head).to(device)).eval()
         while bool(ring.any()):
             rows = ring.nonzero().flatten()
+            self.refined_points += len(rows)
             first = robust[rows]
             robust[rows] = self._attack(model, drops, y, threat, rows)
             changed = robust[rows] != first

@@ -7,7 +7,8 @@ makes them (``tests/test_cost.py`` counts the real passes with hooks and compare
 Where a stage stops early (an attack's later restarts only re-attack the points still
 robust, AutoAttack only runs on what PGD left), the count is the most it can make; the
 refinement of the expected robust accuracy attacks only the points near the boundary,
-a share no one knows beforehand (:data:`REFINED_SHARE`).
+a share the plan's pilot measures (:mod:`.pilot`) or, where it cannot run, assumes
+(:data:`REFINED_SHARE`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from ..training.advice import ADVICE_PROBE_STEPS
 from ..training.pretrain import PretrainConfig, PretrainProtocol
 from ..training.protocols import AdaptConfig, AdaptProtocol, Adversary
 
-# The share of points the expected robust accuracy refines by attack (a point within
-# 10% of its margin by first order's account), and the eps per point a curve attacks at.
+# The share of points the expected robust accuracy refines by attack where no pilot
+# measured it (trained encoders: the points within 10% of their margin by first order's
+# account), and the eps per point a curve attacks at.
 REFINED_SHARE = 0.1
 CURVE_ATTACKS = 2
 # AutoAttack "standard": its steps, targets at most, and Square's queries.
@@ -85,10 +87,10 @@ def profile(directions: int, extensions: int = 1) -> Passes:
     return Passes(1.0 + extensions, float(directions))
 
 
-def refinement(refine: RefineSettings, curve: bool) -> Passes:
+def refinement(refine: RefineSettings, curve: bool, share: float = REFINED_SHARE) -> Passes:
     """The attacks of the expected robust accuracy (and its curve) on the points near
-    the boundary: :data:`REFINED_SHARE` of them, stopped at success."""
-    attacks = REFINED_SHARE * (1 + (CURVE_ATTACKS if curve else 0))
+    the boundary, ``share`` of them, stopped at success."""
+    attacks = share * (1 + (CURVE_ATTACKS if curve else 0))
     return attack(refine.steps, 1) * attacks
 
 

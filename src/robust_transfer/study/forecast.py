@@ -147,11 +147,11 @@ class Ledger:
         extra_seconds: float = 0.0,
         extra_memory: float = 0.0,
         key: tuple[object, ...] | None = None,
-        most: float = 1.0,
+        most: Passes | None = None,
     ) -> None:
         """A stage of ``passes`` per point (``total``: over all ``points``), once per
-        ``key`` (work the study stores and shares); ``most`` times its passes at most,
-        where the share of points it works on is not known beforehand."""
+        ``key`` (work the study stores and shares); ``most`` passes per point at most,
+        where the share of points it works on is measured on a few only."""
         if key is not None:
             if key in self.seen:
                 return
@@ -167,5 +167,6 @@ class Ledger:
         memory = extra_memory
         if passes.forward or passes.backward:
             memory += c.batch_bytes + batch * per_image
-        most_seconds = seconds + (most - 1.0) * (seconds - extra_seconds)
+        most = passes if most is None else most * (1 / points if total else 1.0)
+        most_seconds = points * c.seconds(most.forward, most.backward) + extra_seconds
         self.stages.append(Stage(name, encoder, points, passes, seconds, memory, most_seconds))

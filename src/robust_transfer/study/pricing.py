@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import resource
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from ..core.errors import DataError, MissingFileError, RobustTransferError
 from ..core.runtime import Runtime
 from ..core.schema import STORE_DIR
 from ..core.store import Store
-from ..data.tasks import get_task
+from ..data.tasks import Split, get_task
 from ..data.torchvision_sets import SIZES
 from ..estimates.expected import RefineSettings, full_jacobian
 from ..models import build_encoder, load_checkpoint, resolve_encoder
@@ -36,6 +36,7 @@ from . import cost
 from .calibration import Calibration, calibrate
 from .cost import Passes
 from .forecast import Forecast, Ledger, Stage
+from .pilot import task_share
 from .plan import Unit, shards, units
 from .runner import downstream_split
 from .spec import EncoderSpec, RadiusRule, StudyConfig, TaskKind, TaskSpec
@@ -84,6 +85,7 @@ class _Size:
     classes: int
     sample: Tensor
     note: str = ""
+    split: Split | None = None  # None: priced at a torchvision set's known sizes
 
 
 def _sizes(config: StudyConfig, task: TaskSpec) -> _Size:
@@ -105,6 +107,7 @@ def _sizes(config: StudyConfig, task: TaskSpec) -> _Size:
         min(config.eval_points, len(split.test)),
         len(split.train.classes),
         split.test.x[:_CALIBRATION_POINTS],
+        split=split,
     )
 
 
@@ -114,12 +117,14 @@ def _heads_of(config: StudyConfig, task: TaskSpec, adaptations: list[str]) -> in
 
 @dataclass(frozen=True)
 class _Work:
-    """One encoder on one task: the sizes of the task and the units already stored."""
+    """One encoder on one task: the sizes of the task, the units already stored and the
+    share of points the expected robust accuracy refines."""
 
     task: TaskSpec
     encoder: str
     size: _Size
     done: frozenset[tuple[str, ...]]
+    share: float
 
     def pending(self, adaptations: list[str], threats: tuple[ThreatModel, ...]) -> bool:
         """Whether a unit of ``adaptations`` at ``threats`` is still to run."""
@@ -137,8 +142,6 @@ def _task(ledger: Ledger, work: _Work) -> None:
     specs = {name: config.adaptations[name] for name in task.adaptations}
     moving = [name for name, spec in specs.items() if spec.protocol not in PROBES]
     classification = task.kind is TaskKind.CLASSIFICATION
-    if not work.pending(list(specs), task.threats):
-        return
     advised = classification and any(
         s.protocol not in PROBES or s.adversarial for s in specs.values()
     )
@@ -231,8 +234,8 @@ def _evaluation(ledger: Ledger, work: _Work, moving: list[str]) -> None:
                     "refinement",
                     encoder,
                     n,
-                    cost.refinement(RefineSettings(), curve),
-                    most=1 / cost.REFINED_SHARE,
+                    cost.refinement(RefineSettings(), curve, work.share),
+                    most=cost.refinement(RefineSettings(), curve, 1.0),
                 )
                 if c.head_certificate is not None:
                     seconds = c.head_certificate(n) * size.classes / c.head_classes
@@ -314,6 +317,8 @@ def forecast(
     shift_names, head_name = split_certifiers(config.certifiers)
     certifiers = default_certifier_names() if shift_names is None else shift_names
     calibrations: dict[str, Calibration] = {}
+    # The encoders whose weights are the study's (not a stand-in, not still to pretrain).
+    pilots: dict[str, nn.Module] = {}
     ledger = Ledger(config, calibrations)
     for task in tasks:
         size = sizes[task.name]
@@ -324,6 +329,8 @@ def forecast(
                 config.encoders[name], config, cache_dir, stand_ins.get(name)
             )
             module = module.to(runtime.device).eval()
+            if name not in stand_ins and not points:
+                pilots[name] = module
             first = task.threats[0].norm
             widest = max((t for t in task.threats if t.norm is first), key=lambda t: t.eps)
             calibrations[name] = calibrate(
@@ -351,7 +358,21 @@ def forecast(
                 )
     for task in tasks:
         for name in task.encoders:
-            _task(ledger, _Work(task, name, sizes[task.name], done))
+            share, split = cost.REFINED_SHARE, sizes[task.name].split
+            work = _Work(task, name, sizes[task.name], done, share)
+            if not work.pending(list(task.adaptations), task.threats):
+                continue
+            if task.kind is TaskKind.CLASSIFICATION and name in pilots and split is not None:
+                batch = calibrations[name].batch
+                share, note = task_share(pilots[name], name, config, task, split, batch)
+                notes.append(note)
+            elif task.kind is TaskKind.CLASSIFICATION:
+                why = "timed on a stand-in" if name in stand_ins else "the run pretrains it"
+                notes.append(
+                    f"task {task.name}, {name}: refinement priced at {share:.0%} of the "
+                    f"points (no pilot: {why})"
+                )
+            _task(ledger, replace(work, share=share))
     baseline = _resident_bytes()
     pending = len(planned) - len(done)
     if pending:
