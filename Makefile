@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-all lint bench clean
 
 # Debian's Chromium renders the report in the browser test, so only `make test` installs
 # it (as root, as CI runs; SUDO=sudo otherwise).
@@ -36,7 +36,12 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # One worker per core; a test file stays on one worker, so its fixtures are built once.
+# CI runs `make test`: all but the slow tier (pyproject.toml), within 15 minutes on 2
+# cores; `make test-all` adds the slow tier (about 7 minutes more).
 test: lint | $(CHROMIUM)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
+
+test-all: lint | $(CHROMIUM)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # About four hours on 2 cores: every benchmark, then benchmarks/RESULTS.md, whose figures

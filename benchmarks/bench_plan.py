@@ -2,10 +2,11 @@
 what each stage will take; the run then records what each took (the seconds stored with
 every piece of work, the pretraining seconds of each encoder). Each stage, the total
 wall time and the peak resident memory side by side, for the default study (from an
-empty cache, so pretraining counts) or for one ``transfer`` command. Results go to
-``benchmarks/results/bench_plan_<name>.json`` and ``.md``.
+empty cache, so pretraining counts), for one ``transfer`` command or for a study's
+config. Results go to ``benchmarks/results/bench_plan_<name>.json`` and ``.md``.
 
     python benchmarks/bench_plan.py demo
+    python benchmarks/bench_plan.py --name wrn16 run -- study.toml
     python benchmarks/bench_plan.py --name resnet50 transfer -- --encoder torchvision:resnet50 \\
         --resize --data task:mnist-5-9 --n 100 ...
 """
@@ -70,11 +71,13 @@ def measured(out: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("study", choices=["demo", "transfer"])
+    parser.add_argument("study", choices=["demo", "transfer", "run"])
     parser.add_argument("--name", help="results file suffix (default: the study)")
     parser.add_argument("--out", type=Path, help="results file, without suffix")
     parser.add_argument(
-        "rest", nargs=argparse.REMAINDER, help="the transfer command's options, after --"
+        "rest",
+        nargs=argparse.REMAINDER,
+        help="the transfer command's options, or run's config, after --",
     )
     args = parser.parse_args(argv)
     args.rest = [arg for arg in args.rest if arg != "--"]

@@ -47,6 +47,7 @@ def test_the_tail_benchmark_runs_small(tmp_path: Path) -> None:
     assert "| method | worst 5th pct |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
 def test_the_certificate_benchmark_runs_small(tmp_path: Path) -> None:
     import bench_certify
 
@@ -148,32 +149,24 @@ def test_collect_joins_the_results_with_where_they_were_measured(tmp_path: Path)
     assert "| [bench_scale](#bench-scale) | torch x |" in text
 
 
-def test_the_scale_benchmark_runs_small(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_the_scale_benchmark_runs_small_on_a_named_encoder(tmp_path: Path) -> None:
     import bench_scale
 
     out = tmp_path / "scale"
-    argv = ["--sizes", "20", "30", "--shard", "10", "--steps", "1", "--no-unsharded"]
+    argv = ["--sizes", "8", "12", "--shard", "8", "--steps", "1", "--no-unsharded"]
+    argv += ["--encoder", "wide_resnet:wrn_16_4_grey", "--classes", "2"]
+    argv += ["--representation", "pgd", "--restarts", "1", "--train-points", "60"]
     # torchrun's launches cost most of a run this small; tests/test_distributed.py runs
     # the same launches, so the smoke test leaves them out.
     record = bench_scale.main([*argv, "--torchrun-points", "0", "--out", str(out)])
-    assert [run["points"] for run in record["runs"]] == [20, 30]  # type: ignore[attr-defined]
-    assert out.with_suffix(".md").read_text()
-
-
-def test_the_scale_benchmark_measures_a_named_encoder(tmp_path: Path) -> None:
-    import bench_scale
-
-    out = tmp_path / "scale"
-    argv = ["--sizes", "12", "--shard", "8", "--steps", "1", "--no-unsharded"]
-    argv += ["--encoder", "wide_resnet:wrn_16_4_grey", "--classes", "2"]
-    argv += ["--representation", "pgd", "--restarts", "1", "--torchrun-points", "0"]
-    argv += ["--train-points", "60"]
-    record = bench_scale.main([*argv, "--out", str(out)])
+    assert [run["points"] for run in record["runs"]] == [8, 12]  # type: ignore[attr-defined]
     assert record["settings"]["encoder"] == "wide_resnet:wrn_16_4_grey"  # type: ignore[index]
     text = out.with_suffix(".md").read_text()
     assert text.startswith("# Memory and time against the number of evaluation points: wide_")
     assert "2 classes" in text
     assert "(pgd, restarts 1), 60 training points" in text
+    assert "Fitted over the sharded sizes: time ~ points^" in text
 
 
 def test_the_profile_benchmark_runs_small(tmp_path: Path) -> None:
@@ -193,6 +186,7 @@ def test_the_profile_benchmark_runs_small(tmp_path: Path) -> None:
     assert "| path | wall s | compiled share |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
 def test_the_plan_benchmark_sets_a_plan_beside_its_run(tmp_path: Path) -> None:
     import bench_plan
 

@@ -22,7 +22,7 @@ name = "shared"
 eval_points = 24
 radius_points = 24
 shard_points = 10
-train_points = 400
+train_points = 200
 curve_points = 0
 [attack]
 steps = 3
@@ -80,6 +80,7 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_single_process_records(
     config_file: Path, tmp_path: Path
 ) -> None:

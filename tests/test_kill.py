@@ -23,12 +23,15 @@ from robust_transfer.models.checkpoint import load_checkpoint
 from robust_transfer.pipeline import run_study
 from robust_transfer.study.config import parse_config
 
+# Over a minute: the slow tier (`make test-all`), see pyproject.toml.
+pytestmark = pytest.mark.slow
+
 CONFIG = """
 name = "kills"
 eval_points = 40
 radius_points = 40
 shard_points = 20
-train_points = 400
+train_points = 200
 curve_points = 0
 [attack]
 steps = 3

@@ -11,6 +11,8 @@ import sysconfig
 import venv
 from pathlib import Path
 
+import pytest
+
 import robust_transfer
 
 
@@ -30,8 +32,15 @@ def _readme_quick_start(root: Path) -> tuple[str, list[str]]:
     return command.group(1).replace("\\\n", " ").strip(), rows
 
 
-def test_the_wheel_installs_and_runs_the_readme_quick_start(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
+# The installed copy runs without this tree on its path.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A fresh environment with the wheel built from this tree, and its site-packages."""
+    tmp_path = tmp_path_factory.mktemp("package")
     wheels = tmp_path / "wheels"
     subprocess.run(
         [
@@ -44,7 +53,7 @@ def test_the_wheel_installs_and_runs_the_readme_quick_start(tmp_path: Path) -> N
             "-q",
             "-w",
             str(wheels),
-            str(root),
+            str(ROOT),
         ],
         check=True,
         capture_output=True,
@@ -79,25 +88,43 @@ def test_the_wheel_installs_and_runs_the_readme_quick_start(tmp_path: Path) -> N
         check=True,
         capture_output=True,
     )
-    clean_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    installed = subprocess.run(
+    return env_dir, site
+
+
+def test_the_wheel_installs_beside_its_dependencies_and_runs(
+    installed: tuple[Path, str], tmp_path: Path
+) -> None:
+    env_dir, site = installed
+    python = env_dir / "bin" / "python"
+    found = subprocess.run(
         [python, "-c", "import robust_transfer as rt; print(rt.__file__); print(rt.__version__)"],
         check=True,
         capture_output=True,
         text=True,
-        env=clean_env,
+        env=CLEAN_ENV,
         cwd=tmp_path,
     ).stdout.split()
-    assert installed[0].startswith(site), installed  # the wheel's copy, not this tree
-    assert installed[1] == robust_transfer.__version__
-    command = env_dir / "bin" / "robust-transfer"
+    assert found[0].startswith(site), found  # the wheel's copy, not this tree
+    assert found[1] == robust_transfer.__version__
     help_text = subprocess.run(
-        [command, "--help"], check=True, capture_output=True, text=True, env=clean_env
+        [env_dir / "bin" / "robust-transfer", "--help"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=CLEAN_ENV,
     ).stdout
     assert "transfer" in help_text
-    # The README's command-line quick start, as a user would paste it, prints the
-    # README's numbers.
-    command_line, printed = _readme_quick_start(root)
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_runs_the_readme_quick_start(
+    installed: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The README's command-line quick start, as a user would paste it, prints the
+    README's numbers."""
+    env_dir, _ = installed
+    command = env_dir / "bin" / "robust-transfer"
+    command_line, printed = _readme_quick_start(ROOT)
     words = shlex.split(command_line)
     assert words[0] == "robust-transfer"
     done = subprocess.run(
@@ -105,7 +132,7 @@ def test_the_wheel_installs_and_runs_the_readme_quick_start(tmp_path: Path) -> N
         check=True,
         capture_output=True,
         text=True,
-        env=clean_env,
+        env=CLEAN_ENV,
         cwd=tmp_path,
     )
     shown = [" ".join(line.split()) for line in done.stdout.splitlines()]

@@ -135,7 +135,7 @@ def _certified_probe(protocol: PretrainProtocol) -> torch.Tensor:
     x = test.x[:100]
     y = test.y[:100]
     threat = ThreatModel("Linf", "1/40")
-    config = _config(protocol, epochs=10, feature_dim=64, limit=1000)
+    config = _config(protocol, epochs=10, feature_dim=64, limit=600)
     encoder = pretrain(config, task.pretrain.train).encoder
     head = train_linear_probe(extract_features(encoder, train.x[:1000]), train.y[:1000])
     margins = margin_lower_bounds(encoder, head, x, threat)
@@ -149,6 +149,7 @@ def _certified_probe(protocol: PretrainProtocol) -> torch.Tensor:
     return certified
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [PretrainProtocol.IBP, PretrainProtocol.CROWN_IBP])
 def test_certified_pretraining_certifies_probes_on_new_classes(method: PretrainProtocol) -> None:
     """Certified transfer: an encoder IBP- or CROWN-IBP-trained on digits 0-4 gives a
@@ -156,12 +157,13 @@ def test_certified_pretraining_certifies_probes_on_new_classes(method: PretrainP
     standard one gives none, and 50-step PGD breaks no certified point."""
     protocols = (method, PretrainProtocol.STANDARD)
     certified = {protocol: _certified_probe(protocol) for protocol in protocols}
-    # Measured with the whole pretraining set on 200 points: IBP 0.84, CROWN-IBP 0.87;
-    # standard: 0.
+    # Measured here (600 pretraining points): IBP 0.78, CROWN-IBP 0.73; with the whole
+    # pretraining set on 200 points: IBP 0.84, CROWN-IBP 0.87; standard: 0.
     assert float(certified[method].float().mean()) > 0.5
     assert not certified[PretrainProtocol.STANDARD].any()
 
 
+@pytest.mark.slow
 def test_sll_encoder_keeps_certified_transfer_at_l2_half() -> None:
     """Issue 11's target: a certified probe on digits 5-9 over an encoder pretrained on
     digits 0-4 certifies most points at L2 0.5. The SLL encoder does, as a certified
@@ -194,12 +196,12 @@ def test_sll_encoder_keeps_certified_transfer_at_l2_half() -> None:
         )
     model = torch.nn.Sequential(encoder, head).eval()  # the SLL encoder's
     for loss in ("ce", "targeted"):
-        attacked = attack_classifier(model, x, y, threat, steps=50, restarts=1, loss=loss)
+        attacked = attack_classifier(model, x, y, threat, steps=50, restarts=2, loss=loss)
         assert not (certified["lipschitz-sll"] & ~attacked.robust).any()
-    # AutoAttack on the 8 certified points nearest their bound (all 163 of the default
-    # study's probe: none broken, 58 s).
+    # AutoAttack on the 3 certified points nearest their bound, 20 s (all 163 of the
+    # default study's probe: none broken, 58 s).
     margin = normalized_margin(head, features) / shift
-    closest = margin.masked_fill(~certified["lipschitz-sll"], float("inf")).argsort()[:8]
+    closest = margin.masked_fill(~certified["lipschitz-sll"], float("inf")).argsort()[:3]
     assert bool(certified["lipschitz-sll"][closest].all())
     reference = attack_autoattack(model, x[closest], y[closest], threat)
     assert bool(reference.attack.robust.all())

@@ -32,9 +32,9 @@ from robust_transfer.study.config import ConfigError, parse_config
 SMALL: dict[str, Any] = {
     "name": "small",
     "eval_points": 40,
-    "train_points": 800,
+    "train_points": 400,
     "curve_points": 7,
-    "radius_points": 40,
+    "radius_points": 20,
     "attack": {
         "steps": 3,
         "targeted_restarts": 1,
