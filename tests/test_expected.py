@@ -37,7 +37,8 @@ def _solver_drop(g: np.ndarray, x: np.ndarray, eps: float) -> float:
         method="SLSQP",
         options={"maxiter": 500, "ftol": 1e-12},
     )
-    assert result.success, result.message
+    # Its stops at the optimum include "positive directional derivative for linesearch",
+    # which it reports as a failure: the comparisons check the value instead.
     return -float(g @ result.x)
 
 
