@@ -7,8 +7,8 @@ OUT ?= runs/demo
 
 .PHONY: install demo test test-all lint bench clean
 
-# Debian's Chromium renders the report in the browser test, so only `make test` installs
-# it (as root, as CI runs; SUDO=sudo otherwise).
+# Debian's Chromium renders the report in the browser test, so only the test targets
+# install it (as root, as CI runs; SUDO=sudo otherwise).
 SUDO ?=
 CHROMIUM := /usr/bin/chromium
 
@@ -55,6 +55,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_adapt.py
 	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_scale.py --encoder wide_resnet:wrn_16_4_grey --classes 2 --steps 2 --representation pgd --restarts 1 --no-unsharded --torchrun-points 0 --out benchmarks/results/bench_scale_wrn16
+	$(BIN)/python benchmarks/bench_scale.py --encoder wide_resnet:wrn_16_4_grey --classes 2 --steps 2 --representation pgd --restarts 1 --sizes 1000 --write-study runs/bench-wrn16-1000
+	PYTHONPATH=benchmarks $(BIN)/python benchmarks/bench_plan.py --name wrn16_1000 run -- runs/bench-wrn16-1000/scale.toml
 	$(BIN)/python benchmarks/bench_profile.py
 	$(BIN)/python benchmarks/bench_plan.py demo
 	$(BIN)/python benchmarks/bench_plan.py --name resnet50 transfer -- --encoder torchvision:resnet50 --resize --data task:mnist-5-9 --n 100 --train-points 200 --steps 5 --restarts 1 --representation pgd --linf 4/255 --l2

@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": command("bench_plan.py", argv),
         "study": study,
         "plan_seconds": plan["seconds"],
+        "plan_most_seconds": plan["most_seconds"],
+        "plan_notes": plan["notes"],
         "run_seconds": wall,
         "ratio": plan["seconds"] / wall,
         "plan_peak_bytes": plan["peak_bytes"],

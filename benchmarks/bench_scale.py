@@ -271,6 +271,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--no-unsharded", action="store_true", help="skip the one-shard run")
     parser.add_argument("--torchrun-points", type=int, default=1000, help="0 skips torchrun")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_scale")
+    parser.add_argument(
+        "--write-study",
+        type=Path,
+        help="only write the study of the first size (config and data) into this folder, "
+        "for bench_plan.py to price and run",
+    )
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -286,6 +292,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         restarts=args.restarts,
         train_points=args.train_points,
     )
+    if args.write_study is not None:
+        args.write_study.mkdir(parents=True, exist_ok=True)
+        print(_write_study(args.write_study, args.sizes[0], setup))
+        return {}
     runs = [_measure(points, setup) for points in args.sizes]
     sizes = [float(run["points"]) for run in runs]
     extra = [max(run["peak_mb"] - run["base_mb"] - run["data_mb"], 1.0) for run in runs]

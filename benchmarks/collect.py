@@ -28,6 +28,7 @@ ORDER = (
     "bench_profile",
     "bench_plan_demo",
     "bench_plan_resnet50",
+    "bench_plan_wrn16_1000",
     "bench_big",
     "bench_gpu",
 )

@@ -169,6 +169,19 @@ def test_the_scale_benchmark_runs_small_on_a_named_encoder(tmp_path: Path) -> No
     assert "Fitted over the sharded sizes: time ~ points^" in text
 
 
+def test_the_scale_benchmark_writes_its_study_for_the_plan(tmp_path: Path) -> None:
+    import bench_scale
+
+    from robust_transfer.study.config import load_config
+
+    argv = ["--sizes", "30", "--classes", "2", "--encoder", "wide_resnet:wrn_16_4_grey"]
+    assert bench_scale.main([*argv, "--write-study", str(tmp_path / "study")]) == {}
+    config = load_config(tmp_path / "study" / "scale.toml")
+    assert config.eval_points == 30
+    assert config.encoders["cnn"].source == "wide_resnet:wrn_16_4_grey"
+    assert sorted(p.name for p in (tmp_path / "study").glob("*.npz")) == ["test.npz", "train.npz"]
+
+
 def test_the_profile_benchmark_runs_small(tmp_path: Path) -> None:
     import bench_profile
 

@@ -26,6 +26,7 @@ from robust_transfer.core.schema import STORE_DIR, StoreKind
 from robust_transfer.core.store import Store
 from robust_transfer.data.dataset import ImageDataset
 from robust_transfer.estimates import expected
+from robust_transfer.estimates.curves import RINGS
 from robust_transfer.estimates.evaluate import study_pgd
 from robust_transfer.estimates.expected import RefineSettings, profile_encoder
 from robust_transfer.models.checkpoint import save_checkpoint
@@ -287,25 +288,38 @@ threats = {{ Linf = [0.05, 0.1] }}
     attack = next(row for row in plan["stages"] if row["stage"] == "representation attack")
     assert attack["points"] == 12  # 6 points at each of 2 threats
     assert plan["most_seconds"] >= plan["seconds"]
+    assert any(note.startswith("task t, e: a pilot probe's refinement") for note in plan["notes"])
+    # A stand-in's weights are not the encoder's: no pilot, and the plan says so.
+    stand_in = ["--stand-in", "e=robust_transfer.models:SmallCNN"]
+    assert cli.main(["plan", str(config), *stand_in, "--json", str(where / "plan.json")]) == 0
+    notes = json.loads((where / "plan.json").read_text())["notes"]
+    assert "refinement priced at 10% of the points, no pilot (timed on a stand-in): t/e" in notes
+    assert not any("pilot probe" in note for note in notes)
 
 
 def test_the_pilot_prices_the_refinement_the_run_makes(
     where: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The share of points the expected robust accuracy refines depends on the encoder
-    and the head: the plan's pilot measures it. With the study's few training points
-    and no more evaluation points than the pilot takes, its probe is the study's and
-    it counts exactly the points the run's refinement attacks."""
-    refined: list[int] = []
+    """How many points the expected robust accuracy and its curve attack depends on the
+    encoder and the head: the plan's pilot measures it. With the study's few training
+    points and no more evaluation points than the pilot takes, its probe is the study's
+    and it attacks exactly the points the run attacks, refinement and curve, with the
+    same passes through the encoder (attacks stop at success)."""
+    attacked: list[int] = []
+    passes = Passes()
     attack = expected.EncoderProfile._attack
 
     def counted(self: expected.EncoderProfile, *args: Any) -> torch.Tensor:
-        refined.append(len(args[-1]))
-        return attack(self, *args)
+        attacked.append(len(args[-1]))
+        passes.watch(self.encoder)
+        try:
+            return attack(self, *args)
+        finally:
+            passes.close()
 
     monkeypatch.setattr(expected.EncoderProfile, "_attack", counted)
     # Noise labelled by which half is brighter, and small radii: of a seeded encoder's
-    # heads, the refinement takes a few points (4 of 90).
+    # heads, the refinement takes a few points, the curve (at the largest eps) more.
     rng = np.random.default_rng(1)
     x = rng.random((150, 1, 28, 28)).astype(np.float32)
     y = x[:, 0, :, :14].mean(axis=(1, 2)) > x[:, 0, :, 14:].mean(axis=(1, 2))
@@ -318,7 +332,7 @@ def test_the_pilot_prices_the_refinement_the_run_makes(
 name = "p"
 eval_points = 30
 train_points = 40
-curve_points = 0
+curve_points = 5
 certifiers = ["ibp"]
 [attack]
 steps = 2
@@ -334,18 +348,21 @@ threats = {{ Linf = [0.003, 0.005, 0.008] }}
     )
     assert cli.main(["plan", str(config), "--json", str(where / "plan.json")]) == 0
     plan = json.loads((where / "plan.json").read_text())
-    piloted, refined[:] = sum(refined), []
+    piloted, attacked[:] = sum(attacked), []
+    planned = (passes.forward, passes.backward)
+    passes.forward = passes.backward = 0
     assert cli.main(["run", str(config), "--out", str(where / "out"), "--quiet"]) == 0
-    assert sum(refined) == piloted > 0
+    assert sum(attacked) == piloted > 0
+    assert (passes.forward, passes.backward) == planned
     row = next(row for row in plan["stages"] if row["stage"] == "refinement")
-    # Each refined point: at most 7 steps of PGD, its clean and final outputs.
-    per_point = cost.attack(RefineSettings().steps, 1)
-    assert row["forward"] == round(piloted * per_point.forward)
-    assert row["backward"] == round(piloted * per_point.backward)
-    # At most, every point of both threats is refined.
-    every = row["seconds"] * row["points"] / piloted
+    assert (row["forward"], row["backward"]) == planned
+    # At most, every point of the 3 threats is refined, and the curve's checks each of
+    # its 30 points at every ring: 7 steps of PGD, the clean and final outputs each.
+    most = cost.attack(RefineSettings().steps, 1) * (3 * 30 + RINGS * 30)
+    calibrated = plan["calibrations"]["e"]
+    every = most.forward * calibrated["forward"] + most.backward * calibrated["backward"]
     assert plan["most_seconds"] == pytest.approx(plan["seconds"] - row["seconds"] + every)
-    assert any("pilot probe's refinement attacked" in note for note in plan["notes"])
+    assert any("pilot probe's refinement on 30 points" in note for note in plan["notes"])
 
 
 def test_fewer_points_give_the_same_answers_for_the_points_they_share(where: Path) -> None:

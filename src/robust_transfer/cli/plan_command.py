@@ -72,7 +72,7 @@ def show(priced: Forecast) -> None:
     if priced.most_seconds > 1.05 * priced.seconds:
         most = (
             f" (at most {duration(priced.most_seconds)} if the expected robust accuracy "
-            "refines every point, not the share its pilot found near a head's boundary)"
+            "attacks every point, not the share near a head's boundary)"
         )
     print(
         f"plan: {priced.units} units, about {duration(priced.seconds)}{most} and "

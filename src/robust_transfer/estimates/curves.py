@@ -52,7 +52,7 @@ class RobustnessCurve:
 
 
 # How many grid steps the bracket of a point may move past first order's answer.
-_RINGS = 4
+RINGS = 4
 
 
 def robust_on_grid(
@@ -103,7 +103,7 @@ def robust_on_grid(
     device = model_device(profile.encoder, profile.x.device)
     model = nn.Sequential(profile.encoder, head.to(device)).eval()
     attacked = 0
-    for _ in range(_RINGS):
+    for _ in range(RINGS):
         if not bool((todo_high | todo_low).any()):
             break
         target = torch.where(todo_high, high, low)

@@ -9,9 +9,11 @@ bytes (:func:`bounded_batch`, which the study uses too).
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -260,3 +262,13 @@ def calibrate(
         head_certificate=head_cost,
         head_classes=classes,
     )
+
+
+def resident_bytes() -> float:
+    """This process's resident memory now (data and encoders loaded): what the study
+    holds before its first stage."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return float(pages * resource.getpagesize())
+    except (OSError, ValueError, IndexError):  # not Linux: the peak so far
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0

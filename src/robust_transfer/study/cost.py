@@ -7,7 +7,7 @@ makes them (``tests/test_cost.py`` counts the real passes with hooks and compare
 Where a stage stops early (an attack's later restarts only re-attack the points still
 robust, AutoAttack only runs on what PGD left), the count is the most it can make; the
 refinement of the expected robust accuracy attacks only the points near the boundary,
-a share the plan's pilot measures (:mod:`.pilot`) or, where it cannot run, assumes
+a share the plan's pilot measures (:mod:`.pilot`) or, where it does not run, assumes
 (:data:`REFINED_SHARE`).
 """
 
@@ -24,7 +24,7 @@ from ..training.protocols import AdaptConfig, AdaptProtocol, Adversary
 
 # The share of points the expected robust accuracy refines by attack where no pilot
 # measured it (trained encoders: the points within 10% of their margin by first order's
-# account), and the eps per point a curve attacks at.
+# account), and the eps per refined point a curve attacks at then.
 REFINED_SHARE = 0.1
 CURVE_ATTACKS = 2
 # AutoAttack "standard": its steps, targets at most, and Square's queries.
@@ -87,10 +87,9 @@ def profile(directions: int, extensions: int = 1) -> Passes:
     return Passes(1.0 + extensions, float(directions))
 
 
-def refinement(refine: RefineSettings, curve: bool, share: float = REFINED_SHARE) -> Passes:
-    """The attacks of the expected robust accuracy (and its curve) on the points near
-    the boundary, ``share`` of them, stopped at success."""
-    attacks = share * (1 + (CURVE_ATTACKS if curve else 0))
+def refinement(refine: RefineSettings, attacks: float) -> Passes:
+    """The attacks of the expected robust accuracy (and its curve), ``attacks`` of them
+    per point (each on one point near the boundary), stopped at success."""
     return attack(refine.steps, 1) * attacks
 
 

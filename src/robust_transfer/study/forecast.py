@@ -33,7 +33,7 @@ class Stage:
     seconds: float
     memory: float
     # Seconds when the stage works on every point it might (the refinement: on all of
-    # them, not the share the plan assumes).
+    # them, not the share the pilot measured or the plan assumed).
     most_seconds: float
 
 

@@ -9,7 +9,6 @@ cache when it is there, and then costs nothing to pretrain.
 
 from __future__ import annotations
 
-import resource
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from ..core.schema import STORE_DIR
 from ..core.store import Store
 from ..data.tasks import Split, get_task
 from ..data.torchvision_sets import SIZES
+from ..estimates.curves import RINGS
 from ..estimates.expected import RefineSettings, full_jacobian
 from ..models import build_encoder, load_checkpoint, resolve_encoder
 from ..theory.threat import ThreatModel
@@ -33,10 +33,10 @@ from ..training.adapt import MOVEMENT_POINTS
 from ..training.pretrain import cache_path
 from ..training.protocols import PROBES, AdaptProtocol
 from . import cost
-from .calibration import Calibration, calibrate
+from .calibration import Calibration, calibrate, resident_bytes
 from .cost import Passes
 from .forecast import Forecast, Ledger, Stage
-from .pilot import task_share
+from .pilot import Pilot, maybe_pilot, note, prior_passes
 from .plan import Unit, shards, units
 from .runner import downstream_split
 from .spec import EncoderSpec, RadiusRule, StudyConfig, TaskKind, TaskSpec
@@ -117,14 +117,14 @@ def _heads_of(config: StudyConfig, task: TaskSpec, adaptations: list[str]) -> in
 
 @dataclass(frozen=True)
 class _Work:
-    """One encoder on one task: the sizes of the task, the units already stored and the
-    share of points the expected robust accuracy refines."""
+    """One encoder on one task: the sizes of the task, the units already stored and what
+    the pilot measured of the expected robust accuracy's attacks (None: no pilot)."""
 
     task: TaskSpec
     encoder: str
     size: _Size
     done: frozenset[tuple[str, ...]]
-    share: float
+    pilot: Pilot | None
 
     def pending(self, adaptations: list[str], threats: tuple[ThreatModel, ...]) -> bool:
         """Whether a unit of ``adaptations`` at ``threats`` is still to run."""
@@ -230,12 +230,14 @@ def _evaluation(ledger: Ledger, work: _Work, moving: list[str]) -> None:
                     continue
                 curve = config.curve_points_of(task, threat) is not None
                 ledger.add("PGD on heads", encoder, n, cost.study_pgd(attack) + cost.SANITY)
+                pilot = work.pilot
                 ledger.add(
                     "refinement",
                     encoder,
                     n,
-                    cost.refinement(RefineSettings(), curve, work.share),
-                    most=cost.refinement(RefineSettings(), curve, 1.0),
+                    prior_passes(curve) if pilot is None else pilot.passes[threat],
+                    # Every point refined, and on a curve checked at each of its rings.
+                    most=cost.refinement(RefineSettings(), 1 + (RINGS if curve else 0)),
                 )
                 if c.head_certificate is not None:
                     seconds = c.head_certificate(n) * size.classes / c.head_classes
@@ -278,16 +280,6 @@ def _evaluation(ledger: Ledger, work: _Work, moving: list[str]) -> None:
             rows = n * directions * numel * _FLOAT
             passes = cost.profile(directions, 1 if full else heads)
             ledger.add("profile", encoder, n, passes, extra_memory=rows)
-
-
-def _resident_bytes() -> float:
-    """This process's resident memory now (data and encoders loaded): what the study
-    holds before its first stage."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return float(pages * resource.getpagesize())
-    except (OSError, ValueError, IndexError):  # not Linux: the peak so far
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
 
 
 def forecast(
@@ -356,24 +348,33 @@ def forecast(
                     batch=spec.batch_size,
                     extra_memory=4.0 * calibrations[name].parameter_bytes,
                 )
+    unpiloted: dict[str, list[str]] = {}
     for task in tasks:
         for name in task.encoders:
-            share, split = cost.REFINED_SHARE, sizes[task.name].split
-            work = _Work(task, name, sizes[task.name], done, share)
+            work = _Work(task, name, sizes[task.name], done, None)
             if not work.pending(list(task.adaptations), task.threats):
                 continue
-            if task.kind is TaskKind.CLASSIFICATION and name in pilots and split is not None:
-                batch = calibrations[name].batch
-                share, note = task_share(pilots[name], name, config, task, split, batch)
-                notes.append(note)
-            elif task.kind is TaskKind.CLASSIFICATION:
-                why = "timed on a stand-in" if name in stand_ins else "the run pretrains it"
-                notes.append(
-                    f"task {task.name}, {name}: refinement priced at {share:.0%} of the "
-                    f"points (no pilot: {why})"
+            if task.kind is TaskKind.CLASSIFICATION:
+                pilot, why = maybe_pilot(
+                    pilots.get(name),
+                    calibrations[name],
+                    config,
+                    task,
+                    sizes[task.name].split,
+                    stand_in=name in stand_ins,
                 )
-            _task(ledger, replace(work, share=share))
-    baseline = _resident_bytes()
+                if pilot is None:
+                    unpiloted.setdefault(why, []).append(f"{task.name}/{name}")
+                else:
+                    notes.append(note(task.name, name, pilot))
+                work = replace(work, pilot=pilot)
+            _task(ledger, work)
+    for why, pairs in unpiloted.items():
+        notes.append(
+            f"refinement priced at {cost.REFINED_SHARE:.0%} of the points, no pilot ({why}): "
+            + ", ".join(pairs)
+        )
+    baseline = resident_bytes()
     pending = len(planned) - len(done)
     if pending:
         overhead = pending * _UNIT_OVERHEAD
