@@ -24,7 +24,7 @@ from ..estimates.expected import RefineSettings, full_jacobian, profile_encoder
 from ..models.features import extract_features
 from ..theory.threat import ThreatModel
 from ..training.linear_probe import train_linear_probe
-from ..training.protocols import AdaptProtocol
+from ..training.protocols import AdaptConfig, AdaptProtocol
 from ..training.wrappers import Passes
 from . import cost
 from .calibration import Calibration
@@ -36,8 +36,6 @@ from .spec import StudyConfig, TaskSpec
 # a quarter).
 PILOT_TRAIN = 256
 PILOT_POINTS = 32
-# The probe's penalty where the task has no plain linear probe (train_linear_probe's).
-PENALTY = 1e-4
 # A pilot priced above this many seconds, or whose profile would keep more bytes, is
 # not run: the plan assumes the prior share and says so.
 PILOT_SECONDS = 120.0
@@ -65,12 +63,12 @@ def prior_passes(curve: bool) -> cost.Passes:
 
 
 def _penalty(config: StudyConfig, task: TaskSpec) -> float:
-    """The penalty of the task's first plain linear probe."""
+    """The penalty of the task's first plain linear probe (a default one's without)."""
     for name in task.adaptations:
         spec = config.adaptations[name]
         if spec.protocol is AdaptProtocol.LINEAR_PROBE:
             return spec.config_for(None, task.threats[0]).weight_decay
-    return PENALTY
+    return AdaptConfig(AdaptProtocol.LINEAR_PROBE).weight_decay
 
 
 def pilot_price(c: Calibration, config: StudyConfig, task: TaskSpec, split: Split) -> float:
@@ -82,13 +80,9 @@ def pilot_price(c: Calibration, config: StudyConfig, task: TaskSpec, split: Spli
     directions = c.features if full else min(c.features, classes - 1)
     if points * directions * c.input_numel * 4 > PILOT_BYTES:
         return float("inf")
-    curves = sum(config.curve_points_of(task, t) is not None for t in task.threats)
-    attacks = points * (len(task.threats) + curves * cost.CURVE_ATTACKS) * cost.REFINED_SHARE
-    passes = (
-        cost.FORWARD * min(PILOT_TRAIN, len(split.train))
-        + cost.profile(directions) * points
-        + cost.refinement(RefineSettings(), attacks)
-    )
+    passes = cost.FORWARD * min(PILOT_TRAIN, len(split.train)) + cost.profile(directions) * points
+    for threat in task.threats:
+        passes = passes + prior_passes(config.curve_points_of(task, threat) is not None) * points
     return c.seconds(passes.forward, passes.backward) + c.probe * min(PILOT_TRAIN, len(split.train))
 
 
@@ -118,8 +112,9 @@ def run_pilot(
     refined: dict[ThreatModel, float] = {}
     curve: dict[ThreatModel, float] = {}
     passes: dict[ThreatModel, cost.Passes] = {}
+    # The head's profile directions (the same at every threat) first: not its attacks.
+    profile.head_drops(head, task.threats[0])
     for threat in task.threats:
-        profile.head_drops(head, threat)  # the head's profile directions: not its attacks
         before, counter = profile.refined_points, Passes()
         counter.watch(encoder)
         try:
